@@ -1,0 +1,49 @@
+"""Public op: per-sequence sum of target log-probs and token counts (the DPO policy/reference term)."""
+
+from __future__ import annotations
+
+import torch
+
+from .configs import TritonConfig
+from .linear_logprobs import linear_logprobs
+
+
+def sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    impl: str = "auto",
+    *,
+    filter_eps: float | str | None = "auto",
+    triton_config: TritonConfig | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over t of log p(labels[b, t] | hidden[b, t]) and the number of labelled positions.
+
+    Args:
+        hidden: [B, T, D] final hidden states (before the lm head).
+        weight: [V, D] lm-head weight.
+        labels: [B, T], already aligned with hidden (the caller shifts); ignore_index = no target.
+        impl, filter_eps, triton_config: as in linear_logprobs.
+    Returns:
+        (logp_sum [B] float32, n_tokens [B] int64). A sequence with no labelled position gives
+        (0.0, 0); its hidden rows get zero gradient.
+    """
+    if hidden.dim() != 3 or labels.dim() != 2 or tuple(labels.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(
+            f"expected hidden [B, T, D] and labels [B, T]; got hidden {tuple(hidden.shape)}, "
+            f"labels {tuple(labels.shape)}"
+        )
+    batch, length, dim = hidden.shape
+    logp = linear_logprobs(
+        hidden.reshape(batch * length, dim),
+        weight,
+        labels.reshape(batch * length),
+        ignore_index=ignore_index,
+        impl=impl,
+        filter_eps=filter_eps,
+        triton_config=triton_config,
+    )
+    logp_sum = logp.view(batch, length).sum(dim=1)
+    n_tokens = (labels != ignore_index).sum(dim=1, dtype=torch.int64)
+    return logp_sum, n_tokens

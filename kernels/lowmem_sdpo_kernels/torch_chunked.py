@@ -1,0 +1,154 @@
+"""Chunked plain-torch implementation: bounded memory, any device, any float dtype.
+
+Three tiers like the Triton path: chunk loops (_forward / _backward) -> one autograd.Function ->
+torch_linear_logprobs, which the public linear_logprobs dispatches to.
+
+Memory arithmetic: with R = TORCH_CHUNKS.rows and C = TORCH_CHUNKS.vocab, the forward holds one
+[R, C] fp32 logits chunk (plus its exp), the fp32 copies of one [R, D] hidden chunk and one [C, D]
+weight chunk, and O(M) per-row state (running max, running sum of exp, target logit). The
+log-sum-exp [M] is the only thing saved for backward besides the inputs; the backward recomputes
+each logits chunk from the same slices with the same fp32 matmul, so the values match the forward
+exactly. Nothing has an M x V shape unless M <= R and V <= C, where it is the bounded chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .configs import TORCH_CHUNKS, OpOptions, TorchChunks
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp32 accumulation for every input dtype; fp64 inputs (reference runs) keep fp64.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_logits(h_acc: torch.Tensor, w_acc: torch.Tensor) -> torch.Tensor:
+    """[R, D] x [C, D] -> [R, C] logits in the accumulation dtype. Forward and backward both
+    call this on identical slices, which is what makes the recomputation exact."""
+    return h_acc @ w_acc.T
+
+
+def _target_in_chunk(targets: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inside = (targets >= v0) & (targets < v1)
+    local = (targets - v0).clamp(0, v1 - v0 - 1)
+    return inside, local
+
+
+def _forward(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunks: TorchChunks
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (logp [M], lse [M]) in the accumulation dtype, via online log-sum-exp over chunks."""
+    m_rows, vocab = hidden.shape[0], weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    rows, cols = chunks.rows, chunks.vocab
+    lse = torch.empty(m_rows, dtype=acc, device=hidden.device)
+    logp = torch.empty(m_rows, dtype=acc, device=hidden.device)
+    for r0 in range(0, m_rows, rows):
+        r1 = min(r0 + rows, m_rows)
+        h_acc = hidden[r0:r1].to(acc)
+        t = targets[r0:r1]
+        run_max = torch.full((r1 - r0,), float("-inf"), dtype=acc, device=hidden.device)
+        run_sum = torch.zeros(r1 - r0, dtype=acc, device=hidden.device)
+        tgt = torch.zeros(r1 - r0, dtype=acc, device=hidden.device)
+        for v0 in range(0, vocab, cols):
+            v1 = min(v0 + cols, vocab)
+            z = _chunk_logits(h_acc, weight[v0:v1].to(acc))
+            inside, local = _target_in_chunk(t, v0, v1)
+            tgt = tgt + torch.where(inside, z.gather(1, local[:, None]).squeeze(1), 0.0)
+            new_max = torch.maximum(run_max, z.amax(dim=1))
+            # exp(-inf - finite) = 0 on the first chunk, so no special case is needed. In place:
+            # the chunk's logits buffer becomes its exp, so one [R, C] buffer is the workspace.
+            run_sum = run_sum * torch.exp(run_max - new_max) + z.sub_(new_max[:, None]).exp_().sum(dim=1)
+            run_max = new_max
+        lse[r0:r1] = run_max + torch.log(run_sum)
+        logp[r0:r1] = tgt - lse[r0:r1]
+    return logp, lse
+
+
+def _backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    need_hidden: bool,
+    need_weight: bool,
+    filter_eps: float | None,
+    chunks: TorchChunks,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """d logp[n] / d z[n, v] = 1[v == t_n] - softmax(z)[n, v]; chain through z = h W^T.
+
+    grad_hidden rows are finished one row chunk at a time in an fp32 [R, D] accumulator. grad_weight,
+    when needed, accumulates across row chunks in an fp32 [V, D] buffer (never in bf16) and is cast
+    to the weight dtype once at the end. With a frozen weight nothing of size V x D is allocated.
+    """
+    m_rows, vocab = hidden.shape[0], weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    rows, cols = chunks.rows, chunks.vocab
+    n_chunks = -(-vocab // cols)
+    tile_budget = None if filter_eps is None else filter_eps / n_chunks
+    grad_h = torch.empty_like(hidden) if need_hidden else None
+    grad_w_acc = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+    g_all = grad_out.to(acc)
+    for r0 in range(0, m_rows, rows):
+        r1 = min(r0 + rows, m_rows)
+        h_acc = hidden[r0:r1].to(acc)
+        t, g, lse_r = targets[r0:r1], g_all[r0:r1], lse[r0:r1]
+        dh_acc = torch.zeros_like(h_acc) if need_hidden else None
+        for v0 in range(0, vocab, cols):
+            v1 = min(v0 + cols, vocab)
+            w_acc = weight[v0:v1].to(acc)
+            p = _chunk_logits(h_acc, w_acc).sub_(lse_r[:, None]).exp_()  # softmax chunk, in place
+            inside, local = _target_in_chunk(t, v0, v1)
+            if tile_budget is not None and not bool(inside.any()) and float(p.sum(dim=1).max()) < tile_budget:
+                continue  # gradient filtering: this chunk's softmax mass is negligible for every row
+            dz = p.mul_(-g[:, None])
+            dz.scatter_add_(1, local[:, None], torch.where(inside, g, 0.0)[:, None])
+            if dh_acc is not None:
+                dh_acc.addmm_(dz, w_acc)
+            if grad_w_acc is not None:
+                grad_w_acc[v0:v1].addmm_(dz.T, h_acc)
+        if grad_h is not None and dh_acc is not None:
+            grad_h[r0:r1] = dh_acc.to(hidden.dtype)
+    grad_w = grad_w_acc.to(weight.dtype) if grad_w_acc is not None else None
+    return grad_h, grad_w
+
+
+class ChunkedLinearLogprobs(torch.autograd.Function):
+    """Autograd wrapper: saves only inputs and lse [M]; recomputes logits chunks in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, filter_eps, chunks):  # type: ignore[override]
+        logp, lse = _forward(hidden, weight, targets, chunks)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.filter_eps, ctx.chunks = filter_eps, chunks
+        return logp.float() if logp.dtype != torch.float64 else logp
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        hidden, weight, targets, lse = ctx.saved_tensors
+        grad_h, grad_w = _backward(
+            hidden,
+            weight,
+            targets,
+            lse,
+            grad_out,
+            need_hidden=ctx.needs_input_grad[0],
+            need_weight=ctx.needs_input_grad[1],  # frozen weight: no dW work at all
+            filter_eps=ctx.filter_eps,
+            chunks=ctx.chunks,
+        )
+        return grad_h, grad_w, None, None, None
+
+
+def torch_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    options: OpOptions,
+    chunks: TorchChunks = TORCH_CHUNKS,
+) -> torch.Tensor:
+    """hidden [M, D], weight [V, D], targets [M] all valid -> [M] log-probs (fp32; fp64 for fp64).
+    options.triton_config does not apply here; options.filter_eps works per vocabulary chunk."""
+    return ChunkedLinearLogprobs.apply(hidden, weight, targets, options.filter_eps, chunks)

@@ -1,0 +1,279 @@
+"""Fused Triton implementation (CCE-style): lm-head matmul, log-softmax and target pick in one pass.
+
+Tier 1: @triton.jit kernels. Tier 2: TritonLinearLogprobs (autograd.Function). Tier 3:
+triton_linear_logprobs, the core the public linear_logprobs dispatches to.
+
+Forward: program (row block i, vocabulary split s) walks its run of BLOCK_V-wide vocabulary tiles,
+computing each [BLOCK_M, BLOCK_V] logits tile in registers (fp32 accumulation over D in BLOCK_D
+steps) and folding it into a running (max, sum of exp) and the target logit. Per row and split it
+stores 3 floats; the host merges the n_splits partials (n_splits <= MAX_VOCAB_SPLITS) into the
+log-sum-exp. Global memory: 3 * n_splits * M * 4 bytes, O(M). No logits leave registers.
+
+Backward: program (row block i, vocabulary tile j) recomputes its logits tile with the same
+helper and tile shape as the forward (same reduction order over D: identical values), forms
+dz = g * (onehot(target) - softmax) in registers, and adds dz @ W_tile into an fp32 [M, D]
+gradient buffer and dz^T @ H_block into an fp32 [V, D] buffer with atomics (the latter only when
+the weight requires grad). These buffers are the gradients themselves at fp32; they are cast to
+the input dtype once at the end. A tile whose softmax mass is below filter_eps / n_tiles for
+every row, and that holds no row's target, skips both products (gradient filtering).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import (
+    AUTOTUNE_TRITON_CONFIGS,
+    DEFAULT_TRITON_CONFIG,
+    MAX_VOCAB_SPLITS,
+    OpOptions,
+    TritonConfig,
+)
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _logits_tile(
+    H, W, offs_m, offs_v, mask_m, mask_v, D,
+    stride_hm, stride_hd, stride_wv, stride_wd,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """[BLOCK_M, BLOCK_V] fp32 logits H[offs_m] @ W[offs_v]^T. Shared by forward and backward."""
+    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        mask_d = dd < D
+        h = tl.load(
+            H + offs_m[:, None] * stride_hm + dd[None, :] * stride_hd,
+            mask=mask_m[:, None] & mask_d[None, :], other=0.0,
+        )
+        w_t = tl.load(  # [BLOCK_D, BLOCK_V]: W tile loaded transposed
+            W + offs_v[None, :] * stride_wv + dd[:, None] * stride_wd,
+            mask=mask_v[None, :] & mask_d[:, None], other=0.0,
+        )
+        acc = tl.dot(h, w_t, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _forward_kernel(
+    H, W, T, PART_MAX, PART_SUM, PART_TGT,
+    M, V, D, tiles_per_split,
+    stride_hm, stride_hd, stride_wv, stride_wd,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    mask_m = offs_m < M
+    tgt = tl.load(T + offs_m, mask=mask_m, other=-1)
+    run_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    tgt_logit = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for i in range(0, tiles_per_split):
+        # The host picks n_splits so every split's first tile starts below V: run_max is finite
+        # after it, and later all-padding tiles contribute exp(-inf) = 0 without NaNs.
+        offs_v = ((pid_s * tiles_per_split + i) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        mask_v = offs_v < V
+        z = _logits_tile(
+            H, W, offs_m, offs_v, mask_m, mask_v, D, stride_hm, stride_hd, stride_wv, stride_wd,
+            BLOCK_M, BLOCK_V, BLOCK_D, DOT_PRECISION,
+        )
+        z = tl.where(mask_v[None, :], z, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        run_max = new_max
+        tgt_logit += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
+    out = pid_s * M + offs_m
+    tl.store(PART_MAX + out, run_max, mask=mask_m)
+    tl.store(PART_SUM + out, run_sum, mask=mask_m)
+    tl.store(PART_TGT + out, tgt_logit, mask=mask_m)
+
+
+@triton.jit
+def _backward_kernel(
+    H, W, T, LSE, G, DH, DW,
+    M, V, D, tile_budget,
+    stride_hm, stride_hd, stride_wv, stride_wd,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, FILTER: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    mask_m = offs_m < M
+    mask_v = offs_v < V
+    z = _logits_tile(
+        H, W, offs_m, offs_v, mask_m, mask_v, D, stride_hm, stride_hd, stride_wv, stride_wd,
+        BLOCK_M, BLOCK_V, BLOCK_D, DOT_PRECISION,
+    )
+    lse = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
+    g = tl.load(G + offs_m, mask=mask_m, other=0.0)  # padded rows: g = 0 -> dz = 0
+    tgt = tl.load(T + offs_m, mask=mask_m, other=-1)
+    p = tl.where(mask_m[:, None] & mask_v[None, :], tl.exp(z - lse[:, None]), 0.0)
+    is_tgt = offs_v[None, :] == tgt[:, None]
+    keep = True
+    if FILTER:
+        tile_mass = tl.max(tl.sum(p, axis=1), axis=0)
+        n_targets = tl.sum(tl.sum(is_tgt.to(tl.int32), axis=1), axis=0)
+        keep = (tile_mass >= tile_budget) | (n_targets > 0)
+    if keep:
+        dz = (g[:, None] * (tl.where(is_tgt, 1.0, 0.0) - p)).to(H.dtype.element_ty)
+        offs_d = tl.arange(0, BLOCK_D)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            mask_d = dd < D
+            if COMPUTE_DH:
+                w = tl.load(
+                    W + offs_v[:, None] * stride_wv + dd[None, :] * stride_wd,
+                    mask=mask_v[:, None] & mask_d[None, :], other=0.0,
+                )
+                dh = tl.dot(dz, w, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_D] fp32
+                tl.atomic_add(DH + offs_m[:, None] * D + dd[None, :], dh, mask=mask_m[:, None] & mask_d[None, :])
+            if COMPUTE_DW:
+                h = tl.load(
+                    H + offs_m[:, None] * stride_hm + dd[None, :] * stride_hd,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0,
+                )
+                dw = tl.dot(tl.trans(dz), h, input_precision=DOT_PRECISION)  # [BLOCK_V, BLOCK_D] fp32
+                tl.atomic_add(DW + offs_v[:, None] * D + dd[None, :], dw, mask=mask_v[:, None] & mask_d[None, :])
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: full-precision products (no silent TF32); fp16/bf16 ignore the setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _vocab_splits(vocab: int, block_v: int) -> tuple[int, int]:
+    n_tiles = triton.cdiv(vocab, block_v)
+    tiles_per_split = triton.cdiv(n_tiles, min(MAX_VOCAB_SPLITS, n_tiles))
+    return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split
+
+
+def _launch_forward(hidden, weight, targets, cfg: TritonConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (logp [M] fp32, lse [M] fp32)."""
+    m_rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    if m_rows == 0:  # every row ignored: an empty grid is not launchable
+        empty = torch.empty(0, dtype=torch.float32, device=hidden.device)
+        return empty, empty
+    n_splits, tiles_per_split = _vocab_splits(vocab, cfg.block_v)
+    parts = torch.empty((3, n_splits, m_rows), dtype=torch.float32, device=hidden.device)
+    grid = (triton.cdiv(m_rows, cfg.block_m), n_splits)
+    _forward_kernel[grid](
+        hidden, weight, targets, parts[0], parts[1], parts[2],
+        m_rows, vocab, dim, tiles_per_split,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    part_max, part_sum, part_tgt = parts[0], parts[1], parts[2]
+    gmax = part_max.amax(dim=0)
+    lse = gmax + torch.log((part_sum * torch.exp(part_max - gmax)).sum(dim=0))
+    return part_tgt.sum(dim=0) - lse, lse
+
+
+def _launch_backward(
+    hidden, weight, targets, lse, grad_out, cfg: TritonConfig,
+    need_hidden: bool, need_weight: bool, filter_eps: float | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    m_rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    n_tiles = triton.cdiv(vocab, cfg.block_v)
+    # fp32 accumulators (atomics from every vocabulary tile / row block land here).
+    dh = torch.zeros((m_rows, dim), dtype=torch.float32, device=hidden.device) if need_hidden else None
+    dw = torch.zeros((vocab, dim), dtype=torch.float32, device=weight.device) if need_weight else None
+    if m_rows == 0:
+        return (
+            dh.to(hidden.dtype) if dh is not None else None,
+            dw.to(weight.dtype) if dw is not None else None,
+        )
+    dummy = torch.empty(1, dtype=torch.float32, device=hidden.device)
+    grid = (triton.cdiv(m_rows, cfg.block_m), n_tiles)
+    _backward_kernel[grid](
+        hidden, weight, targets, lse, grad_out.float().contiguous(),
+        dh if dh is not None else dummy, dw if dw is not None else dummy,
+        m_rows, vocab, dim, 0.0 if filter_eps is None else filter_eps / n_tiles,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        DOT_PRECISION=_dot_precision(hidden.dtype),
+        COMPUTE_DH=need_hidden, COMPUTE_DW=need_weight, FILTER=filter_eps is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return (
+        dh.to(hidden.dtype) if dh is not None else None,
+        dw.to(weight.dtype) if dw is not None else None,
+    )
+
+
+class TritonLinearLogprobs(torch.autograd.Function):
+    """Saves the inputs and lse [M]; the backward kernel recomputes logits tiles."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, filter_eps, cfg):  # type: ignore[override]
+        logp, lse = _launch_forward(hidden, weight, targets, cfg)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.filter_eps, ctx.cfg = filter_eps, cfg
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        hidden, weight, targets, lse = ctx.saved_tensors
+        grad_h, grad_w = _launch_backward(
+            hidden, weight, targets, lse, grad_out, ctx.cfg,
+            need_hidden=ctx.needs_input_grad[0],
+            need_weight=ctx.needs_input_grad[1],  # frozen weight: COMPUTE_DW=False, no dW work
+            filter_eps=ctx.filter_eps,
+        )
+        return grad_h, grad_w, None, None, None
+
+
+_AUTOTUNE_CACHE: dict[tuple, TritonConfig] = {}
+
+
+def autotune_config(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, filter_eps: float | None
+) -> TritonConfig:
+    """Time forward+backward for each of AUTOTUNE_TRITON_CONFIGS (CUDA only) and keep the fastest
+    per (power-of-two M bucket, V, D, dtype, weight-grad) key. Off unless asked for."""
+    need_w = weight.requires_grad
+    key = (triton.next_power_of_2(hidden.shape[0]), weight.shape[0], hidden.shape[1], hidden.dtype, need_w)
+    if key in _AUTOTUNE_CACHE:
+        return _AUTOTUNE_CACHE[key]
+    if not hidden.is_cuda:
+        return DEFAULT_TRITON_CONFIG
+    grad = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    timings: dict[TritonConfig, float] = {}
+    with torch.no_grad():
+        for cfg in AUTOTUNE_TRITON_CONFIGS:
+            def run(cfg: TritonConfig = cfg) -> None:
+                _, lse = _launch_forward(hidden, weight, targets, cfg)
+                _launch_backward(hidden, weight, targets, lse, grad, cfg, True, need_w, filter_eps)
+            try:
+                timings[cfg] = triton.testing.do_bench(run, warmup=5, rep=20)
+            except Exception:  # a config that does not fit this GPU's shared memory is skipped
+                continue
+    best = min(timings, key=timings.__getitem__) if timings else DEFAULT_TRITON_CONFIG
+    _AUTOTUNE_CACHE[key] = best
+    return best
+
+
+def triton_linear_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, options: OpOptions
+) -> torch.Tensor:
+    """hidden [M, D], weight [V, D], targets [M] all valid -> [M] fp32 log-probs."""
+    if hidden.dtype not in _TL_DTYPES:
+        raise ValueError(f"impl='triton' supports float16, bfloat16 and float32, got {hidden.dtype}")
+    cfg = options.triton_config
+    if cfg == "autotune":
+        cfg = autotune_config(hidden, weight, targets, options.filter_eps)
+    elif cfg is None:
+        cfg = DEFAULT_TRITON_CONFIG
+    elif not isinstance(cfg, TritonConfig):
+        raise ValueError(f"triton_config must be a TritonConfig, 'autotune' or None, got {cfg!r}")
+    return TritonLinearLogprobs.apply(hidden, weight, targets.contiguous(), options.filter_eps, cfg)
