@@ -9,6 +9,8 @@ import os
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowmem_sdpo_kernels import linear_logprobs
 
@@ -83,6 +85,33 @@ def check_against_reference(fn, hidden, weight, targets, grad_out, label: str, w
     naive = value_and_grads(reference_logprobs, hidden, weight, targets, grad_out, weight_grad)
     got = value_and_grads(fn, hidden, weight, targets, grad_out, weight_grad)
     assert_within_naive_error(got, naive, truth, logit_max, label)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest floating-point tensor any aten op produces (forward and backward).
+    Integer tensors are left out: the Triton interpreter makes uint8 views of whole storages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+        self.op = ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in pytree.tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.numel() > self.numel:
+                self.numel, self.op = leaf.numel(), f"{func} -> {tuple(leaf.shape)}"
+        return out
+
+
+def largest_tensor(fn, weight_grad: bool, n: int = 300, d: int = 16, v: int = 700) -> LargestTensor:
+    # Defaults: N*V = 210000 dwarfs V*D = 11200, N*D = 4800 and a chunk's 16*32 = 512.
+    hidden, weight, targets, _ = make_inputs(n, d, v, torch.float32, ignore_frac=0.0)
+    h = hidden.requires_grad_(True)
+    w = weight.requires_grad_(weight_grad)
+    with LargestTensor() as probe:
+        fn(h, w, targets).sum().backward()
+    return probe
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton", "naive"])

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_kernels_common import DEVICE, check_against_reference, make_inputs, value_and_grads
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+from test_kernels_common import DEVICE, check_against_reference, largest_tensor, make_inputs, value_and_grads
 
 from lowmem_sdpo_kernels import TorchChunks, linear_logprobs
 from lowmem_sdpo_kernels.configs import OpOptions
@@ -60,40 +58,14 @@ def test_large_logits_stay_finite() -> None:
     check_against_reference(_chunked(SMALL_CHUNKS), hidden, weight, targets, grad_out, "large logits")
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any aten op produces (forward and backward)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.numel = 0
-        self.op = ""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for leaf in pytree.tree_leaves(out):
-            if isinstance(leaf, torch.Tensor) and leaf.numel() > self.numel:
-                self.numel, self.op = leaf.numel(), f"{func} -> {tuple(leaf.shape)}"
-        return out
-
-
-def _largest_tensor(fn, weight_grad: bool) -> _LargestTensor:
-    n, d, v = 300, 16, 700  # N*V = 210000 dwarfs V*D = 11200, N*D = 4800 and a chunk's 16*32 = 512
-    hidden, weight, targets, _ = make_inputs(n, d, v, torch.float32, ignore_frac=0.0)
-    h = hidden.requires_grad_(True)
-    w = weight.requires_grad_(weight_grad)
-    with _LargestTensor() as probe:
-        fn(h, w, targets).sum().backward()
-    return probe
-
-
 def test_torch_impl_never_builds_n_by_v() -> None:
     n, d, v = 300, 16, 700
-    naive = _largest_tensor(lambda h, w, t: linear_logprobs(h, w, t, impl="naive"), weight_grad=True)
+    naive = largest_tensor(lambda h, w, t: linear_logprobs(h, w, t, impl="naive"), weight_grad=True)
     assert naive.numel >= n * v, "the probe must see the naive [N, V] logits, else it proves nothing"
-    trainable = _largest_tensor(_chunked(SMALL_CHUNKS), weight_grad=True)
+    trainable = largest_tensor(_chunked(SMALL_CHUNKS), weight_grad=True)
     # Largest allowed: the fp32 [V, D] weight-gradient accumulator.
     assert trainable.numel <= v * d, trainable.op
-    frozen = _largest_tensor(_chunked(SMALL_CHUNKS), weight_grad=False)
+    frozen = largest_tensor(_chunked(SMALL_CHUNKS), weight_grad=False)
     # Frozen weight: no dW work, so nothing weight-sized is created; [N, D] grad of hidden is largest.
     assert frozen.numel <= n * d, frozen.op
 

@@ -4,7 +4,7 @@ Three tiers like the Triton path: chunk loops (_forward / _backward) -> one auto
 torch_linear_logprobs, which the public linear_logprobs dispatches to.
 
 Memory arithmetic: with R = TORCH_CHUNKS.rows and C = TORCH_CHUNKS.vocab, the forward holds one
-[R, C] fp32 logits chunk (plus its exp), the fp32 copies of one [R, D] hidden chunk and one [C, D]
+[R, C] fp32 logits chunk (exponentiated in place), the fp32 copies of one [R, D] hidden chunk and one [C, D]
 weight chunk, and O(M) per-row state (running max, running sum of exp, target logit). The
 log-sum-exp [M] is the only thing saved for backward besides the inputs; the backward recomputes
 each logits chunk from the same slices with the same fp32 matmul, so the values match the forward

@@ -1,0 +1,361 @@
+#!/usr/bin/env python
+"""Forward+backward benchmark of the fused log-prob op against its peers.
+
+    python benchmarks/bench_kernels.py                 # full grid on CUDA (bf16, N x V sweep)
+    python benchmarks/bench_kernels.py --smoke         # tiny fp32 case; automatic without CUDA
+    python benchmarks/bench_kernels.py --impls ours-triton naive-torch --n 4096 --v 32000
+
+Per row: median forward+backward milliseconds over >= 20 timed runs after warm-up (CUDA events on
+GPU, time.perf_counter on CPU), achieved TFLOP/s on the rows that have a target
+(2NDV forward + 4NDV backward, +2NDV when the weight is trainable), and peak extra memory
+(torch.cuda.max_memory_allocated minus the baseline with inputs allocated; null on CPU, where it is
+not measured). Peers that cannot run are kept as rows with status "skipped: <reason>", failures as
+"error: <reason>". The JSON is rewritten atomically after every row, so a cut-off run keeps what
+it finished. See benchmarks/README.md for the schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+
+
+@dataclass(frozen=True)
+class Case:
+    n: int
+    d: int
+    v: int
+    dtype: torch.dtype
+    grad_weight: bool
+    ignored_frac: float
+
+
+def full_cases(ns: list[int], vs: list[int], d: int) -> list[Case]:
+    return [
+        Case(n, d, v, torch.bfloat16, grad_weight, frac)
+        for n in ns
+        for v in vs
+        for grad_weight in (False, True)
+        for frac in (0.0, 0.5)
+    ]
+
+
+SMOKE_CASES = [
+    Case(64, 32, 500, torch.float32, grad_weight=False, ignored_frac=0.5),
+    Case(64, 32, 500, torch.float32, grad_weight=True, ignored_frac=0.0),
+]
+
+
+class Skip(Exception):
+    """A peer that cannot run here; its message becomes the row's status."""
+
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---- peers: name -> factory(case, device, args) -> fn(hidden, weight, targets) -> tensor to sum ----
+
+
+def _kernels():
+    # Imported late: TRITON_INTERPRET must be set (on CPU) before triton is first imported.
+    return importlib.import_module("lowmem_sdpo_kernels")
+
+
+def _ours(impl: str) -> Callable[[Case, str, argparse.Namespace], StepFn]:
+    def factory(case: Case, device: str, args: argparse.Namespace) -> StepFn:
+        kernels = _kernels()
+        cfg = "autotune" if (args.autotune and impl == "triton") else None
+        return lambda h, w, t: kernels.linear_logprobs(h, w, t, impl=impl, triton_config=cfg)
+
+    return factory
+
+
+def _naive_fn(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    # What a plain model forward does: full [N, V] logits, fp32 log-softmax, gather, mask.
+    logp = torch.log_softmax((h @ w.T).float(), dim=-1)
+    picked = logp.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1)
+    return torch.where(t != -100, picked, torch.zeros_like(picked))
+
+
+def _naive(case: Case, device: str, args: argparse.Namespace) -> StepFn:
+    return _naive_fn
+
+
+def _naive_compiled(case: Case, device: str, args: argparse.Namespace) -> StepFn:
+    if device != "cuda":
+        raise Skip("skipped: torch.compile peer runs on CUDA only (on CPU its compile time would dominate)")
+    return torch.compile(_naive_fn, dynamic=False)
+
+
+def _liger_flce(case: Case, device: str, args: argparse.Namespace) -> StepFn:
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError as exc:
+        raise Skip(f"skipped: liger_kernel not importable ({exc})") from exc
+    if device != "cuda":
+        raise Skip("skipped: Liger's Triton kernels would run in the interpreter on CPU (too slow to time)")
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="none", ignore_index=-100)
+    return lambda h, w, t: -loss(w, h, t)  # per-token loss = -log p
+
+
+def _dpo_layout(n: int) -> tuple[int, int]:
+    # [2B, T, D] with chosen rows first, rejected after: T = 512 (or N/4 for tiny N), 2B = N / T.
+    length = 512 if n >= 1024 else max(1, n // 4)
+    return n // length, length
+
+
+def _liger_dpo(case: Case, device: str, args: argparse.Namespace) -> StepFn:
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+    except ImportError as exc:
+        raise Skip(f"skipped: liger_kernel not importable ({exc})") from exc
+    seqs, length = _dpo_layout(case.n)
+    if seqs % 2 or seqs * length != case.n:
+        raise Skip(f"skipped: N={case.n} does not split into chosen/rejected sequences of {length}")
+    # A whole DPO loss (policy log-probs of chosen and rejected, no reference model), not the bare
+    # log-prob op; compiled chunks on CUDA as Liger ships it, eager on CPU.
+    loss = LigerFusedLinearDPOLoss(ignore_index=-100, beta=0.1, use_ref_model=False, compiled=device == "cuda")
+
+    def fn(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = loss(w, h.view(seqs, length, -1), t.view(seqs, length))
+        return out[0] if isinstance(out, tuple) else out
+
+    return fn
+
+
+def _apple_cce(case: Case, device: str, args: argparse.Namespace) -> StepFn:
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError as exc:
+        raise Skip(f"skipped: cut_cross_entropy not importable ({exc})") from exc
+    if device != "cuda":
+        raise Skip("skipped: cut_cross_entropy needs CUDA")
+    return lambda h, w, t: -linear_cross_entropy(h, w, t, reduction="none")
+
+
+PEERS: dict[str, Callable[[Case, str, argparse.Namespace], StepFn]] = {
+    "ours-triton": _ours("triton"),
+    "ours-torch": _ours("torch"),
+    "naive-torch": _naive,
+    "naive-torch-compile": _naive_compiled,
+    "liger-flce": _liger_flce,
+    "liger-dpo": _liger_dpo,
+    "apple-cce": _apple_cce,
+}
+
+
+# ---- measurement ----
+
+
+def make_inputs(case: Case, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(case.n, case.d, generator=gen, device=device).to(case.dtype)
+    weight = (torch.randn(case.v, case.d, generator=gen, device=device) / case.d**0.5).to(case.dtype)
+    targets = torch.randint(0, case.v, (case.n,), generator=gen, device=device)
+    n_ignored = round(case.n * case.ignored_frac)
+    targets[torch.randperm(case.n, generator=gen, device=device)[:n_ignored]] = -100
+    return hidden.requires_grad_(True), weight.requires_grad_(case.grad_weight), targets
+
+
+def _step(fn: StepFn, h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> None:
+    fn(h, w, t).float().sum().backward()
+
+
+def time_ms(fn: StepFn, h, w, t, device: str, runs: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        h.grad = w.grad = None
+        _step(fn, h, w, t)
+    times = []
+    for _ in range(runs):
+        h.grad = w.grad = None
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            _step(fn, h, w, t)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start_s = time.perf_counter()
+            _step(fn, h, w, t)
+            times.append((time.perf_counter() - start_s) * 1e3)
+    return times
+
+
+def peak_extra_bytes(fn: StepFn, h, w, t, device: str) -> int | None:
+    """CUDA: peak allocated during one forward+backward minus what was allocated before (inputs).
+    Gradients and outputs count as extra. CPU: None (not measured)."""
+    if device != "cuda":
+        return None
+    h.grad = w.grad = None
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    _step(fn, h, w, t)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def useful_flops(case: Case, n_valid: int) -> float:
+    # Forward 2NDV; backward recomputes logits (2NDV) and forms dH (2NDV); dW adds 2NDV.
+    per = 6 + (2 if case.grad_weight else 0)
+    return float(per) * n_valid * case.d * case.v
+
+
+def run_one(name: str, case: Case, device: str, args: argparse.Namespace) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "impl": name,
+        "N": case.n,
+        "D": case.d,
+        "V": case.v,
+        "dtype": str(case.dtype).removeprefix("torch."),
+        "grad_weight": case.grad_weight,
+        "ignored_frac": case.ignored_frac,
+        "ms_median": None,
+        "peak_extra_bytes": None,
+        "tflops": None,
+        "status": "ok",
+    }
+    h = w = t = None
+    try:
+        fn = PEERS[name](case, device, args)
+        h, w, t = make_inputs(case, device)
+        times = time_ms(fn, h, w, t, device, args.runs, args.warmup)
+        row["ms_median"] = statistics.median(times)
+        row["peak_extra_bytes"] = peak_extra_bytes(fn, h, w, t, device)
+        n_valid = int((t != -100).sum())
+        row["tflops"] = useful_flops(case, n_valid) / (row["ms_median"] * 1e-3) / 1e12
+    except Skip as exc:
+        row["status"] = str(exc)
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "error: out of memory"
+    except Exception as exc:  # a peer's failure is a result row, not the end of the run
+        row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    finally:
+        del h, w, t
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+# ---- output ----
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def print_table(rows: list[dict[str, Any]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("impl", "N", "D", "V", "dtype", "dW", "ignored", "ms", "TFLOP/s", "peak MiB"):
+        table.add_column(col, justify="left" if col in ("impl", "dtype") else "right", no_wrap=True)
+    table.add_column("status", max_width=70, overflow="ellipsis", no_wrap=True)
+    for r in rows:
+        peak = "-" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / 2**20:.0f}"
+        table.add_row(
+            r["impl"], str(r["N"]), str(r["D"]), str(r["V"]), r["dtype"], "yes" if r["grad_weight"] else "no",
+            f"{r['ignored_frac']:.1f}",
+            "-" if r["ms_median"] is None else f"{r['ms_median']:.3f}",
+            "-" if r["tflops"] is None else f"{r['tflops']:.2f}",
+            peak, r["status"],
+        )
+    Console(width=None if sys.stdout.isatty() else 170).print(table)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny fp32 case (automatic without CUDA)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument("--impls", nargs="+", choices=sorted(PEERS), default=list(PEERS), help="peers to run")
+    parser.add_argument("--n", type=int, nargs="+", default=[4096, 16384], help="row counts (full mode)")
+    parser.add_argument("--v", type=int, nargs="+", default=[32000, 128256], help="vocab sizes (full mode)")
+    parser.add_argument("--d", type=int, default=4096, help="hidden size (full mode)")
+    parser.add_argument("--runs", type=int, default=20, help="timed runs per row (>= 20)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up runs (default 3 on CUDA, 1 on CPU)")
+    parser.add_argument("--autotune", action="store_true", help="ours-triton: triton_config='autotune'")
+    args = parser.parse_args(argv)
+    if args.runs < 20:
+        parser.error("--runs must be >= 20 (the median is taken over at least 20 runs)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    smoke = args.smoke or device == "cpu"
+    if device == "cpu":
+        # Before lowmem_sdpo_kernels (and triton) is imported: run our kernels in the interpreter.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.warmup is None:
+        args.warmup = 3 if device == "cuda" else 1
+    import triton
+
+    cases = SMOKE_CASES if smoke else full_cases(args.n, args.v, args.d)
+    out = args.out or RESULTS_DIR / ("bench_kernels_smoke.json" if smoke else "bench_kernels.json")
+    payload: dict[str, Any] = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": git_commit(),
+        "mode": "smoke" if smoke else "full",
+        "timer": "cuda-events" if device == "cuda" else "perf_counter",
+        "memory": "torch.cuda.max_memory_allocated - baseline" if device == "cuda" else "not measured (null)",
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "rows": [],
+    }
+    for case in cases:
+        for name in args.impls:
+            payload["rows"].append(run_one(name, case, device, args))
+            write_json_atomic(out, payload)
+    write_json_atomic(out, payload)
+    print_table(payload["rows"], f"fused log-prob fwd+bwd on {payload['device']} ({payload['mode']})")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Public API of lowmem_sdpo_kernels: impl registry, input checks, sequence_logprobs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_kernels_common import DEVICE, make_inputs
+
+from lowmem_sdpo_kernels import IMPLS, linear_logprobs, resolve_impl, sequence_logprobs
+
+
+def test_unknown_impl_lists_known_ones() -> None:
+    hidden, weight, targets, _ = make_inputs(4, 8, 10, torch.float32)
+    with pytest.raises(ValueError, match=r"unknown impl 'fast'; known: auto, naive, torch, triton"):
+        linear_logprobs(hidden, weight, targets, impl="fast")
+    assert set(IMPLS) == {"naive", "torch", "triton"}
+
+
+def test_auto_follows_the_device() -> None:
+    assert resolve_impl("auto", torch.zeros(1)) == "torch"
+    assert resolve_impl("auto", torch.zeros(1, device="meta")) == "torch"
+
+
+@pytest.mark.parametrize(
+    ("hidden_shape", "weight_shape", "targets_shape", "pattern"),
+    [
+        ((4, 8), (10, 7), (4,), "shape mismatch"),
+        ((4, 8), (10, 8), (5,), "shape mismatch"),
+        ((2, 4, 8), (10, 8), (8,), "expected hidden"),
+    ],
+)
+def test_bad_shapes_are_named(hidden_shape, weight_shape, targets_shape, pattern) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        linear_logprobs(torch.zeros(hidden_shape), torch.zeros(weight_shape), torch.zeros(targets_shape, dtype=torch.long))
+
+
+def test_bad_dtypes_and_targets() -> None:
+    hidden, weight, _, _ = make_inputs(4, 8, 10, torch.float32)
+    targets = torch.tensor([1, 2, -100, 3], device=DEVICE)
+    with pytest.raises(ValueError, match="share one float dtype"):
+        linear_logprobs(hidden, weight.half(), targets)
+    with pytest.raises(ValueError, match="int64"):
+        linear_logprobs(hidden, weight, targets.float())
+    with pytest.raises(ValueError, match=r"targets\[1\] = 10 is outside \[0, 10\)"):
+        linear_logprobs(hidden, weight, torch.tensor([1, 10, -100, 3], device=DEVICE))
+    with pytest.raises(ValueError, match="filter_eps"):
+        linear_logprobs(hidden, weight, targets, filter_eps="sometimes")
+    with pytest.raises(ValueError, match="filter_eps"):
+        linear_logprobs(hidden, weight, targets, filter_eps=-1.0)
+
+
+def test_custom_ignore_index() -> None:
+    hidden, weight, _, _ = make_inputs(3, 8, 10, torch.float32)
+    targets = torch.tensor([4, 0, 7], device=DEVICE)
+    out = linear_logprobs(hidden, weight, targets, ignore_index=0, impl="torch")
+    full = torch.log_softmax(hidden.double() @ weight.double().T, dim=-1)
+    torch.testing.assert_close(out.double(), torch.stack([full[0, 4], full.new_zeros(()), full[2, 7]]), atol=1e-5, rtol=0)
+
+
+def _per_sequence_reference(hidden, weight, labels):
+    """Float64 loop over sequences and positions: the definition, written out."""
+    sums, counts = [], []
+    for b in range(hidden.shape[0]):
+        logp = torch.log_softmax(hidden[b].double() @ weight.double().T, dim=-1)
+        total, count = torch.zeros((), dtype=torch.float64), 0
+        for t in range(hidden.shape[1]):
+            if int(labels[b, t]) != -100:
+                total = total + logp[t, int(labels[b, t])]
+                count += 1
+        sums.append(total)
+        counts.append(count)
+    return torch.stack(sums), torch.tensor(counts)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton", "auto"])
+def test_sequence_logprobs_per_sequence(impl: str) -> None:
+    batch, length, dim, vocab = 4, 9, 16, 57
+    hidden, weight, labels, _ = make_inputs(batch * length, dim, vocab, torch.float32, seed=21)
+    hidden = hidden.view(batch, length, dim).requires_grad_(True)
+    labels = labels.view(batch, length).clone()
+    labels[2] = -100  # one sequence with no labelled position at all
+    labels[0, :3] = -100  # prompt-like prefix
+    logp_sum, n_tokens = sequence_logprobs(hidden, weight, labels, impl=impl)
+    ref_sum, ref_count = _per_sequence_reference(hidden.detach().cpu(), weight.cpu(), labels.cpu())
+    assert logp_sum.dtype == torch.float32 and n_tokens.dtype == torch.int64
+    assert logp_sum.shape == (batch,) and n_tokens.shape == (batch,)
+    torch.testing.assert_close(logp_sum.double().cpu(), ref_sum, atol=1e-4, rtol=1e-6)
+    assert n_tokens.cpu().tolist() == ref_count.tolist()
+    assert n_tokens[2] == 0 and logp_sum[2] == 0
+    logp_sum.sum().backward()
+    assert (hidden.grad[2] == 0).all() and (hidden.grad[0, :3] == 0).all()
+    assert hidden.grad[1].abs().sum() > 0
+
+
+def test_sequence_logprobs_rejects_misaligned_labels() -> None:
+    with pytest.raises(ValueError, match=r"labels \[B, T\]"):
+        sequence_logprobs(torch.zeros(2, 5, 4), torch.zeros(7, 4), torch.zeros(2, 4, dtype=torch.long))
