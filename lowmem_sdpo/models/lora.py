@@ -1,0 +1,43 @@
+"""A fresh LoRA on every linear of the decoder blocks of a (4-bit) model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowmem_sdpo.models.blocks import block_linear_names, other_linear_names
+
+
+def add_lora(model: nn.Module, *, r: int = 16, alpha: int = 16, dropout: float = 0.05, seed: int | None = None):
+    """Wrap `model` in a peft LoRA (B = 0, so outputs are unchanged until the first update).
+
+    Targets: the block linears by leaf name (q/k/v/o/gate/up/down for Llama), with any same-named linear
+    outside the blocks excluded; lm_head never. Unlike peft's prepare_model_for_kbit_training this does not
+    cast the model to fp32 (on a 10.7B model that is gigabytes); it freezes the base, keeps the LoRA
+    factors in fp32 (peft's default) and makes the embedding output require grad, which gradient
+    checkpointing of a frozen-input model needs to get gradients to the adapters.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    inside = block_linear_names(model)
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in inside})
+    outside = [n for n in other_linear_names(model) if n.rsplit(".", 1)[-1] in leaves]
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=leaves,
+        exclude_modules=outside or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model.requires_grad_(False)
+    # The seed must not disturb the caller's RNG streams (data order, dropout): fork them.
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+    if hasattr(peft_model, "enable_input_require_grads"):
+        peft_model.enable_input_require_grads()
+    return peft_model
