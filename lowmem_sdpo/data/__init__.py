@@ -7,7 +7,7 @@ batch = collate_pairs(tokenized.pairs[:8], tokenizer.pad_token_id)
 """
 
 from lowmem_sdpo.data.aliases import DATASET_ALIASES
-from lowmem_sdpo.data.collate import IGNORE_INDEX, collate_pairs, collate_unpaired
+from lowmem_sdpo.data.collate import IGNORE_INDEX, collate_pairs, collate_unpaired, pad_rows
 from lowmem_sdpo.data.loading import load_steps, parse_columns
 from lowmem_sdpo.data.tokenize import tokenize_step
 from lowmem_sdpo.data.tokenizer import load_tokenizer
@@ -33,6 +33,7 @@ __all__ = [
     "collate_unpaired",
     "load_steps",
     "load_tokenizer",
+    "pad_rows",
     "parse_columns",
     "tokenize_step",
 ]

@@ -11,7 +11,7 @@ from lowmem_sdpo.data.types import TokenizedExample, TokenizedPair
 IGNORE_INDEX = -100
 
 
-def _pad_rows(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def pad_rows(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """rows = (prompt_ids, answer_ids); labels copy the answer tokens only (prompt and padding -100)."""
     if not rows:
         raise ValueError("cannot collate an empty batch")
@@ -30,11 +30,11 @@ def _pad_rows(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[
 def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
     """[2B, T]: rows 0..B-1 the chosen sequences, rows B..2B-1 the rejected ones, in the same order."""
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    return _pad_rows(rows, pad_id)
+    return pad_rows(rows, pad_id)
 
 
 def collate_unpaired(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
     """[B, T] plus "label" (bool [B], True = desirable)."""
-    batch = _pad_rows([(e.prompt_ids, e.completion_ids) for e in examples], pad_id)
+    batch = pad_rows([(e.prompt_ids, e.completion_ids) for e in examples], pad_id)
     batch["label"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
     return batch

@@ -1,0 +1,61 @@
+"""`lowmem-sdpo export`: write M_t = S + dW_1 + ... + dW_t of a run as a bf16 Hugging Face checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from lowmem_sdpo.errors import InputError
+
+
+def register(subparsers: Any) -> None:
+    export = subparsers.add_parser("export", help="write a step's merged model as a Hugging Face checkpoint")
+    export.add_argument("--run", required=True, help="the run directory (holds run.json)")
+    export.add_argument("--step", type=int, default=None, help="which M_t (default: the last finished step)")
+    export.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    export.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    export.add_argument("--quiet", action="store_true")
+    export.set_defaults(handler=export_command)
+
+
+def adapter_chain(run_dir: Path, step: int | None) -> tuple[Path, list[Path], int]:
+    """(model dir, adapters making M_t, t) from a run directory."""
+    from lowmem_sdpo.engine.metrics import read_summary
+    from lowmem_sdpo.engine.run import RUN_FILE, step_dir
+    from lowmem_sdpo.models import resolve_model
+
+    run_file = run_dir / RUN_FILE
+    if not run_file.is_file():
+        raise InputError(f"--run {run_dir}: no {RUN_FILE} (not a lowmem-sdpo run directory)")
+    run = json.loads(run_file.read_text())
+    n_steps = len(run.get("data", []))
+    finished = [t for t in range(1, n_steps + 1) if read_summary(step_dir(run_dir, t)) is not None]
+    if not finished:
+        raise InputError(f"--run {run_dir}: no finished step yet (no step-t/summary.json)")
+    t = finished[-1] if step is None else step
+    if t not in finished:
+        raise InputError(
+            f"--step {t}: not a finished step of {run_dir} (finished: {', '.join(map(str, finished))})"
+        )
+    summary = read_summary(step_dir(run_dir, t)) or {}
+    model_dir = Path(run["model_dir"])
+    if not (model_dir / "config.json").is_file():
+        model_dir = resolve_model(run["config"]["model"])
+    return model_dir, [run_dir / c for c in summary["adapter_chain"]], t
+
+
+def export_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from lowmem_sdpo.engine.reporting import Reporter
+    from lowmem_sdpo.models import export_merged
+
+    reporter = Reporter(args.quiet)
+    model_dir, chain, t = adapter_chain(Path(args.run), args.step)
+    out = export_merged(
+        model_dir, chain, Path(args.out), dtype=getattr(torch, args.dtype), progress=reporter.merge_progress()
+    )
+    reporter.note(f"exported M_{t} (S + {len(chain)} adapter(s)) to {out}")
+    return 0

@@ -1,0 +1,116 @@
+"""`lowmem-sdpo run`: train sDPO steps D_1..D_T into a run directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from typing import Any
+
+from lowmem_sdpo.engine import RunConfig, build_config, read_config_file, run_sdpo
+from lowmem_sdpo.engine.failures import TrainingStopped
+from lowmem_sdpo.losses import add_loss_arguments, loss_options_from_args
+
+HELP: dict[str, str] = {
+    "model": "hub id, local HF directory, or alias (solar-10.7b-sft, tiny)",
+    "steps": "comma-separated step items: aliases (openorca, ultrafeedback, ...), hub ids[:split], local files",
+    "output_dir": "run directory (run.json, step-t/...)",
+    "columns": "map your columns: prompt=question,chosen=good,rejected=bad",
+    "desirable_threshold": "HelpSteer: helpfulness >= this is desirable",
+    "seed": "seed for splits, data order, LoRA init and dropout",
+    "max_length": "tokens per sequence, prompt + answer",
+    "max_prompt_length": "prompt tokens (cut from the left)",
+    "beta": "the KL strength beta of the objective",
+    "learning_rate": "peak learning rate",
+    "epochs": "passes over each step's data (fractions allowed)",
+    "batch_size": "pairs per micro-batch (chosen and rejected go through one forward)",
+    "grad_accum": "micro-batches per optimiser step",
+    "warmup_ratio": "fraction of optimiser steps of linear warm-up before the cosine decay",
+    "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "gradient clipping norm",
+    "optim": "auto (paged_adamw_8bit on CUDA, adamw on CPU), adamw, paged_adamw_8bit, paged_adamw_32bit",
+    "gradient_checkpointing": "recompute block activations in backward (saves memory)",
+    "lora_r": "LoRA rank",
+    "lora_alpha": "LoRA alpha (scaling alpha / r)",
+    "lora_dropout": "LoRA dropout",
+    "target_init": "previous: LoRA on M_{t-1} (sDPO); base: on S (the paper's ablation)",
+    "merge": "exact: quantise(S + sum dW) from S's full-precision weights; inplace: dequantise-add-requantise",
+    "compute_dtype": "auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32",
+    "double_quant": "NF4 double quantisation of the block scales",
+    "logprob_impl": "auto, triton, torch, naive: the fused lm-head log-prob implementation",
+    "device": "auto, cpu, cuda",
+    "save_every": "write a resumable checkpoint every N optimiser steps",
+    "diagnostics": "also compute gamma of S on each step's data",
+    "quiet": "no progress bars or tables",
+}
+BOOL_FIELDS = ("gradient_checkpointing", "double_quant", "diagnostics", "quiet")
+SKIP = ("loss", "loss_options")  # added by add_loss_arguments
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = RunConfig()
+    for f in fields(RunConfig):
+        if f.name in SKIP:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        text = (
+            f"{HELP.get(f.name, f.name)} (default {default})"
+            if default not in ("", None)
+            else HELP.get(f.name, "")
+        )
+        if f.name in BOOL_FIELDS:
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text
+            )
+        else:
+            kind: Any = {int: int, float: float}.get(type(default), str)
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=text)
+    add_loss_arguments(parser)
+    parser.set_defaults(loss=None)  # so that a --config file's loss is not overridden by the flag default
+    parser.add_argument(
+        "--config", help="YAML file of options (keys as the flags, - or _); flags override it"
+    )
+
+
+def register(subparsers: Any) -> None:
+    run = subparsers.add_parser("run", help="train sDPO steps into a run directory", description=__doc__)
+    add_run_arguments(run)
+    run.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    run.set_defaults(handler=run_command)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """defaults < --config file < flags; loss options likewise (a file may hold them at the top level)."""
+    from lowmem_sdpo.losses import LOSSES
+
+    option_keys = {k for spec in LOSSES.values() for k in spec.options}
+    file_values = read_config_file(args.config, extra_keys=option_keys) if args.config else {}
+    file_options = {k: file_values.pop(k) for k in list(file_values) if k in option_keys}
+    file_options |= dict(file_values.pop("loss_options", None) or {})
+    flag_values = {f.name: getattr(args, f.name, None) for f in fields(RunConfig) if f.name not in SKIP}
+    loss = args.loss or file_values.pop("loss", None) or RunConfig().loss
+    file_values.pop("loss", None)
+    merged = argparse.Namespace(**{k: file_options.get(k) for k in option_keys})
+    for key in option_keys:
+        if getattr(args, key, None) is not None:
+            setattr(merged, key, getattr(args, key))
+    options = loss_options_from_args(loss, merged)
+    return build_config(file_values, {**flag_values, "loss": loss, "loss_options": options})
+
+
+def run_command(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    try:
+        summaries = run_sdpo(config, resume=args.resume)
+    except TrainingStopped as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    if not config.quiet:
+        print(
+            f"done: {len(summaries)} step(s) in {config.output_dir}; export with "
+            f"`lowmem-sdpo export --run {config.output_dir} --out DIR`"
+        )
+    return 0

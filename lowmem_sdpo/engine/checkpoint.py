@@ -1,0 +1,89 @@
+"""Mid-step training checkpoints: everything an interrupted step needs to continue bit for bit.
+
+step-t/checkpoint/ (replaced atomically as a whole directory):
+  adapter.safetensors  the LoRA factors being trained
+  optimizer.pt         optimiser state;  scheduler.pt  the LR schedule's position
+  rng.pt               torch CPU (and CUDA) and Python RNG states at the optimiser-step boundary
+  state.json           optimiser steps done, data position, metrics lines written
+The RNG states are those of the boundary, not of the moment of the save: an interrupt in the middle of
+gradient accumulation discards the partial accumulation and resumes exactly at the boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowmem_sdpo.atomic import atomic_dir
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass
+class RngState:
+    torch_cpu: torch.Tensor
+    torch_cuda: list[torch.Tensor]
+    python: Any
+
+    @classmethod
+    def capture(cls) -> RngState:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return cls(torch.get_rng_state(), cuda, random.getstate())
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.torch_cpu)
+        if self.torch_cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(self.torch_cuda)
+        random.setstate(self.python)
+
+
+@dataclass
+class TrainState:
+    opt_steps_done: int
+    metrics_lines: int
+
+
+def save_checkpoint(
+    step_dir: Path,
+    *,
+    adapter_state: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rng: RngState,
+    state: TrainState,
+) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_dir(step_dir / CHECKPOINT_DIR) as tmp:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in adapter_state.items()},
+            str(tmp / "adapter.safetensors"),
+        )
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(
+            {"torch_cpu": rng.torch_cpu, "torch_cuda": rng.torch_cuda, "python": rng.python}, tmp / "rng.pt"
+        )
+        (tmp / "state.json").write_text(json.dumps(state.__dict__, indent=2) + "\n")
+
+
+def load_checkpoint(
+    step_dir: Path,
+) -> tuple[dict[str, torch.Tensor], dict, dict, RngState, TrainState] | None:
+    """(adapter state, optimizer state, scheduler state, rng, train state), or None when there is none."""
+    from safetensors.torch import load_file
+
+    path = step_dir / CHECKPOINT_DIR
+    if not (path / "state.json").is_file():
+        return None
+    adapter = load_file(str(path / "adapter.safetensors"))
+    optimizer = torch.load(path / "optimizer.pt", weights_only=False)
+    scheduler = torch.load(path / "scheduler.pt", weights_only=False)
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    state = TrainState(**json.loads((path / "state.json").read_text()))
+    return adapter, optimizer, scheduler, RngState(rng["torch_cpu"], rng["torch_cuda"], rng["python"]), state

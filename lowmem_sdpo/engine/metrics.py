@@ -1,0 +1,61 @@
+"""metrics.jsonl (one line per optimiser step) and the step's summary.json."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lowmem_sdpo.atomic import write_text
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+TAIL_FRACTION = 0.1  # "final" reward accuracy / margin: the mean over the last 10% of optimiser steps
+
+
+class MetricsLog:
+    """Appends one JSON line per optimiser step (flushed, so a crash loses at most the line being written).
+
+    On resume the file is cut back (atomically) to the lines of the checkpoint's optimiser steps, so the
+    log matches the state training continues from.
+    """
+
+    def __init__(self, path: Path, keep_lines: int) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        if path.is_file():
+            for line in path.read_text().splitlines()[:keep_lines]:
+                self.rows.append(json.loads(line))
+        write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+
+
+def tail_mean(rows: list[dict[str, Any]], key: str, fraction: float = TAIL_FRACTION) -> float:
+    if not rows:
+        return float("nan")
+    n = max(1, math.ceil(fraction * len(rows)))
+    tail = rows[-n:]
+    return sum(float(r[key]) for r in tail) / len(tail)
+
+
+def head_mean(rows: list[dict[str, Any]], key: str, fraction: float = TAIL_FRACTION) -> float:
+    """Mean over the first 10% of optimiser steps after the first one: at the first, policy == reference,
+    every reward is exactly 0 and the accuracy is 0 by definition, which would flatter any later value."""
+    if len(rows) > 1:
+        rows = rows[1:]
+    if not rows:
+        return float("nan")
+    n = max(1, math.ceil(fraction * len(rows)))
+    head = rows[:n]
+    return sum(float(r[key]) for r in head) / len(head)
+
+
+def read_summary(step_dir: Path) -> dict[str, Any] | None:
+    path = step_dir / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,0 +1,314 @@
+"""Training one sDPO step: the optimiser loop over D_t against cached reference log-probs.
+
+Chosen and rejected rows of a micro-batch go through one forward. Losses whose value couples the examples
+of a batch (AOT sorts them) are computed over the whole optimiser step's window with exact gradients:
+  1. a no-grad, dropout-free pass gives the policy log-probs of every unit in the window;
+  2. the loss of the window is differentiated with respect to those log-probs (scalars: cheap), giving
+     g_c, g_r = dL/d policy_chosen, dL/d policy_rejected per unit;
+  3. each micro-batch is re-run with grad and backpropagates sum(g_c * policy_chosen + g_r * policy_rejected),
+     whose parameter gradient is exactly the window loss's by the chain rule.
+For the hard sort g is each unit's cost derivative against its same-rank partner, treated as a constant:
+the sort spans micro-batches x accumulation steps, not one micro-batch of one or two pairs.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowmem_sdpo.engine.checkpoint import RngState, TrainState, load_checkpoint, save_checkpoint
+from lowmem_sdpo.engine.config import RunConfig
+from lowmem_sdpo.engine.failures import NonFiniteLoss, RunInterrupted
+from lowmem_sdpo.engine.hardware import Hardware, current_memory_bytes, peak_memory_bytes
+from lowmem_sdpo.engine.logprobs import batch_logprobs
+from lowmem_sdpo.engine.metrics import METRICS_FILE, MetricsLog
+from lowmem_sdpo.engine.objective import LogpBatch, Objective
+from lowmem_sdpo.engine.optim import cosine_with_warmup, make_optimizer, resolve_optimizer
+from lowmem_sdpo.engine.reference import LogpTable
+from lowmem_sdpo.engine.reporting import Reporter
+from lowmem_sdpo.engine.schedule import Schedule
+from lowmem_sdpo.engine.units import Unit, collate_kl, collate_units
+
+# Called after every optimiser step with the metrics row (tests use it to interrupt a run at a chosen step).
+StepCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class StepJob:
+    t: int
+    step_dir: Path
+    units: list[Unit]
+    reference: LogpTable
+    schedule: Schedule
+    objective: Objective
+    config: RunConfig
+    hw: Hardware
+    impl: str
+    pad_id: int
+    reporter: Reporter
+    seed: int
+    callbacks: list[StepCallback] = field(default_factory=list)
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checks it after every micro-batch. A second SIGINT aborts at once."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    @contextmanager
+    def installed(self) -> Iterator[_StopFlag]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum: int, _frame: Any) -> None:
+            if self.signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.signal = signal.Signals(signum).name
+
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+class _Stop(Exception):
+    pass
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model)
+
+
+def train_step(model: nn.Module, job: StepJob, *, resume: bool) -> list[dict[str, Any]]:
+    """Runs (or continues) the optimiser loop of step t; returns the metrics rows of the whole step."""
+    cfg = job.config
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(
+        resolve_optimizer(cfg.optim, job.hw.is_cuda), params, cfg.learning_rate, cfg.weight_decay
+    )
+    scheduler = cosine_with_warmup(optimizer, len(job.schedule), cfg.warmup_ratio)
+    start = 0
+    checkpoint = load_checkpoint(job.step_dir) if resume else None
+    if checkpoint is not None:
+        from peft import set_peft_model_state_dict
+
+        adapter, opt_state, sched_state, rng, state = checkpoint
+        set_peft_model_state_dict(model, adapter)
+        optimizer.load_state_dict(opt_state)
+        scheduler.load_state_dict(sched_state)
+        rng.restore()
+        start = state.opt_steps_done
+        job.reporter.note(f"step {job.t}: resuming at optimiser step {start + 1}/{len(job.schedule)}")
+    else:
+        torch.manual_seed(job.seed)  # dropout and everything random in the loop start from the step's seed
+    log = MetricsLog(job.step_dir / METRICS_FILE, keep_lines=start)
+
+    model.train()
+    stop = _StopFlag()
+    boundary = RngState.capture()
+
+    def checkpoint_now(done: int, rng: RngState) -> None:
+        save_checkpoint(
+            job.step_dir,
+            adapter_state=trainable_state(model),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            rng=rng,
+            state=TrainState(opt_steps_done=done, metrics_lines=done),
+        )
+
+    with stop.installed(), job.reporter.task(f"step {job.t}: training", total=len(job.schedule)) as advance:
+        advance(start)
+        for k in range(start, len(job.schedule)):
+            boundary = RngState.capture()
+            try:
+                row = accumulate_window(model, job, k, job.schedule[k], stop)
+            except _Stop:
+                checkpoint_now(k, boundary)
+                raise RunInterrupted(
+                    f"{stop.signal}: step {job.t} stopped before optimiser step {k + 1}/{len(job.schedule)}; "
+                    f"checkpoint saved in {job.step_dir / 'checkpoint'}; continue with --resume"
+                ) from None
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            row["lr"] = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            log.append(row)
+            advance(
+                1,
+                loss=row["loss"],
+                acc=row["reward_accuracy"],
+                tok_s=round(row["tokens_per_second"]),
+                mem_gib=round(row["memory_bytes"] / 2**30, 2),
+            )
+            done = k + 1
+            if done % cfg.save_every == 0 and done < len(job.schedule):
+                checkpoint_now(done, RngState.capture())
+            for callback in job.callbacks:
+                callback(row)
+            if stop.signal is not None and done < len(job.schedule):
+                checkpoint_now(done, RngState.capture())
+                raise RunInterrupted(
+                    f"{stop.signal}: step {job.t} stopped after optimiser step {done}/{len(job.schedule)}; "
+                    f"checkpoint saved in {job.step_dir / 'checkpoint'}; continue with --resume"
+                )
+    return log.rows
+
+
+def _units_logps(
+    model: nn.Module, job: StepJob, indices: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Policy (summed log-probs [2B], answer tokens [2B], tokens processed) of the units' chosen+rejected rows."""
+    batch = collate_units([job.units[i] for i in indices], job.pad_id)
+    logp, n = batch_logprobs(model, batch, hw=job.hw, impl=job.impl)
+    return logp, n, int(batch["attention_mask"].sum())
+
+
+def _logp_batch(
+    job: StepJob, indices: list[int], logp: torch.Tensor, n: torch.Tensor, kl: torch.Tensor | None
+) -> LogpBatch:
+    b = len(indices)
+    idx = torch.tensor(indices)
+    ref = job.reference
+    device = logp.device
+    ref_kl = None
+    if kl is not None and ref.kl_chosen is not None and ref.kl_rejected is not None:
+        ref_kl = torch.cat([ref.kl_chosen[idx], ref.kl_rejected[idx]]).to(device)
+    return LogpBatch(
+        policy_chosen=logp[:b],
+        policy_rejected=logp[b:],
+        ref_chosen=ref.chosen[idx].to(device),
+        ref_rejected=ref.rejected[idx].to(device),
+        chosen_tokens=n[:b],
+        rejected_tokens=n[b:],
+        policy_kl=kl,
+        ref_kl=ref_kl,
+    )
+
+
+def _kl_logps(model: nn.Module, job: StepJob, indices: list[int]) -> tuple[torch.Tensor, int]:
+    """Policy log-probs of the mismatched rows, no grad (KTO's reference point is detached anyway)."""
+    batch = collate_kl(job.units, indices, job.pad_id)
+    with torch.no_grad():
+        logp, _ = batch_logprobs(model, batch, hw=job.hw, impl=job.impl)
+    return logp, int(batch["attention_mask"].sum())
+
+
+def _check_finite(loss: torch.Tensor, job: StepJob, k: int, m: int, indices: list[int]) -> None:
+    if not torch.isfinite(loss).all():
+        what = "NaN" if torch.isnan(loss).any() else "Inf"
+        raise NonFiniteLoss(
+            f"{what} loss at step {job.t}, optimiser step {k + 1}, micro-batch {m + 1} (units {indices[:8]}"
+            f"{'...' if len(indices) > 8 else ''}); the optimiser step was not taken and the last checkpoint "
+            f"in {job.step_dir / 'checkpoint'} (if any) is the last good state; try a lower --learning-rate"
+        )
+
+
+def accumulate_window(
+    model: nn.Module, job: StepJob, k: int, micro: list[list[int]], stop: _StopFlag
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    window = [i for mb in micro for i in mb]
+    tokens = 0
+    pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, LogpBatch]] = []
+    objective = job.objective
+
+    if objective.batch_coupled:
+        # 1. rank the whole window without grad and without dropout
+        model.eval()
+        with torch.no_grad():
+            parts = []
+            for mb in micro:
+                logp, n, used = _units_logps(model, job, mb)
+                tokens += used
+                parts.append(_logp_batch(job, mb, logp, n, None))
+        model.train()
+        pc = torch.cat([p.policy_chosen for p in parts]).detach().requires_grad_(True)
+        pr = torch.cat([p.policy_rejected for p in parts]).detach().requires_grad_(True)
+        whole = LogpBatch(
+            pc,
+            pr,
+            torch.cat([p.ref_chosen for p in parts]),
+            torch.cat([p.ref_rejected for p in parts]),
+            torch.cat([p.chosen_tokens for p in parts]),
+            torch.cat([p.rejected_tokens for p in parts]),
+        )
+        losses, cr, rr = objective(whole)
+        _check_finite(losses, job, k, 0, window)
+        # 2. d(window loss) / d(per-unit policy log-probs)
+        g_c, g_r = torch.autograd.grad(losses.mean(), [pc, pr])
+        pieces.append((losses.detach(), cr.detach(), rr.detach(), whole))
+        # 3. per micro-batch backward of the linear surrogate
+        offset = 0
+        for m, mb in enumerate(micro):
+            logp, n, used = _units_logps(model, job, mb)
+            tokens += used
+            b = len(mb)
+            surrogate = (g_c[offset : offset + b] * logp[:b]).sum() + (
+                g_r[offset : offset + b] * logp[b:]
+            ).sum()
+            _check_finite(surrogate, job, k, m, mb)
+            surrogate.backward()
+            offset += b
+            if stop.signal is not None:
+                raise _Stop
+    else:
+        n_terms = None
+        for m, mb in enumerate(micro):
+            logp, n, used = _units_logps(model, job, mb)
+            tokens += used
+            kl = None
+            if objective.needs_kl:
+                kl, kl_used = _kl_logps(model, job, mb)
+                tokens += kl_used
+            batch = _logp_batch(job, mb, logp, n, kl)
+            losses, cr, rr = objective(batch)
+            _check_finite(losses, job, k, m, mb)
+            # Mean over the window's loss terms (a term per unit, or per example for KTO).
+            n_terms = n_terms or len(losses) / len(mb) * len(window)
+            (losses.sum() / n_terms).backward()
+            pieces.append((losses.detach(), cr.detach(), rr.detach(), batch))
+            if stop.signal is not None:
+                raise _Stop
+
+    losses = torch.cat([p[0] for p in pieces]).float()
+    cr = torch.cat([p[1] for p in pieces]).float()
+    rr = torch.cat([p[2] for p in pieces]).float()
+    pc = torch.cat([p[3].policy_chosen.detach() for p in pieces]).float()
+    pr = torch.cat([p[3].policy_rejected.detach() for p in pieces]).float()
+    seconds = time.perf_counter() - started
+    return {
+        "step": job.t,
+        "opt_step": k + 1,
+        "units": len(window),
+        "loss": float(losses.mean()),
+        "rewards_chosen": float(cr.mean()),
+        "rewards_rejected": float(rr.mean()),
+        "reward_accuracy": float((cr > rr).float().mean()),
+        "reward_margin": float((cr - rr).mean()),
+        "logps_chosen": float(pc.mean()),
+        "logps_rejected": float(pr.mean()),
+        "tokens": tokens,
+        "tokens_per_second": tokens / max(seconds, 1e-9),
+        "seconds": seconds,
+        "memory_bytes": current_memory_bytes(job.hw),
+        "peak_memory_bytes": peak_memory_bytes(job.hw),
+    }
