@@ -164,3 +164,16 @@ def test_export_cli_writes_s_plus_all_deltas(finished, tmp_path, capsys):
     assert main(["export", "--run", str(run_dir), "--step", "3", "--out", str(tmp_path / "m3")]) == 2
     assert "not a finished step" in capsys.readouterr().err
     assert not (tmp_path / "m3").exists()
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path):
+    # Recomputing block activations in backward must give the same gradients, hence the same adapters.
+    plain = small_config(tmp_path, "plain", n=16)
+    checkpointed = small_config(tmp_path, "checkpointed", n=16, gradient_checkpointing=True)
+    run(plain)
+    run(checkpointed)
+    for t in (1, 2):
+        a = adapter_tensors(Path(plain.output_dir), t)
+        b = adapter_tensors(Path(checkpointed.output_dir), t)
+        for key in a:
+            assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-7), key

@@ -37,7 +37,7 @@ def test_json_parses_and_describes_every_loss(capsys):
         "choices": None,
         "help": LOSSES["dpop"].options["dpop_lambda"].help,
     }
-    assert by_name["aot"]["options"]["aot_cost"]["choices"] == ["logistic", "hinge2", "least_squares"]
+    assert by_name["aot"]["options"]["aot_cost"]["choices"] == ["logistic", "hinge2", "lsq"]
     assert by_name["kto"]["options"]["policy_kl"]["flag"] is None  # an engine input, not a flag
     assert by_name["ipo"]["needs_tokens"] and by_name["aot_unpaired"]["batch_coupled"]
     assert all(r["formula"] and r["paper"] for r in rows)

@@ -67,7 +67,7 @@ def min_gap(values: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("name", ["aot", "aot_unpaired"])
-@pytest.mark.parametrize("cost", ["logistic", "hinge2", "least_squares"])
+@pytest.mark.parametrize("cost", ["logistic", "hinge2", "lsq"])
 def test_soft_aot_tends_to_hard_aot_values_and_gradients(name, cost):
     base = [randn(6, s + 8) for s in range(4)]  # seeds whose sorted sides are >= 0.25 apart
     pc, pr, rc, rr = base

@@ -90,7 +90,7 @@ def test_aot_paired_logistic_sorts_each_side():
         # delta = [1, 2, -1], beta = 0.5 (the margin): max(0, 0.5 - d)^2 = [0, 0, 1.5^2]
         ("hinge2", [0.0, 0.0, 2.25]),
         # (0.5 - d)^2 = [0.25, 2.25, 2.25]
-        ("least_squares", [0.25, 2.25, 2.25]),
+        ("lsq", [0.25, 2.25, 2.25]),
     ],
 )
 def test_aot_paired_other_costs(cost, expected):

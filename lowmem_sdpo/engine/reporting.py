@@ -51,16 +51,30 @@ class Reporter:
             yield advance
 
     def merge_progress(self) -> Callable[[str, int, int], None] | None:
-        """A callback for the models package's (description, done, total) progress protocol."""
+        """A callback for the models package's (description, done, total) progress protocol: one bar per
+        description, opened on its first call and closed when done == total."""
         if self.quiet:
             return None
-        last: dict[str, int] = {}
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        open_bars: dict[str, tuple[Any, Any]] = {}
 
         def report(description: str, done: int, total: int) -> None:
-            # A plain line at start and end; merging is short next to training and does not need a bar.
-            if done == total or description not in last:
-                self.note(f"{description}: {done}/{total}")
-            last[description] = done
+            if description not in open_bars:
+                bar = Progress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                    console=self.console,
+                )
+                bar.start()
+                open_bars[description] = (bar, bar.add_task(description, total=total))
+            bar, task_id = open_bars[description]
+            bar.update(task_id, completed=done)
+            if done >= total:
+                bar.stop()
+                del open_bars[description]
 
         return report
 

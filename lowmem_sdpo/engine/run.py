@@ -201,6 +201,22 @@ def _prepare_run_dir(session: Session, resume: bool) -> None:
 
 
 def _load(session: Session, chain: list[Path]) -> torch.nn.Module:
+    from transformers.utils import logging as hf_logging
+
+    # transformers draws its own "Loading weights" bar per load; ours say what is being loaded and why.
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _load_quantized(session, chain)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def _load_quantized(session: Session, chain: list[Path]) -> torch.nn.Module:
+    session.reporter.note(
+        f"loading {'S' if not chain else f'S + {len(chain)} merged adapter(s)'} in 4 bit from {session.model_dir}"
+    )
     return load_quantized(
         session.model_dir,
         adapters=chain,
@@ -209,6 +225,16 @@ def _load(session: Session, chain: list[Path]) -> torch.nn.Module:
         device=session.hw.device,
         progress=session.reporter.merge_progress(),
     )
+
+
+def _enable_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing. transformers renamed the method (and its kwargs argument) in the
+    5.x series; the GPU image's older transformers has only the old name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _free(model: torch.nn.Module | None) -> None:
@@ -333,9 +359,7 @@ def _run_step_inner(
         model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed * 1000 + t
     )
     if cfg.gradient_checkpointing:
-        policy.get_base_model().gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        _enable_checkpointing(policy.get_base_model())
     schedule = build_schedule(
         len(units),
         epochs=cfg.epochs,
@@ -397,7 +421,7 @@ def _print_summary(reporter: Reporter, s: dict[str, Any]) -> None:
         return "-" if v is None else format(v, spec)
 
     reporter.table(
-        f"step {s['step']}: {s['data']}",
+        f"step {s['step']}: {Path(s['data']).name or s['data']}",
         [
             ("pairs used", str(s["pairs_used"])),
             ("optimiser steps", str(s["optimizer_steps"])),

@@ -15,12 +15,12 @@ cost(delta_k), delta_k = u_(k) - v_(k), with u and v each sorted ascending:
 Costs (z = beta * delta):
 - logistic:      -(1 - ls) log sigmoid(z) - ls log sigmoid(-z)   (TRL's form, with label smoothing)
 - hinge2:        max(0, beta - delta)^2                           (squared hinge, margin beta)
-- least_squares: (beta - delta)^2                                 (least squares toward margin beta)
+- lsq: (beta - delta)^2                                 (least squares toward margin beta)
 The paper lists the logistic, squared hinge and least-squares surrogates of the 0-1 dominance
 violation; the logistic form matches TRL exactly. For the other two, beta is the margin rather than
 a scale (as in the paper's squared-hinge relaxation); the stored copies of the paper available when
 this was written did not show the equations in full, so check them before relying on hinge2 /
-least_squares numbers matching the authors' code.
+lsq numbers matching the authors' code.
 
 The loss of one rank depends on the whole batch through the sorts, so the losses returned are per
 rank k (length B), not per example; their mean is the objective. Rewards are per example as usual.
@@ -63,7 +63,7 @@ COSTS: dict[str, AotCost] = {
         lambda delta, beta, _ls: torch.clamp(beta - delta, min=0) ** 2,
         smoothable=False,
     ),
-    "least_squares": AotCost(
+    "lsq": AotCost(
         "(beta - d)^2",
         lambda delta, beta, _ls: (beta - delta) ** 2,
         smoothable=False,

@@ -139,7 +139,7 @@ LOSSES: dict[str, LossSpec] = {
         LossSpec(
             "aot",
             aot_loss,
-            "mean_k cost(sort(pc-pr)_k - sort(rc-rr)_k), cost logistic | hinge2 | least_squares",
+            "mean_k cost(sort(pc-pr)_k - sort(rc-rr)_k), cost logistic | hinge2 | lsq",
             "Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport "
             "(arXiv 2406.05882)",
             batch_coupled=True,
@@ -148,7 +148,7 @@ LOSSES: dict[str, LossSpec] = {
         LossSpec(
             "aot_unpaired",
             aot_unpaired_loss,
-            "mean_k cost(sort(pc-rc)_k - sort(pr-rr)_k), cost logistic | hinge2 | least_squares",
+            "mean_k cost(sort(pc-rc)_k - sort(pr-rr)_k), cost logistic | hinge2 | lsq",
             "Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport "
             "(arXiv 2406.05882)",
             paired_only=False,

@@ -16,7 +16,9 @@ def decoder_block_lists(model: nn.Module) -> list[str]:
     found = [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and (n_layers is None or len(module) == n_layers)
+        if isinstance(module, nn.ModuleList)
+        and len(module) > 0
+        and (n_layers is None or len(module) == n_layers)
     ]
     # Keep the outermost lists only (a block may itself hold a ModuleList of experts of the same length).
     return [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]

@@ -27,7 +27,9 @@ class Checkpoint:
             return sorted(set(self.weight_map.values()))
         names = sorted(p.name for p in self.model_dir.glob("*.safetensors"))
         if not names:
-            raise InputError(f"model {self.model_dir}: no *.safetensors weights (only safetensors are supported)")
+            raise InputError(
+                f"model {self.model_dir}: no *.safetensors weights (only safetensors are supported)"
+            )
         return names
 
     @cached_property
@@ -38,7 +40,9 @@ class Checkpoint:
             try:
                 return dict(json.loads(index.read_text())["weight_map"])
             except (ValueError, KeyError) as err:
-                raise InputError(f"{index}: not a safetensors index (expected a 'weight_map' object)") from err
+                raise InputError(
+                    f"{index}: not a safetensors index (expected a 'weight_map' object)"
+                ) from err
         from safetensors import safe_open
 
         found: dict[str, str] = {}

@@ -39,7 +39,9 @@ DTYPE_NAMES: dict[torch.dtype, str] = {
 }
 
 
-def _deltas_by_key(checkpoint: Checkpoint, factors: list[dict[str, LoraFactor]]) -> dict[str, list[LoraFactor]]:
+def _deltas_by_key(
+    checkpoint: Checkpoint, factors: list[dict[str, LoraFactor]]
+) -> dict[str, list[LoraFactor]]:
     """checkpoint tensor key -> the LoRA factors to add to it, in adapter order."""
     by_key: dict[str, list[LoraFactor]] = {}
     for per_adapter in factors:
@@ -48,7 +50,9 @@ def _deltas_by_key(checkpoint: Checkpoint, factors: list[dict[str, LoraFactor]])
     return by_key
 
 
-def _merge_tensor(key: str, tensor: torch.Tensor, factors: list[LoraFactor], dtype: torch.dtype) -> torch.Tensor:
+def _merge_tensor(
+    key: str, tensor: torch.Tensor, factors: list[LoraFactor], dtype: torch.dtype
+) -> torch.Tensor:
     if not tensor.is_floating_point():
         return tensor  # integer buffers, if any, are not weights
     if not factors:
@@ -104,7 +108,9 @@ def export_merged(
             merged: dict[str, torch.Tensor] = {}
             with safe_open(str(model_dir / name), framework="pt") as f:
                 for key in f.keys():  # safe_open is not a dict: keys() is its API
-                    merged[key] = _merge_tensor(key, f.get_tensor(key), by_key.get(key, []), dtype).contiguous()
+                    merged[key] = _merge_tensor(
+                        key, f.get_tensor(key), by_key.get(key, []), dtype
+                    ).contiguous()
             save_file(merged, str(tmp / name), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(merged, name))
             total_size += sum(t.numel() * t.element_size() for t in merged.values())

@@ -46,7 +46,9 @@ def load_quantized(
             f"model {model_dir} is stored in 4 bit: the exact merge needs its full-precision weights; "
             "use merge 'inplace'"
         )
-    if factors and not prequantized:  # a 4-bit checkpoint's headers hold packed shapes: the merge checks those
+    if (
+        factors and not prequantized
+    ):  # a 4-bit checkpoint's headers hold packed shapes: the merge checks those
         check_against_checkpoint(factors, checkpoint)
 
     kwargs: dict = {"dtype": quant.torch_compute_dtype, "device_map": {"": device}}

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from lowmem_sdpo.models.blocks import block_linear_names, other_linear_names
 
 
-def add_lora(model: nn.Module, *, r: int = 16, alpha: int = 16, dropout: float = 0.05, seed: int | None = None):
+def add_lora(
+    model: nn.Module, *, r: int = 16, alpha: int = 16, dropout: float = 0.05, seed: int | None = None
+):
     """Wrap `model` in a peft LoRA (B = 0, so outputs are unchanged until the first update).
 
     Targets: the block linears by leaf name (q/k/v/o/gate/up/down for Llama), with any same-named linear
@@ -37,7 +41,10 @@ def add_lora(model: nn.Module, *, r: int = 16, alpha: int = 16, dropout: float =
     with torch.random.fork_rng(devices=devices):
         if seed is not None:
             torch.manual_seed(seed)
-        peft_model = get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # peft calls transformers' deprecated is_gradient_checkpointing; not ours to fix, not the user's.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = get_peft_model(model, config)
     if hasattr(peft_model, "enable_input_require_grads"):
         peft_model.enable_input_require_grads()
     return peft_model

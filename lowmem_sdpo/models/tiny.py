@@ -95,7 +95,9 @@ def warmup_pairs(tokenizer: Any, seed: int, two_digit: int) -> list[TokenizedPai
         PreferencePair(prompt=[{"role": "user", "content": f"{a}+{b}="}], chosen=str(a + b), rejected="?")
         for a, b in warmup_problems(seed, two_digit)
     ]
-    step = StepData(label="tiny-warmup", source="builtin", schema="standard", pairs=pairs, n_source_rows=len(pairs))
+    step = StepData(
+        label="tiny-warmup", source="builtin", schema="standard", pairs=pairs, n_source_rows=len(pairs)
+    )
     return tokenize_step(step, tokenizer, max_length=64, max_prompt_length=48).pairs
 
 
