@@ -70,3 +70,25 @@ def adapter_tensors(run_dir: Path, t: int) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(Path(run_dir) / f"step-{t}" / "adapter" / "adapter_model.safetensors"))
+
+
+def reference_table(model: Any, units: list, pad_id: int, batch_size: int = 4) -> Any:
+    """compute_logps on CPU with the torch impl, no KL rows, silent: the reference pass the tests compare with."""
+    import torch
+
+    from lowmem_sdpo.engine.hardware import Hardware
+    from lowmem_sdpo.engine.reference import compute_logps
+    from lowmem_sdpo.engine.reporting import Reporter
+
+    cpu = Hardware(torch.device("cpu"), "float32")
+    return compute_logps(
+        model,
+        units,
+        pad_id=pad_id,
+        batch_size=batch_size,
+        hw=cpu,
+        impl="torch",
+        with_kl=False,
+        reporter=Reporter(True),
+        description="reference",
+    )

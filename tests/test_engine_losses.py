@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_fixtures import small_config, toy_slice, unpaired_toy
+from engine_fixtures import reference_table, small_config, toy_slice, unpaired_toy
 
 from lowmem_sdpo.cli import main
 from lowmem_sdpo.data import load_steps, load_tokenizer, tokenize_step
 from lowmem_sdpo.engine.hardware import Hardware
 from lowmem_sdpo.engine.objective import Objective
-from lowmem_sdpo.engine.reference import compute_logps
 from lowmem_sdpo.engine.reporting import Reporter
 from lowmem_sdpo.engine.trainer import StepJob, accumulate_window
 from lowmem_sdpo.engine.units import build_units
@@ -99,17 +98,7 @@ def _window_setup(tmp: Path):
         tokenize_step(step, tokenizer, max_length=32, max_prompt_length=24), seed=0, label="w"
     )
     model = load_quantized(model_dir, quant=QuantSettings(compute_dtype="float32"))
-    reference = compute_logps(
-        model,
-        units,
-        pad_id=tokenizer.pad_token_id,
-        batch_size=8,
-        hw=CPU,
-        impl="torch",
-        with_kl=False,
-        reporter=Reporter(True),
-        description="ref",
-    )
+    reference = reference_table(model, units, tokenizer.pad_token_id, batch_size=8)
     policy = add_lora(model, r=4, alpha=8, dropout=0.0, seed=0)
     with torch.no_grad():
         generator = torch.Generator().manual_seed(1)

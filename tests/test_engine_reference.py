@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_fixtures import toy_slice
+from engine_fixtures import reference_table, toy_slice
 
 from lowmem_sdpo.data import load_steps, load_tokenizer, tokenize_step
 from lowmem_sdpo.engine.hardware import Hardware
 from lowmem_sdpo.engine.logprobs import batch_logprobs
-from lowmem_sdpo.engine.reference import LogpTable, cache_key, compute_logps, load_cache, save_cache
-from lowmem_sdpo.engine.reporting import Reporter
+from lowmem_sdpo.engine.reference import LogpTable, cache_key, load_cache, save_cache
 from lowmem_sdpo.engine.units import build_units, collate_units
 from lowmem_sdpo.models import QuantSettings, add_lora, dequantize_weight, load_quantized, resolve_model
 
@@ -46,17 +45,7 @@ def _float64_copy(quantized, model_dir):
 
 def test_reference_equals_float64_forward(setup):
     model_dir, tokenizer, units, model = setup
-    table = compute_logps(
-        model,
-        units,
-        pad_id=tokenizer.pad_token_id,
-        batch_size=4,
-        hw=CPU,
-        impl="torch",
-        with_kl=False,
-        reporter=Reporter(True),
-        description="ref",
-    )
+    table = reference_table(model, units, tokenizer.pad_token_id, batch_size=4)
     exact = _float64_copy(model, model_dir)
     batch = collate_units(units, tokenizer.pad_token_id)
     with torch.no_grad():
@@ -73,17 +62,7 @@ def test_reference_equals_float64_forward(setup):
 
 def test_reference_equals_policy_with_adapters_disabled(setup):
     _, tokenizer, units, model = setup
-    table = compute_logps(
-        model,
-        units,
-        pad_id=tokenizer.pad_token_id,
-        batch_size=4,
-        hw=CPU,
-        impl="torch",
-        with_kl=False,
-        reporter=Reporter(True),
-        description="ref",
-    )
+    table = reference_table(model, units, tokenizer.pad_token_id, batch_size=4)
     policy = add_lora(model, r=4, alpha=8, dropout=0.0, seed=0)
     try:
         with torch.no_grad():
