@@ -117,3 +117,16 @@ def test_config_file_values_and_flag_precedence(tmp_path):
     assert config.beta == 0.2  # the flag wins over the file
     assert config.loss == "dpop" and config.loss_options == {"dpop_lambda": 7.0}
     assert config.output_dir == "runs/x" and config.learning_rate == 5e-6  # default kept
+
+
+def test_bundled_paper_config_parses(tmp_path):
+    import argparse
+
+    from lowmem_sdpo.cli.run_cmd import add_run_arguments, config_from_args
+
+    repo = Path(__file__).resolve().parents[1]
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    config = config_from_args(parser.parse_args(["--config", str(repo / "examples" / "solar_sdpo.yaml")]))
+    assert (config.model, config.steps, config.loss) == ("solar-10.7b-sft", "openorca,ultrafeedback", "sigmoid")
+    assert config.batch_size * config.grad_accum == 16 and config.diagnostics
