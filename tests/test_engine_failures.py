@@ -128,5 +128,9 @@ def test_bundled_paper_config_parses(tmp_path):
     parser = argparse.ArgumentParser()
     add_run_arguments(parser)
     config = config_from_args(parser.parse_args(["--config", str(repo / "examples" / "solar_sdpo.yaml")]))
-    assert (config.model, config.steps, config.loss) == ("solar-10.7b-sft", "openorca,ultrafeedback", "sigmoid")
+    assert (config.model, config.steps, config.loss) == (
+        "solar-10.7b-sft",
+        "openorca,ultrafeedback",
+        "sigmoid",
+    )
     assert config.batch_size * config.grad_accum == 16 and config.diagnostics

@@ -92,3 +92,47 @@ def test_existing_run_without_resume_is_refused(uninterrupted):
     _, full = uninterrupted
     with pytest.raises(InputError, match="already holds a run"):
         run(full)
+
+
+def _flags(config) -> list[str]:
+    """The command line that makes `config` (every option spelled out)."""
+    args: list[str] = []
+    for key, value in config.to_dict().items():
+        if key == "loss_options" or value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def test_sigterm_to_a_real_process_then_cli_resume_matches(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    reference = small_config(tmp_path, "inprocess", n=48, epochs=2.0, save_every=1000)
+    run(reference)
+    config = small_config(tmp_path, "killed", n=48, epochs=2.0, save_every=1000)
+    command = [sys.executable, "-m", "lowmem_sdpo", "run", *_flags(config)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = Path(config.output_dir) / "step-1" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.is_file() and metrics.read_text().count("\n") >= 2:
+            process.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err  # stopped by the signal, not finished
+    assert "SIGTERM" in err and "--resume" in err
+    # The signal lands in step 1's loop (or, on a slow machine, at the start of step 2's): a checkpoint
+    # of the boundary before it is written either way, and no summary for that step.
+    stopped = [p.parent.parent for p in Path(config.output_dir).glob("step-*/checkpoint/state.json")]
+    assert len(stopped) == 1 and not (stopped[0] / "summary.json").exists()
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    _same_adapters(Path(reference.output_dir), Path(config.output_dir))
