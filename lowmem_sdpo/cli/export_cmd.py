@@ -23,7 +23,7 @@ def register(subparsers: Any) -> None:
 def adapter_chain(run_dir: Path, step: int | None) -> tuple[Path, list[Path], int]:
     """(model dir, adapters making M_t, t) from a run directory."""
     from lowmem_sdpo.engine.metrics import read_summary
-    from lowmem_sdpo.engine.run import RUN_FILE, step_dir
+    from lowmem_sdpo.engine.rundir import RUN_FILE, step_dir
     from lowmem_sdpo.models import resolve_model
 
     run_file = run_dir / RUN_FILE

@@ -9,10 +9,7 @@ its summary.json exists.
 from __future__ import annotations
 
 import gc
-import json
-import platform
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +17,12 @@ from typing import Any
 
 import torch
 
-from lowmem_sdpo import __version__
 from lowmem_sdpo.atomic import atomic_dir, write_json
 from lowmem_sdpo.data import StepData, TokenizedStep, load_steps, load_tokenizer, parse_columns, tokenize_step
-from lowmem_sdpo.engine.config import RunConfig, resume_differences
+from lowmem_sdpo.engine.config import RunConfig
 from lowmem_sdpo.engine.failures import OutOfMemory, out_of_memory_message
 from lowmem_sdpo.engine.hardware import Hardware, peak_memory_bytes, reset_peak, resolve_hardware
-from lowmem_sdpo.engine.metrics import SUMMARY_FILE, head_mean, read_summary, tail_mean
+from lowmem_sdpo.engine.metrics import SUMMARY_FILE, read_summary
 from lowmem_sdpo.engine.objective import Objective
 from lowmem_sdpo.engine.reference import (
     LogpTable,
@@ -37,21 +33,14 @@ from lowmem_sdpo.engine.reference import (
     save_cache,
 )
 from lowmem_sdpo.engine.reporting import Reporter
+from lowmem_sdpo.engine.rundir import ADAPTER_DIR, BASE_CACHE, REFERENCE_CACHE, prepare_run_dir, step_dir
 from lowmem_sdpo.engine.schedule import build_schedule
+from lowmem_sdpo.engine.summary import print_step_summary, training_figures
 from lowmem_sdpo.engine.trainer import StepCallback, StepJob, train_step
 from lowmem_sdpo.engine.units import Unit, build_units
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.models import QuantSettings, add_lora, load_quantized, model_fingerprint, resolve_model
 from lowmem_sdpo_kernels import resolve_impl
-
-RUN_FILE = "run.json"
-ADAPTER_DIR = "adapter"
-REFERENCE_CACHE = "reference_logps.safetensors"
-BASE_CACHE = "base_logps.safetensors"
-
-
-def step_dir(output_dir: Path, t: int) -> Path:
-    return Path(output_dir) / f"step-{t}"
 
 
 @dataclass
@@ -75,28 +64,6 @@ class Session:
 
     def token_settings(self) -> dict[str, Any]:
         return {"max_length": self.config.max_length, "max_prompt_length": self.config.max_prompt_length}
-
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    found = {"lowmem_sdpo": __version__, "python": platform.python_version()}
-    for dist in ("torch", "triton", "transformers", "peft", "bitsandbytes", "datasets"):
-        try:
-            found[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            found[dist] = "absent"
-    return found
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def run_sdpo(
@@ -134,7 +101,7 @@ def run_sdpo(
         reporter=reporter,
         callbacks=list(callbacks or []),
     )
-    _prepare_run_dir(session, resume)
+    prepare_run_dir(session, resume)
 
     summaries: list[dict[str, Any]] = []
     chain: list[Path] = []  # adapters whose merge into S gives M_{t-1}
@@ -155,49 +122,6 @@ def _impl(name: str, hw: Hardware) -> str:
         return resolve_impl(name, torch.empty(0, device=hw.device))
     except ValueError as err:
         raise InputError(f"--logprob-impl {name}: {err}") from err
-
-
-def _prepare_run_dir(session: Session, resume: bool) -> None:
-    out = session.out
-    run_file = out / RUN_FILE
-    data = [
-        {"step": t, "label": s.label, "source": s.source, "schema": s.schema, "fingerprint": s.fingerprint()}
-        for t, s in enumerate(session.steps, start=1)
-    ]
-    if run_file.is_file():
-        if not resume:
-            raise InputError(
-                f"{out} already holds a run ({RUN_FILE}); pass --resume to continue it or choose another --output-dir"
-            )
-        saved = json.loads(run_file.read_text())
-        differ = resume_differences(saved.get("config", {}), session.config)
-        if [d["fingerprint"] for d in saved.get("data", [])] != [d["fingerprint"] for d in data]:
-            differ.append("data (the content of --steps)")
-        if saved.get("model_fingerprint") != session.model_fp:
-            differ.append("model (its files changed)")
-        if differ:
-            raise InputError(
-                f"--resume {out}: this run was made with a different configuration: {', '.join(differ)}"
-            )
-        return
-    if out.exists() and any(out.iterdir()):
-        raise InputError(f"--output-dir {out}: exists and is not empty (and holds no {RUN_FILE})")
-    write_json(
-        run_file,
-        {
-            "config": session.config.to_dict(),
-            "model_dir": str(session.model_dir),
-            "model_fingerprint": session.model_fp,
-            "device": str(session.hw.device),
-            "compute_dtype": session.hw.compute_dtype,
-            "logprob_impl": session.impl,
-            "versions": versions(),
-            "commit": git_commit(),
-            "seed": session.config.seed,
-            "data": data,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        },
-    )
 
 
 def _load(session: Session, chain: list[Path]) -> torch.nn.Module:
@@ -394,15 +318,9 @@ def _run_step_inner(
         "kind": kind,
         "loss": cfg.loss,
         "pairs_used": len(units),
-        "optimizer_steps": len(rows),
         "gamma_ref_mean": gamma_ref,
         "gamma_base_mean": gamma_base,
-        "first_loss": rows[0]["loss"] if rows else None,
-        "final_loss": rows[-1]["loss"] if rows else None,
-        "reward_accuracy_first": head_mean(rows, "reward_accuracy"),
-        "reward_accuracy_final": tail_mean(rows, "reward_accuracy"),
-        "reward_margin_final": tail_mean(rows, "reward_margin"),
-        "tokens_per_second": sum(r["tokens"] for r in rows) / max(sum(r["seconds"] for r in rows), 1e-9),
+        **training_figures(rows),
         "peak_memory_bytes": peak_memory_bytes(session.hw),
         "memory_kind": "cuda_max_allocated" if session.hw.is_cuda else "cpu_max_rss",
         "wall_seconds": time.perf_counter() - started,
@@ -412,27 +330,5 @@ def _run_step_inner(
     write_json(sdir / SUMMARY_FILE, summary)
     shutil.rmtree(sdir / "checkpoint", ignore_errors=True)  # the step is done; its summary marks it
     _free(policy)
-    _print_summary(reporter, summary)
+    print_step_summary(reporter, summary)
     return summary
-
-
-def _print_summary(reporter: Reporter, s: dict[str, Any]) -> None:
-    def f(v: Any, spec: str = ".4f") -> str:
-        return "-" if v is None else format(v, spec)
-
-    reporter.table(
-        f"step {s['step']}: {Path(s['data']).name or s['data']}",
-        [
-            ("pairs used", str(s["pairs_used"])),
-            ("optimiser steps", str(s["optimizer_steps"])),
-            ("gamma_ref (mean)", f(s["gamma_ref_mean"])),
-            ("gamma of S (mean)", f(s["gamma_base_mean"])),
-            ("first loss", f(s["first_loss"])),
-            ("final loss", f(s["final_loss"])),
-            ("reward accuracy (last 10%)", f(s["reward_accuracy_final"], ".3f")),
-            ("reward margin (last 10%)", f(s["reward_margin_final"])),
-            ("tokens / s", f(s["tokens_per_second"], ".0f")),
-            ("peak memory (GiB)", f(s["peak_memory_bytes"] / 2**30, ".2f")),
-            ("wall (s)", f(s["wall_seconds"], ".1f")),
-        ],
-    )
