@@ -26,8 +26,8 @@ DEMO_SETTINGS: dict[str, Any] = {
     "max_length": 32,
     "max_prompt_length": 24,
     # A 2-layer model learns from 300 pairs only over several passes; 6 epochs of 19 optimiser steps each
-    # is where the D_1 -> D_2 transfer (gamma of M_1 above S on D_2) is clear for every seed tried (0, 1, 2),
-    # and before step 1 over-fits D_1 (at 10 epochs the transfer fades).
+    # is where the D_1 -> D_2 transfer (gamma of M_1 above S on D_2) is clear for every seed tried (0-3),
+    # and before step 1 over-fits D_1 (at 10 epochs, seed 2 loses the transfer).
     "beta": 0.5,
     "learning_rate": 3e-3,
     "epochs": 6.0,
