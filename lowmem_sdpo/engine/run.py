@@ -55,6 +55,7 @@ class Session:
     steps: list[StepData]
     quant: QuantSettings
     impl: str
+    objective: Objective
     reporter: Reporter
     callbacks: list[StepCallback] = field(default_factory=list)
 
@@ -98,6 +99,7 @@ def run_sdpo(
         steps=steps,
         quant=QuantSettings(double_quant=config.double_quant, compute_dtype=hw.compute_dtype),
         impl=_impl(config.logprob_impl, hw),
+        objective=objective,
         reporter=reporter,
         callbacks=list(callbacks or []),
     )
@@ -161,8 +163,9 @@ def _enable_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _free(model: torch.nn.Module | None) -> None:
-    del model
+def _release_memory() -> None:
+    """Return freed model memory to the system / the CUDA allocator. Callers drop their references first:
+    a reference passed in here would keep the model alive through the collection."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -190,17 +193,16 @@ def _logps(
     units: list[Unit],
     path: Path,
     description: str,
-    loaded: torch.nn.Module | None,
 ) -> tuple[LogpTable, torch.nn.Module | None]:
     """Cached or computed log-probs of the model S + chain on the units; returns the model if it loaded one."""
-    with_kl = _needs_kl(session)
+    with_kl = session.objective.needs_kl
     parts = _cache_parts(session, chain, step, with_kl)
     key = cache_key(parts)
     cached = load_cache(path, key, need_kl=with_kl)
     if cached is not None:
         session.reporter.note(f"{description}: reusing cache {path.name}")
-        return cached, loaded
-    model = loaded if loaded is not None else _load(session, chain)
+        return cached, None
+    model = _load(session, chain)
     table = compute_logps(
         model,
         units,
@@ -214,10 +216,6 @@ def _logps(
     )
     save_cache(path, key, parts, table)
     return table, model
-
-
-def _needs_kl(session: Session) -> bool:
-    return Objective(session.config.loss, session.config.beta).needs_kl
 
 
 def _run_step(session: Session, t: int, step: StepData, chain: list[Path], *, resume: bool) -> dict[str, Any]:
@@ -249,23 +247,15 @@ def _run_step_inner(
     units, kind = build_units(tokenized, seed=cfg.seed, label=step.label)
     reporter.note(f"step {t}/{len(session.steps)}: {step.label} ({kind}, {len(units)} units)")
 
-    model = None
+    step_seed = cfg.seed * 1000 + t  # LoRA init, data order and dropout of this step
     gamma_base = None
     if cfg.diagnostics and chain:
-        base_table, model = _logps(
-            session, [], step, units, sdir / BASE_CACHE, f"step {t}: S log-probs", None
-        )
+        base_table, base_model = _logps(session, [], step, units, sdir / BASE_CACHE, f"step {t}: S log-probs")
         gamma_base = base_table.gamma_mean()
-        _free(model)
-        model = None
+        del base_model  # S is not needed again: free it before M_{t-1} is loaded
+        _release_memory()
     reference, model = _logps(
-        session,
-        chain,
-        step,
-        units,
-        sdir / REFERENCE_CACHE,
-        f"step {t}: reference log-probs (M_{t - 1})",
-        None,
+        session, chain, step, units, sdir / REFERENCE_CACHE, f"step {t}: reference log-probs (M_{t - 1})"
     )
     gamma_ref = reference.gamma_mean()
     if cfg.diagnostics and not chain:
@@ -277,11 +267,11 @@ def _run_step_inner(
 
     policy_chain = chain if cfg.target_init == "previous" else []
     if model is None or policy_chain != chain:
-        _free(model)
+        model = None  # drop M_{t-1} (if loaded) before loading the target's base: never two models at once
+        _release_memory()
         model = _load(session, policy_chain)
-    policy = add_lora(
-        model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed * 1000 + t
-    )
+    policy = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=step_seed)
+    del model  # the policy holds it
     if cfg.gradient_checkpointing:
         _enable_checkpointing(policy.get_base_model())
     schedule = build_schedule(
@@ -289,7 +279,7 @@ def _run_step_inner(
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum,
-        seed=cfg.seed * 1000 + t,
+        seed=step_seed,
     )
     job = StepJob(
         t=t,
@@ -297,13 +287,13 @@ def _run_step_inner(
         units=units,
         reference=reference,
         schedule=schedule,
-        objective=Objective(cfg.loss, cfg.beta, dict(cfg.loss_options)),
+        objective=session.objective,
         config=cfg,
         hw=session.hw,
         impl=session.impl,
         pad_id=session.tokenizer.pad_token_id,
         reporter=reporter,
-        seed=cfg.seed * 1000 + t,
+        seed=step_seed,
         callbacks=session.callbacks,
     )
     rows = train_step(policy, job, resume=resume)
@@ -329,6 +319,7 @@ def _run_step_inner(
     }
     write_json(sdir / SUMMARY_FILE, summary)
     shutil.rmtree(sdir / "checkpoint", ignore_errors=True)  # the step is done; its summary marks it
-    _free(policy)
+    del policy, job
+    _release_memory()
     print_step_summary(reporter, summary)
     return summary
