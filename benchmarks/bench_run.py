@@ -19,7 +19,6 @@ Any `lowmem-sdpo run` option can follow; --output-dir is managed here.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import json
 import statistics
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_kernels import device_name, git_commit
+from bench_kernels import device_name
 
 from lowmem_sdpo.cli.run_cmd import add_run_arguments, config_from_args
 from lowmem_sdpo.engine import run_sdpo
@@ -41,13 +40,6 @@ SMOKE_ARGS = [
     "--epochs", "0.5", "--learning-rate", "3e-3", "--beta", "0.5", "--lora-r", "8", "--lora-alpha", "16",
     "--device", "cpu",
 ]  # fmt: skip
-
-
-def _version(dist: str) -> str:
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return "absent"
 
 
 def step_row(run_dir: Path, t: int) -> dict[str, Any]:
@@ -85,13 +77,16 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         summaries = run_sdpo(config)
         rows = [step_row(Path(config.output_dir), s["step"]) for s in summaries]
+        run_json = json.loads(
+            (Path(config.output_dir) / "run.json").read_text()
+        )  # versions and commit, as run
     options = {k: v for k, v in config.to_dict().items() if k not in ("output_dir", "quiet")}
     result = {
         "device": device_name("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu"),
         "torch": torch.__version__,
-        "transformers": _version("transformers"),
-        "bitsandbytes": _version("bitsandbytes"),
-        "commit": git_commit(),
+        "transformers": run_json["versions"]["transformers"],
+        "bitsandbytes": run_json["versions"]["bitsandbytes"],
+        "commit": run_json["commit"],
         "model": config.model,
         "options": options,
         "rows": rows,

@@ -31,7 +31,8 @@ def adapter_chain(run_dir: Path, step: int | None) -> tuple[Path, list[Path], in
         raise InputError(f"--run {run_dir}: no {RUN_FILE} (not a lowmem-sdpo run directory)")
     run = json.loads(run_file.read_text())
     n_steps = len(run.get("data", []))
-    finished = [t for t in range(1, n_steps + 1) if read_summary(step_dir(run_dir, t)) is not None]
+    summaries = {t: read_summary(step_dir(run_dir, t)) for t in range(1, n_steps + 1)}
+    finished = [t for t, summary in summaries.items() if summary is not None]
     if not finished:
         raise InputError(f"--run {run_dir}: no finished step yet (no step-t/summary.json)")
     t = finished[-1] if step is None else step
@@ -39,7 +40,7 @@ def adapter_chain(run_dir: Path, step: int | None) -> tuple[Path, list[Path], in
         raise InputError(
             f"--step {t}: not a finished step of {run_dir} (finished: {', '.join(map(str, finished))})"
         )
-    summary = read_summary(step_dir(run_dir, t)) or {}
+    summary = summaries[t] or {}
     model_dir = Path(run["model_dir"])
     if not (model_dir / "config.json").is_file():
         model_dir = resolve_model(run["config"]["model"])

@@ -89,8 +89,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     file_options = {k: file_values.pop(k) for k in list(file_values) if k in option_keys}
     file_options |= dict(file_values.pop("loss_options", None) or {})
     flag_values = {f.name: getattr(args, f.name, None) for f in fields(RunConfig) if f.name not in SKIP}
-    loss = args.loss or file_values.pop("loss", None) or RunConfig().loss
-    file_values.pop("loss", None)
+    file_loss = file_values.pop("loss", None)
+    loss = args.loss or file_loss or RunConfig().loss
     merged = argparse.Namespace(**{k: file_options.get(k) for k in option_keys})
     for key in option_keys:
         if getattr(args, key, None) is not None:

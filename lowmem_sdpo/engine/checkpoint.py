@@ -4,7 +4,7 @@ step-t/checkpoint/ (replaced atomically as a whole directory):
   adapter.safetensors  the LoRA factors being trained
   optimizer.pt         optimiser state;  scheduler.pt  the LR schedule's position
   rng.pt               torch CPU (and CUDA) and Python RNG states at the optimiser-step boundary
-  state.json           optimiser steps done, data position, metrics lines written
+  state.json           optimiser steps done (which fixes the data position and the metrics lines kept)
 The RNG states are those of the boundary, not of the moment of the save: an interrupt in the middle of
 gradient accumulation discards the partial accumulation and resumes exactly at the boundary.
 """
@@ -44,8 +44,7 @@ class RngState:
 
 @dataclass
 class TrainState:
-    opt_steps_done: int
-    metrics_lines: int
+    opt_steps_done: int  # also the data position and the number of metrics.jsonl lines kept on resume
 
 
 def save_checkpoint(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import sys
 from dataclasses import dataclass
@@ -57,9 +58,8 @@ def peak_memory_bytes(hw: Hardware) -> int:
 def current_memory_bytes(hw: Hardware) -> int:
     if hw.is_cuda:
         return int(torch.cuda.memory_allocated(hw.device))
+    # Resident set size now (Linux); elsewhere the peak is the best figure the OS gives.
     with contextlib.suppress(OSError, ValueError):
         with open("/proc/self/statm") as f:
-            import os
-
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return peak_memory_bytes(hw)

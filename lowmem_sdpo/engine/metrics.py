@@ -36,24 +36,23 @@ class MetricsLog:
             f.flush()
 
 
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    return sum(float(r[key]) for r in rows) / len(rows) if rows else float("nan")
+
+
+def _share(rows: list[dict[str, Any]], fraction: float) -> int:
+    return max(1, math.ceil(fraction * len(rows)))
+
+
 def tail_mean(rows: list[dict[str, Any]], key: str, fraction: float = TAIL_FRACTION) -> float:
-    if not rows:
-        return float("nan")
-    n = max(1, math.ceil(fraction * len(rows)))
-    tail = rows[-n:]
-    return sum(float(r[key]) for r in tail) / len(tail)
+    return _mean(rows[-_share(rows, fraction) :], key)
 
 
 def head_mean(rows: list[dict[str, Any]], key: str, fraction: float = TAIL_FRACTION) -> float:
     """Mean over the first 10% of optimiser steps after the first one: at the first, policy == reference,
     every reward is exactly 0 and the accuracy is 0 by definition, which would flatter any later value."""
-    if len(rows) > 1:
-        rows = rows[1:]
-    if not rows:
-        return float("nan")
-    n = max(1, math.ceil(fraction * len(rows)))
-    head = rows[:n]
-    return sum(float(r[key]) for r in head) / len(head)
+    rows = rows[1:] if len(rows) > 1 else rows
+    return _mean(rows[: _share(rows, fraction)], key)
 
 
 def read_summary(step_dir: Path) -> dict[str, Any] | None:

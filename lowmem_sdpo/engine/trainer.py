@@ -122,7 +122,7 @@ def train_step(model: nn.Module, job: StepJob, *, resume: bool) -> list[dict[str
 
     model.train()
     stop = _StopFlag()
-    boundary = RngState.capture()
+    total = len(job.schedule)
 
     def checkpoint_now(done: int, rng: RngState) -> None:
         save_checkpoint(
@@ -131,21 +131,24 @@ def train_step(model: nn.Module, job: StepJob, *, resume: bool) -> list[dict[str
             optimizer=optimizer,
             scheduler=scheduler,
             rng=rng,
-            state=TrainState(opt_steps_done=done, metrics_lines=done),
+            state=TrainState(opt_steps_done=done),
         )
 
-    with stop.installed(), job.reporter.task(f"step {job.t}: training", total=len(job.schedule)) as advance:
+    def interrupted(when: str, step: int) -> RunInterrupted:
+        return RunInterrupted(
+            f"{stop.signal}: step {job.t} stopped {when} optimiser step {step}/{total}; "
+            f"checkpoint saved in {job.step_dir / 'checkpoint'}; continue with --resume"
+        )
+
+    with stop.installed(), job.reporter.task(f"step {job.t}: training", total=total) as advance:
         advance(start)
-        for k in range(start, len(job.schedule)):
+        for k in range(start, total):
             boundary = RngState.capture()
             try:
                 row = accumulate_window(model, job, k, job.schedule[k], stop)
             except _Stop:
                 checkpoint_now(k, boundary)
-                raise RunInterrupted(
-                    f"{stop.signal}: step {job.t} stopped before optimiser step {k + 1}/{len(job.schedule)}; "
-                    f"checkpoint saved in {job.step_dir / 'checkpoint'}; continue with --resume"
-                ) from None
+                raise interrupted("before", k + 1) from None
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             row["lr"] = optimizer.param_groups[0]["lr"]
             optimizer.step()
@@ -160,16 +163,15 @@ def train_step(model: nn.Module, job: StepJob, *, resume: bool) -> list[dict[str
                 mem_gib=round(row["memory_bytes"] / 2**30, 2),
             )
             done = k + 1
-            if done % cfg.save_every == 0 and done < len(job.schedule):
+            saved = done % cfg.save_every == 0 and done < total
+            if saved:
                 checkpoint_now(done, RngState.capture())
             for callback in job.callbacks:
                 callback(row)
-            if stop.signal is not None and done < len(job.schedule):
-                checkpoint_now(done, RngState.capture())
-                raise RunInterrupted(
-                    f"{stop.signal}: step {job.t} stopped after optimiser step {done}/{len(job.schedule)}; "
-                    f"checkpoint saved in {job.step_dir / 'checkpoint'}; continue with --resume"
-                )
+            if stop.signal is not None and done < total:
+                if not saved:
+                    checkpoint_now(done, RngState.capture())
+                raise interrupted("after", done)
     return log.rows
 
 
@@ -222,72 +224,18 @@ def _check_finite(loss: torch.Tensor, job: StepJob, k: int, m: int, indices: lis
         )
 
 
+Piece = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, LogpBatch
+]  # losses, chosen/rejected rewards, log-probs
+
+
 def accumulate_window(
     model: nn.Module, job: StepJob, k: int, micro: list[list[int]], stop: _StopFlag
 ) -> dict[str, Any]:
+    """Accumulates optimiser step k's gradients over its micro-batches; returns its metrics row."""
     started = time.perf_counter()
-    window = [i for mb in micro for i in mb]
-    tokens = 0
-    pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, LogpBatch]] = []
-    objective = job.objective
-
-    if objective.batch_coupled:
-        # 1. rank the whole window without grad and without dropout
-        model.eval()
-        with torch.no_grad():
-            parts = []
-            for mb in micro:
-                logp, n, used = _units_logps(model, job, mb)
-                tokens += used
-                parts.append(_logp_batch(job, mb, logp, n, None))
-        model.train()
-        pc = torch.cat([p.policy_chosen for p in parts]).detach().requires_grad_(True)
-        pr = torch.cat([p.policy_rejected for p in parts]).detach().requires_grad_(True)
-        whole = LogpBatch(
-            pc,
-            pr,
-            torch.cat([p.ref_chosen for p in parts]),
-            torch.cat([p.ref_rejected for p in parts]),
-            torch.cat([p.chosen_tokens for p in parts]),
-            torch.cat([p.rejected_tokens for p in parts]),
-        )
-        losses, cr, rr = objective(whole)
-        _check_finite(losses, job, k, 0, window)
-        # 2. d(window loss) / d(per-unit policy log-probs)
-        g_c, g_r = torch.autograd.grad(losses.mean(), [pc, pr])
-        pieces.append((losses.detach(), cr.detach(), rr.detach(), whole))
-        # 3. per micro-batch backward of the linear surrogate
-        offset = 0
-        for m, mb in enumerate(micro):
-            logp, n, used = _units_logps(model, job, mb)
-            tokens += used
-            b = len(mb)
-            surrogate = (g_c[offset : offset + b] * logp[:b]).sum() + (
-                g_r[offset : offset + b] * logp[b:]
-            ).sum()
-            _check_finite(surrogate, job, k, m, mb)
-            surrogate.backward()
-            offset += b
-            if stop.signal is not None:
-                raise _Stop
-    else:
-        n_terms = None
-        for m, mb in enumerate(micro):
-            logp, n, used = _units_logps(model, job, mb)
-            tokens += used
-            kl = None
-            if objective.needs_kl:
-                kl, kl_used = _kl_logps(model, job, mb)
-                tokens += kl_used
-            batch = _logp_batch(job, mb, logp, n, kl)
-            losses, cr, rr = objective(batch)
-            _check_finite(losses, job, k, m, mb)
-            # Mean over the window's loss terms (a term per unit, or per example for KTO).
-            n_terms = n_terms or len(losses) / len(mb) * len(window)
-            (losses.sum() / n_terms).backward()
-            pieces.append((losses.detach(), cr.detach(), rr.detach(), batch))
-            if stop.signal is not None:
-                raise _Stop
+    pass_fn = _coupled_window if job.objective.batch_coupled else _independent_micro_batches
+    tokens, pieces = pass_fn(model, job, k, micro, stop)
 
     losses = torch.cat([p[0] for p in pieces]).float()
     cr = torch.cat([p[1] for p in pieces]).float()
@@ -298,7 +246,7 @@ def accumulate_window(
     return {
         "step": job.t,
         "opt_step": k + 1,
-        "units": len(window),
+        "units": sum(len(mb) for mb in micro),
         "loss": float(losses.mean()),
         "rewards_chosen": float(cr.mean()),
         "rewards_rejected": float(rr.mean()),
@@ -312,3 +260,73 @@ def accumulate_window(
         "memory_bytes": current_memory_bytes(job.hw),
         "peak_memory_bytes": peak_memory_bytes(job.hw),
     }
+
+
+def _coupled_window(
+    model: nn.Module, job: StepJob, k: int, micro: list[list[int]], stop: _StopFlag
+) -> tuple[int, list[Piece]]:
+    """Losses that sort the window (AOT): the three passes of the module docstring."""
+    tokens = 0
+    window = [i for mb in micro for i in mb]
+    # 1. rank the whole window without grad and without dropout
+    model.eval()
+    with torch.no_grad():
+        parts = []
+        for mb in micro:
+            logp, n, used = _units_logps(model, job, mb)
+            tokens += used
+            parts.append(_logp_batch(job, mb, logp, n, None))
+    model.train()
+    pc = torch.cat([p.policy_chosen for p in parts]).detach().requires_grad_(True)
+    pr = torch.cat([p.policy_rejected for p in parts]).detach().requires_grad_(True)
+    whole = LogpBatch(
+        pc,
+        pr,
+        torch.cat([p.ref_chosen for p in parts]),
+        torch.cat([p.ref_rejected for p in parts]),
+        torch.cat([p.chosen_tokens for p in parts]),
+        torch.cat([p.rejected_tokens for p in parts]),
+    )
+    losses, cr, rr = job.objective(whole)
+    _check_finite(losses, job, k, 0, window)
+    # 2. d(window loss) / d(per-unit policy log-probs)
+    g_c, g_r = torch.autograd.grad(losses.mean(), [pc, pr])
+    # 3. per micro-batch backward of the linear surrogate
+    offset = 0
+    for m, mb in enumerate(micro):
+        logp, _, used = _units_logps(model, job, mb)
+        tokens += used
+        b = len(mb)
+        surrogate = (g_c[offset : offset + b] * logp[:b]).sum() + (g_r[offset : offset + b] * logp[b:]).sum()
+        _check_finite(surrogate, job, k, m, mb)
+        surrogate.backward()
+        offset += b
+        if stop.signal is not None:
+            raise _Stop
+    return tokens, [(losses.detach(), cr.detach(), rr.detach(), whole)]
+
+
+def _independent_micro_batches(
+    model: nn.Module, job: StepJob, k: int, micro: list[list[int]], stop: _StopFlag
+) -> tuple[int, list[Piece]]:
+    """Losses of one example at a time: each micro-batch's loss, scaled to the window mean, backpropagated."""
+    tokens = 0
+    window_units = sum(len(mb) for mb in micro)
+    pieces: list[Piece] = []
+    for m, mb in enumerate(micro):
+        logp, n, used = _units_logps(model, job, mb)
+        tokens += used
+        kl = None
+        if job.objective.needs_kl:
+            kl, kl_used = _kl_logps(model, job, mb)
+            tokens += kl_used
+        batch = _logp_batch(job, mb, logp, n, kl)
+        losses, cr, rr = job.objective(batch)
+        _check_finite(losses, job, k, m, mb)
+        # Mean over the window's loss terms (a term per unit, or per example for KTO).
+        terms_per_unit = len(losses) / len(mb)
+        (losses.sum() / (terms_per_unit * window_units)).backward()
+        pieces.append((losses.detach(), cr.detach(), rr.detach(), batch))
+        if stop.signal is not None:
+            raise _Stop
+    return tokens, pieces
