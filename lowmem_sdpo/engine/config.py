@@ -19,6 +19,7 @@ from lowmem_sdpo.errors import InputError
 @dataclass
 class RunConfig:
     model: str = ""
+    revision: str | None = None  # hub branch, tag or commit of --model (pinned in run.json either way)
     steps: str = ""
     output_dir: str = ""
     columns: str | None = None
@@ -49,6 +50,9 @@ class RunConfig:
         "previous"  # "previous": LoRA on M_{t-1} (sDPO); "base": on S (the paper's Fig. 3 ablation)
     )
     # M_{t-1} materialisation
+    # exact: Q(S) + the finished steps' adapters as one frozen low-rank delta (M_{t-1} exactly as trained);
+    # requantized: quantise(S + sum dW) per step (--merge picks how), with reference_drift reported.
+    reference: str = "exact"
     merge: str = "exact"
     compute_dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     double_quant: bool = True
@@ -67,6 +71,7 @@ class RunConfig:
 RESUME_EXEMPT = frozenset({"save_every", "quiet", "output_dir", "diagnostics"})
 CHOICES: dict[str, tuple[str, ...]] = {
     "target_init": ("previous", "base"),
+    "reference": ("exact", "requantized"),
     "compute_dtype": ("auto", "bfloat16", "float16", "float32"),
     "optim": ("auto", "adamw", "paged_adamw_8bit", "paged_adamw_32bit"),
     "device": ("auto", "cpu", "cuda"),
