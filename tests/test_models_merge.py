@@ -122,3 +122,38 @@ def test_unknown_merge_is_input_error(setup):
     model_dir, adapters = setup
     with pytest.raises(InputError, match="merge 'sum'"):
         load_quantized(model_dir, adapters=adapters, quant=CPU_QUANT, merge="sum")
+
+
+@pytest.mark.parametrize("merge", ["exact", "inplace"])
+def test_merged_linear4bit_modules_hold_their_new_weights_quant_state(setup, merge):
+    # bitsandbytes keeps the quant state on the module too (Linear4bit.quant_state) and a back-reference on
+    # the weight (Params4bit.module); after a merge both must describe the new weight, as after a plain load.
+    model_dir, adapters = setup
+    model = load_quantized(model_dir, adapters=adapters, quant=CPU_QUANT, merge=merge)
+    modules = _quantized_modules(model)
+    assert len(modules) == 14
+    for name, module in modules.items():
+        assert module.quant_state is module.weight.quant_state, name
+        assert module.weight.module is module, name
+
+
+@pytest.mark.parametrize("merge", ["exact", "inplace"])
+def test_merge_leaves_no_reference_to_the_replaced_quant_state(setup, merge):
+    import gc
+    import weakref
+
+    from lowmem_sdpo.models.adapters import load_all_factors
+    from lowmem_sdpo.models.checkpoint import Checkpoint
+    from lowmem_sdpo.models.merge import MERGES
+
+    model_dir, adapters = setup
+    model = load_quantized(model_dir, quant=CPU_QUANT)
+    before = {name: m.weight.quant_state for name, m in _quantized_modules(model).items()}
+    absmax = {name: weakref.ref(state.absmax) for name, state in before.items()}
+    states = {name: weakref.ref(state) for name, state in before.items()}
+    del before
+    MERGES[merge](model, Checkpoint(model_dir), load_all_factors(adapters), CPU_QUANT, "cpu", None)
+    gc.collect()
+    # Every block linear was replaced, and nothing (module attribute included) keeps the old scales alive.
+    assert [n for n, ref in states.items() if ref() is not None] == []
+    assert [n for n, ref in absmax.items() if ref() is not None] == []

@@ -25,6 +25,7 @@ from lowmem_sdpo.models.quant import (
     is_linear4bit,
     quantize_weight,
     requantize_like,
+    set_4bit_weight,
 )
 
 Progress = Callable[[str, int, int], None]  # progress(description, done, total)
@@ -74,7 +75,7 @@ def merge_exact(
         merged = total.to(base.dtype)  # one rounding to the checkpoint's precision ...
         del base, total
         if is_linear4bit(module):
-            module.weight = quantize_weight(merged, quant, device)  # ... and one quantisation
+            set_4bit_weight(module, quantize_weight(merged, quant, device))  # ... and one quantisation
         else:
             _set_dense(module, merged)
         if progress:
@@ -101,7 +102,7 @@ def merge_inplace(
             _check_shape(delta, dense.shape, name)
             summed = dense.to(torch.float32) + delta
             if is_linear4bit(module):
-                module.weight = requantize_like(old, summed)
+                set_4bit_weight(module, requantize_like(old, summed))
             else:
                 _set_dense(module, summed)
             done += 1

@@ -87,6 +87,20 @@ def is_linear4bit(module: torch.nn.Module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 
 
+def set_4bit_weight(module: torch.nn.Module, param: Any) -> None:
+    """Make the Params4bit `param` the weight of the Linear4bit `module`.
+
+    bitsandbytes keeps a second reference to the quant state on the module (`module.quant_state`, which it
+    reads back when a weight lost its own, e.g. under FSDP) and a back-reference on the weight
+    (`param.module`). A bare `module.weight = param` leaves the old state there: the replaced absmax stays
+    alive on the device and code reading `module.quant_state` sees the old scales. Wire up both, as
+    bitsandbytes' own loading does.
+    """
+    param.module = module
+    module.weight = param
+    module.quant_state = param.quant_state
+
+
 def requantize_like(old: Any, weight: torch.Tensor) -> Any:
     """Quantise `weight` with exactly the settings of the existing Params4bit `old` (for the inplace merge,
     whose base may be a pre-quantised checkpoint with settings of its own)."""
