@@ -1,8 +1,11 @@
-"""Model aliases: short names users type for `--model`.
+"""Model aliases: short names users type for `--model`, each named for what it is.
 
-`solar-10.7b-sft` points at Upstage's public instruction-tuned SOLAR-10.7B. The paper's own SFT
-checkpoint (SOLAR-10.7B + SFT, Kim et al. 2024) was not released; the Instruct model is the
-closest public stand-in (same base, same `### User:`/`### Assistant:` template).
+`solar-10.7b` is Upstage's SOLAR-10.7B base (pre-trained only). `solar-10.7b-instruct` is Upstage's
+SOLAR-10.7B-Instruct-v1.0, which its model card says was SFT'd and then DPO-trained on Intel/orca_dpo_pairs
+and allenai/ultrafeedback_binarized_cleaned: the very data of the paper's two sDPO steps, so it is an
+already-aligned model, not the paper's starting point. `solar-10.7b-sft` names that starting point, the
+paper's S (SOLAR-10.7B-v1.0 after SFT); it was never released and this toolkit cannot build it yet, so the
+alias exists to say so and to point at the alternatives rather than let another model silently stand in.
 `tiny` is the embedded demo model (built locally, see lowmem_sdpo.models.tiny).
 """
 
@@ -10,21 +13,46 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lowmem_sdpo.errors import InputError
+
 
 @dataclass(frozen=True)
 class ModelAlias:
     name: str
-    target: str  # a hub id, or "builtin:tiny" for the embedded model
+    target: str | None  # a hub id, "builtin:tiny" for the embedded model, or None when unavailable
     note: str
+    # Set when the alias names a model that cannot be used (yet): the rest of the one-line error, which
+    # says why and what to use instead. Resolution raises it, so no code path needs its own special case.
+    unavailable_reason: str | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.unavailable_reason is None
 
 
 MODEL_ALIASES: dict[str, ModelAlias] = {
     a.name: a
     for a in (
         ModelAlias(
-            "solar-10.7b-sft",
+            "solar-10.7b",
+            "upstage/SOLAR-10.7B-v1.0",
+            "SOLAR-10.7B base model (pre-trained only, not instruction-tuned)",
+        ),
+        ModelAlias(
+            "solar-10.7b-instruct",
             "upstage/SOLAR-10.7B-Instruct-v1.0",
-            "public SOLAR-10.7B instruction-tuned model; the paper's own SFT checkpoint is unreleased",
+            "SOLAR-10.7B after SFT and DPO; already DPO-aligned on the paper's two sDPO datasets "
+            "(Intel/orca_dpo_pairs, allenai/ultrafeedback_binarized_cleaned)",
+        ),
+        ModelAlias(
+            "solar-10.7b-sft",
+            None,
+            "the paper's S: SOLAR-10.7B-v1.0 after SFT (unreleased)",
+            unavailable_reason=(
+                "is the paper's S (SOLAR-10.7B-v1.0 after SFT), which is not public and which lowmem-sdpo "
+                "cannot build yet; use --model solar-10.7b-instruct (already DPO-aligned on the paper's data), "
+                "a local SFT checkpoint directory, or --model solar-10.7b (the base, not instruction-tuned)"
+            ),
         ),
         ModelAlias("tiny", "builtin:tiny", "embedded few-million-parameter Llama for the CPU demo"),
     )
@@ -32,6 +60,14 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
 
 
 def resolve_model_alias(name: str) -> str:
-    """Return the hub id / local path / builtin target that `name` stands for."""
+    """Return the hub id / local path / builtin target that `name` stands for.
+
+    Raises InputError for an alias whose model is unavailable: every consumer of `--model` (model
+    resolution, tokenizer loading) goes through here, so none can use it by accident.
+    """
     alias = MODEL_ALIASES.get(name)
-    return alias.target if alias else name
+    if alias is None:
+        return name
+    if alias.unavailable_reason is not None or alias.target is None:
+        raise InputError(f"model '{name}' {alias.unavailable_reason or 'is not available'}")
+    return alias.target

@@ -8,13 +8,17 @@ from dataclasses import fields
 from typing import Any
 
 from lowmem_sdpo.engine import RunConfig, build_config, read_config_file, run_sdpo
+from lowmem_sdpo.engine.config import check_run_dir
 from lowmem_sdpo.engine.failures import TrainingStopped
 from lowmem_sdpo.losses import add_loss_arguments, loss_options_from_args
 
 HELP: dict[str, str] = {
-    "model": "hub id, local HF directory, or alias (solar-10.7b-sft, tiny)",
+    "model": (
+        "hub id, local HF directory, or alias: solar-10.7b (base), solar-10.7b-instruct (SFT + DPO on the "
+        "paper's data), tiny; solar-10.7b-sft (the paper's S) is not available yet"
+    ),
     "steps": "comma-separated step items: aliases (openorca, ultrafeedback, ...), hub ids[:split], local files",
-    "output_dir": "run directory (run.json, step-t/...)",
+    "output_dir": "run directory (run.json, step-t/...); default runs/<model>-<steps>",
     "columns": "map your columns: prompt=question,chosen=good,rejected=bad",
     "desirable_threshold": "HelpSteer: helpfulness >= this is desirable",
     "seed": "seed for splits, data order, LoRA init and dropout",
@@ -28,7 +32,10 @@ HELP: dict[str, str] = {
     "warmup_ratio": "fraction of optimiser steps of linear warm-up before the cosine decay",
     "weight_decay": "AdamW weight decay",
     "max_grad_norm": "gradient clipping norm",
-    "optim": "auto (paged_adamw_8bit on CUDA, adamw on CPU), adamw, paged_adamw_8bit, paged_adamw_32bit",
+    "optim": (
+        "auto (adamw_8bit on CUDA, adamw_fused there without bitsandbytes; adamw on CPU), adamw, adamw_fused, "
+        "adamw_8bit, paged_adamw_8bit, paged_adamw_32bit (paged: never-freed buffers, a sync per parameter)"
+    ),
     "gradient_checkpointing": "recompute block activations in backward (saves memory)",
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA alpha (scaling alpha / r)",
@@ -37,7 +44,9 @@ HELP: dict[str, str] = {
     "revision": "hub branch, tag or commit of --model (a run pins the commit it resolved to)",
     "reference": "exact: M_{t-1} = Q(S) + finished adapters as a frozen low-rank delta; requantized: quantise(S + sum dW)",
     "merge": "with --reference requantized: exact: quantise(S + sum dW) from S's full-precision weights; inplace: dequantise-add-requantise",
-    "compute_dtype": "auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32",
+    "compute_dtype": (
+        "auto (bfloat16 on cards with it, float16 on older ones, float32 on CPU), bfloat16, float16, float32"
+    ),
     "double_quant": "NF4 double quantisation of the block scales",
     "logprob_impl": "auto, triton, torch, naive: the fused lm-head log-prob implementation",
     "device": "auto, cpu, cuda",
@@ -78,7 +87,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def register(subparsers: Any) -> None:
     run = subparsers.add_parser("run", help="train sDPO steps into a run directory", description=__doc__)
     add_run_arguments(run)
-    run.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    run.add_argument(
+        "--resume", action="store_true", help="continue the run in --output-dir (or its default, same flags)"
+    )
     run.set_defaults(handler=run_command)
 
 
@@ -103,6 +114,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def run_command(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    check_run_dir(config, resume=args.resume)  # before anything is loaded or written
+    if not config.quiet:
+        print(f"run directory: {config.output_dir}")
     try:
         summaries = run_sdpo(config, resume=args.resume)
     except TrainingStopped as err:

@@ -9,6 +9,9 @@ QLoRA recipe's learning rate 5e-6.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -40,7 +43,7 @@ class RunConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    optim: str = "auto"  # auto: paged_adamw_8bit on CUDA, adamw on CPU
+    optim: str = "auto"  # auto: adamw_8bit on CUDA (fused torch AdamW without bitsandbytes), adamw on CPU
     gradient_checkpointing: bool = True
     # LoRA target
     lora_r: int = 16
@@ -54,7 +57,7 @@ class RunConfig:
     # requantized: quantise(S + sum dW) per step (--merge picks how), with reference_drift reported.
     reference: str = "exact"
     merge: str = "exact"
-    compute_dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    compute_dtype: str = "auto"  # auto: bfloat16 on cards with it, else float16; float32 on CPU
     double_quant: bool = True
     logprob_impl: str = "auto"
     device: str = "auto"
@@ -73,7 +76,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "target_init": ("previous", "base"),
     "reference": ("exact", "requantized"),
     "compute_dtype": ("auto", "bfloat16", "float16", "float32"),
-    "optim": ("auto", "adamw", "paged_adamw_8bit", "paged_adamw_32bit"),
+    # The names of engine.optim.OPTIMIZERS (kept literal here so that parsing a config needs no torch import).
+    "optim": ("auto", "adamw", "adamw_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"),
     "device": ("auto", "cpu", "cuda"),
 }
 POSITIVE: tuple[str, ...] = (
@@ -115,11 +119,42 @@ def read_config_file(path: str | Path, extra_keys: set[str] | frozenset[str] = f
 
 
 def build_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> RunConfig:
-    """defaults < file < flags (flags whose value is None were not given)."""
+    """defaults < file < flags (flags whose value is None were not given); no --output-dir means
+    `default_output_dir(model, steps)`, so a rerun or --resume with the same flags finds the same directory."""
     values = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
     config = RunConfig(**values)
+    if not config.output_dir and config.model and config.steps:
+        config.output_dir = default_output_dir(config.model, config.steps)
     validate(config)
     return config
+
+
+RUNS_ROOT = "runs"
+SLUG_MAX = 80  # characters of the directory name; longer ones are cut and end in a hash of the whole
+DATA_EXTENSION = re.compile(r"\.(jsonl|json|parquet|csv)(?=$|[:@])", re.IGNORECASE)
+UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _slug_part(text: str, strip_extension: bool) -> str:
+    """The last path component (drops a local path's directories and a hub id's organisation), its data
+    file extension dropped, and every run of characters outside [A-Za-z0-9._-] made one '_'."""
+    name = text.strip().replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    if strip_extension:
+        name = DATA_EXTENSION.sub("", name)
+    return UNSAFE.sub("_", name).strip("_.") or "x"
+
+
+def default_output_dir(model: str, steps: str) -> str:
+    """runs/<model>-<step>-<step>...: e.g. `tiny` with `a/toy_step1.jsonl,b/toy_step2.jsonl` gives
+    runs/tiny-toy_step1-toy_step2. Deterministic, filesystem-safe, at most SLUG_MAX characters."""
+    parts = [_slug_part(model, strip_extension=False)]
+    parts += [_slug_part(item, strip_extension=True) for item in steps.split(",") if item.strip()]
+    slug = "-".join(parts)
+    if len(slug) > SLUG_MAX:
+        # Cut, but keep different long inputs apart: the tail is a digest of the full model and steps.
+        digest = hashlib.sha256(f"{model}\n{steps}".encode()).hexdigest()[:8]
+        slug = f"{slug[: SLUG_MAX - 9].rstrip('-_.')}-{digest}"
+    return f"{RUNS_ROOT}/{slug}"
 
 
 def validate(config: RunConfig) -> None:
@@ -127,7 +162,7 @@ def validate(config: RunConfig) -> None:
         raise InputError("--model is required (a hub id, a local directory, or an alias such as 'tiny')")
     if not config.steps:
         raise InputError("--steps is required (comma-separated step items, e.g. openorca,ultrafeedback)")
-    if not config.output_dir:
+    if not config.output_dir:  # the CLI fills in default_output_dir; direct callers must name one
         raise InputError("--output-dir is required (the run directory, e.g. runs/NAME)")
     for name, choices in CHOICES.items():
         if getattr(config, name) not in choices:
@@ -137,6 +172,11 @@ def validate(config: RunConfig) -> None:
     for name in POSITIVE:
         if int(getattr(config, name)) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.max_prompt_length >= config.max_length:
+        raise InputError(
+            f"--max-prompt-length {config.max_prompt_length} must be less than --max-length {config.max_length} "
+            "(the answer needs tokens of its own)"
+        )
     if config.beta <= 0:
         raise InputError(f"--beta must be positive, got {config.beta}")
     if config.learning_rate <= 0:
@@ -154,3 +194,34 @@ def resume_differences(saved: dict[str, Any], current: RunConfig) -> list[str]:
     now = current.to_dict()
     keys = sorted(set(saved) | set(now))
     return [k for k in keys if k not in RESUME_EXEMPT and saved.get(k) != now.get(k)]
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(".")
+
+
+def check_run_dir(config: RunConfig, resume: bool) -> None:
+    """The run directory's own input errors, found before any model or data is loaded and before anything is
+    written: a file in its place, a parent we cannot create it in, --resume of a directory holding no run,
+    a new run over a directory that holds one (or anything else)."""
+    from lowmem_sdpo.engine.rundir import RUN_FILE  # here: rundir imports this module
+
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output-dir {out}: exists and is a file, not a directory")
+    # The directory itself if it exists, else the ancestor it would be created in.
+    base = _nearest_existing(out.absolute())
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise InputError(f"--output-dir {out}: cannot write there ({base} is not a writable directory)")
+    has_run = (out / RUN_FILE).is_file()
+    if resume and not has_run:
+        raise InputError(f"--resume {out}: no run there (no {RUN_FILE}); drop --resume to start one")
+    if not resume and has_run:
+        raise InputError(
+            f"--output-dir {out}: already holds a run ({RUN_FILE}); pass --resume to continue it or choose another"
+        )
+    if not resume and out.is_dir() and any(out.iterdir()):
+        raise InputError(f"--output-dir {out}: exists and is not empty (and holds no {RUN_FILE})")
