@@ -4,7 +4,9 @@ step-t/checkpoint/ (replaced atomically as a whole directory):
   adapter.safetensors  the LoRA factors being trained
   optimizer.pt         optimiser state;  scheduler.pt  the LR schedule's position
   rng.pt               torch CPU (and CUDA) and Python RNG states at the optimiser-step boundary
-  state.json           optimiser steps done (which fixes the data position and the metrics lines kept)
+  scaler.pt            fp16 only: the GradScaler's scale and growth tracker
+  state.json           optimiser steps done (which fixes the data position and the metrics lines kept) and
+                       the optimiser's class (another class cannot load this state: refused on resume)
 The RNG states are those of the boundary, not of the moment of the save: an interrupt in the middle of
 gradient accumulation discards the partial accumulation and resumes exactly at the boundary.
 """
@@ -45,6 +47,17 @@ class RngState:
 @dataclass
 class TrainState:
     opt_steps_done: int  # also the data position and the number of metrics.jsonl lines kept on resume
+    optimizer: str = ""  # the optimiser's class name ("" in checkpoints written before it was recorded)
+
+
+@dataclass
+class LoadedCheckpoint:
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    rng: RngState
+    state: TrainState
+    scaler: dict | None = None
 
 
 def save_checkpoint(
@@ -55,6 +68,7 @@ def save_checkpoint(
     scheduler: Any,
     rng: RngState,
     state: TrainState,
+    scaler: Any = None,
 ) -> None:
     from safetensors.torch import save_file
 
@@ -68,13 +82,13 @@ def save_checkpoint(
         torch.save(
             {"torch_cpu": rng.torch_cpu, "torch_cuda": rng.torch_cuda, "python": rng.python}, tmp / "rng.pt"
         )
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "state.json").write_text(json.dumps(state.__dict__, indent=2) + "\n")
 
 
-def load_checkpoint(
-    step_dir: Path,
-) -> tuple[dict[str, torch.Tensor], dict, dict, RngState, TrainState] | None:
-    """(adapter state, optimizer state, scheduler state, rng, train state), or None when there is none."""
+def load_checkpoint(step_dir: Path) -> LoadedCheckpoint | None:
+    """The step's checkpoint, or None when there is none."""
     from safetensors.torch import load_file
 
     path = step_dir / CHECKPOINT_DIR
@@ -85,4 +99,7 @@ def load_checkpoint(
     scheduler = torch.load(path / "scheduler.pt", weights_only=False)
     rng = torch.load(path / "rng.pt", weights_only=False)
     state = TrainState(**json.loads((path / "state.json").read_text()))
-    return adapter, optimizer, scheduler, RngState(rng["torch_cpu"], rng["torch_cuda"], rng["python"]), state
+    scaler = torch.load(path / "scaler.pt", weights_only=False) if (path / "scaler.pt").is_file() else None
+    return LoadedCheckpoint(
+        adapter, optimizer, scheduler, RngState(rng["torch_cpu"], rng["torch_cuda"], rng["python"]), state, scaler
+    )

@@ -1,14 +1,14 @@
 """`lowmem-sdpo run`: the sDPO pipeline over steps t = 1..T (M_0 = S, the model given).
 
-Per step: materialise M_{t-1} in 4 bit (S + the adapters of steps < t, merged exactly), compute or reuse
-the cached reference log-probs of D_t, put a fresh LoRA on M_{t-1} (or on S with --target-init base),
-train, save the adapter and summary. runs/NAME/ holds run.json and step-t/ directories; a step is done when
-its summary.json exists.
+Per step: materialise M_{t-1} (by default Q(S), loaded once per run, plus the finished steps' adapters as a
+frozen low-rank delta: engine/materialise.py), compute or reuse the cached reference log-probs of D_t, put a
+fresh LoRA on M_{t-1} (or on S with --target-init base), train, save the adapter and summary. runs/NAME/
+holds run.json and step-t/ directories; a step is done when its summary.json exists.
 """
 
 from __future__ import annotations
 
-import gc
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -19,9 +19,17 @@ import torch
 
 from lowmem_sdpo.atomic import atomic_dir, write_json
 from lowmem_sdpo.data import StepData, TokenizedStep, load_steps, load_tokenizer, parse_columns, tokenize_step
-from lowmem_sdpo.engine.config import RunConfig
+from lowmem_sdpo.engine.config import RunConfig, check_run_dir
 from lowmem_sdpo.engine.failures import OutOfMemory, out_of_memory_message
-from lowmem_sdpo.engine.hardware import Hardware, peak_memory_bytes, reset_peak, resolve_hardware
+from lowmem_sdpo.engine.hardware import (
+    Hardware,
+    kernel_impl_for,
+    peak_memory_bytes,
+    reset_peak,
+    resolve_hardware,
+)
+from lowmem_sdpo.engine.keys import hub_commit, tokenizer_fingerprint, units_digest
+from lowmem_sdpo.engine.materialise import Holder, load_for, make_holder, release_memory, unwrap_policy
 from lowmem_sdpo.engine.metrics import SUMMARY_FILE, read_summary
 from lowmem_sdpo.engine.objective import Objective
 from lowmem_sdpo.engine.reference import (
@@ -33,30 +41,43 @@ from lowmem_sdpo.engine.reference import (
     save_cache,
 )
 from lowmem_sdpo.engine.reporting import Reporter
-from lowmem_sdpo.engine.rundir import ADAPTER_DIR, BASE_CACHE, REFERENCE_CACHE, prepare_run_dir, step_dir
+from lowmem_sdpo.engine.rundir import (
+    ADAPTER_DIR,
+    BASE_CACHE,
+    REFERENCE_CACHE,
+    pinned_revision,
+    prepare_run_dir,
+    step_dir,
+)
 from lowmem_sdpo.engine.schedule import build_schedule
 from lowmem_sdpo.engine.summary import print_step_summary, training_figures
 from lowmem_sdpo.engine.trainer import StepCallback, StepJob, train_step
 from lowmem_sdpo.engine.units import Unit, build_units
 from lowmem_sdpo.errors import InputError
-from lowmem_sdpo.models import QuantSettings, add_lora, load_quantized, model_fingerprint, resolve_model
+from lowmem_sdpo.models import QuantSettings, add_lora, model_fingerprint, resolve_model
 from lowmem_sdpo_kernels import resolve_impl
+
+# Units of D_t on which the reference's drift from P_{t-1} and the step's own training shift are measured.
+DRIFT_SAMPLE = 64
 
 
 @dataclass
 class Session:
-    """What every step shares: resolved config, hardware, model files, tokenizer, data."""
+    """What every step shares: resolved config, hardware, model files, tokenizer, data, the model holder."""
 
     config: RunConfig
     hw: Hardware
     model_dir: Path
     model_fp: str
+    model_revision: str | None
     tokenizer: Any
+    tokenizer_fp: dict[str, str]
     steps: list[StepData]
     quant: QuantSettings
     impl: str
     objective: Objective
     reporter: Reporter
+    holder: Holder
     callbacks: list[StepCallback] = field(default_factory=list)
 
     @property
@@ -76,12 +97,14 @@ def run_sdpo(
 ) -> list[dict[str, Any]]:
     """Runs every step not yet done; returns the summaries of all steps."""
     reporter = reporter or Reporter(config.quiet)
+    check_run_dir(config, resume)  # before anything slow is loaded
     hw = resolve_hardware(config)
     if not hw.is_cuda:
         reporter.note_once("no CUDA device: running on CPU; 4-bit layers on CPU are slow beyond toy models")
     objective = Objective(config.loss, config.beta, dict(config.loss_options))
     objective.spec  # noqa: B018 - raises InputError for an unknown loss before anything is loaded
-    model_dir = resolve_model(config.model)
+    # A resumed run loads the very commit it started from, whatever the branch points at now.
+    model_dir = resolve_model(config.model, pinned_revision(Path(config.output_dir)) if resume else config.revision)
     steps = load_steps(
         config.steps,
         columns=parse_columns(config.columns),
@@ -90,67 +113,75 @@ def run_sdpo(
     )
     for step in steps:
         objective.check_data("unpaired" if step.unpaired else "pairs", step.label)
+    tokenizer = load_tokenizer(str(model_dir))
+    quant = QuantSettings(double_quant=config.double_quant, compute_dtype=hw.compute_dtype)
     session = Session(
         config=config,
         hw=hw,
         model_dir=model_dir,
         model_fp=model_fingerprint(model_dir),
-        tokenizer=load_tokenizer(str(model_dir)),
+        model_revision=hub_commit(model_dir),
+        tokenizer=tokenizer,
+        tokenizer_fp=tokenizer_fingerprint(model_dir, tokenizer),
         steps=steps,
-        quant=QuantSettings(double_quant=config.double_quant, compute_dtype=hw.compute_dtype),
+        quant=quant,
         impl=_impl(config.logprob_impl, hw),
         objective=objective,
         reporter=reporter,
+        holder=make_holder(
+            config.reference,
+            loader=_quiet_loader(model_dir, quant, hw, reporter),
+            merge=config.merge,
+            quant=quant,
+            device=hw.device,
+        ),
         callbacks=list(callbacks or []),
     )
     prepare_run_dir(session, resume)
 
     summaries: list[dict[str, Any]] = []
-    chain: list[Path] = []  # adapters whose merge into S gives M_{t-1}
-    for t, step in enumerate(steps, start=1):
-        done = read_summary(step_dir(session.out, t))
-        if done is not None:
-            reporter.note(f"step {t} ({step.label}): already done, skipped")
-            summary = done
-        else:
-            summary = _run_step(session, t, step, chain, resume=resume)
-        summaries.append(summary)
-        chain = [session.out / c for c in summary["adapter_chain"]]
+    chain: list[Path] = []  # adapters whose sum with S gives M_{t-1}
+    try:
+        for t, step in enumerate(steps, start=1):
+            done = read_summary(step_dir(session.out, t))
+            if done is not None:
+                reporter.note(f"step {t} ({step.label}): already done, skipped")
+                summary = done
+            else:
+                summary = _run_step(session, t, step, chain, resume=resume)
+            summaries.append(summary)
+            chain = [session.out / c for c in summary["adapter_chain"]]
+    finally:
+        session.holder.release()
     return summaries
 
 
 def _impl(name: str, hw: Hardware) -> str:
     try:
-        return resolve_impl(name, torch.empty(0, device=hw.device))
+        return resolve_impl(kernel_impl_for(hw, name), torch.empty(0, device=hw.device))
     except ValueError as err:
         raise InputError(f"--logprob-impl {name}: {err}") from err
 
 
-def _load(session: Session, chain: list[Path]) -> torch.nn.Module:
-    from transformers.utils import logging as hf_logging
+def _quiet_loader(model_dir: Path, quant: QuantSettings, hw: Hardware, reporter: Reporter):
+    """Loads S (plus merged adapters, in requantized mode) in 4 bit, saying what and why, with transformers'
+    own per-load "Loading weights" bar switched off (ours says more)."""
+    load = load_for(model_dir, quant, hw.device, reporter.merge_progress())
 
-    # transformers draws its own "Loading weights" bar per load; ours say what is being loaded and why.
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        return _load_quantized(session, chain)
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
+    def loader(adapters: list[Path], merge: str) -> torch.nn.Module:
+        from transformers.utils import logging as hf_logging
 
+        what = "S" if not adapters else f"quantise(S + {len(adapters)} adapter(s)) ({merge} merge)"
+        reporter.note(f"loading {what} in 4 bit from {model_dir}")
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            return load(adapters, merge)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
 
-def _load_quantized(session: Session, chain: list[Path]) -> torch.nn.Module:
-    session.reporter.note(
-        f"loading {'S' if not chain else f'S + {len(chain)} merged adapter(s)'} in 4 bit from {session.model_dir}"
-    )
-    return load_quantized(
-        session.model_dir,
-        adapters=chain,
-        merge=session.config.merge,
-        quant=session.quant,
-        device=session.hw.device,
-        progress=session.reporter.merge_progress(),
-    )
+    return loader
 
 
 def _enable_checkpointing(model: torch.nn.Module) -> None:
@@ -163,22 +194,21 @@ def _enable_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _release_memory() -> None:
-    """Return freed model memory to the system / the CUDA allocator. Callers drop their references first:
-    a reference passed in here would keep the model alive through the collection."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _cache_parts(session: Session, chain: list[Path], step: StepData, with_kl: bool) -> dict[str, Any]:
+def _cache_parts(
+    session: Session, chain: list[Path], step: StepData, units: list[Unit], with_kl: bool
+) -> dict[str, Any]:
+    requantized = session.config.reference == "requantized"
     return {
         "model": session.model_fp,
+        "model_revision": session.model_revision,
         "adapters": adapter_chain_digest(chain),
-        "merge": session.config.merge if chain else None,
+        "reference": session.config.reference if chain else None,
+        "merge": session.config.merge if chain and requantized else None,
         "quant": session.quant.to_dict(),
         "data": step.fingerprint(),
         "tokenization": session.token_settings(),
+        "tokenizer": session.tokenizer_fp,
+        "units": units_digest(units),  # every token id: any tokenizer or template change shows here
         "seed_units": session.config.seed,  # unpaired units are a seeded matching of examples
         "logprob_impl": session.impl,
         "kl_rows": with_kl,
@@ -187,23 +217,25 @@ def _cache_parts(session: Session, chain: list[Path], step: StepData, with_kl: b
 
 
 def _logps(
-    session: Session,
-    chain: list[Path],
-    step: StepData,
-    units: list[Unit],
-    path: Path,
-    description: str,
-) -> tuple[LogpTable, torch.nn.Module | None]:
-    """Cached or computed log-probs of the model S + chain on the units; returns the model if it loaded one."""
+    session: Session, chain: list[Path], step: StepData, units: list[Unit], path: Path, description: str
+) -> LogpTable:
+    """Cached or computed log-probs of the model S + chain on the units."""
     with_kl = session.objective.needs_kl
-    parts = _cache_parts(session, chain, step, with_kl)
+    parts = _cache_parts(session, chain, step, units, with_kl)
     key = cache_key(parts)
     cached = load_cache(path, key, need_kl=with_kl)
     if cached is not None:
         session.reporter.note(f"{description}: reusing cache {path.name}")
-        return cached, None
-    model = _load(session, chain)
-    table = compute_logps(
+        return cached
+    table = _table(session, session.holder.model_for(chain), units, description, with_kl=with_kl)
+    save_cache(path, key, parts, table)
+    return table
+
+
+def _table(
+    session: Session, model: torch.nn.Module, units: list[Unit], description: str, *, with_kl: bool = False
+) -> LogpTable:
+    return compute_logps(
         model,
         units,
         pad_id=session.tokenizer.pad_token_id,
@@ -214,8 +246,6 @@ def _logps(
         reporter=session.reporter,
         description=description,
     )
-    save_cache(path, key, parts, table)
-    return table, model
 
 
 def _run_step(session: Session, t: int, step: StepData, chain: list[Path], *, resume: bool) -> dict[str, Any]:
@@ -235,10 +265,24 @@ def _run_step(session: Session, t: int, step: StepData, chain: list[Path], *, re
         ) from err
 
 
+def drift_sample(n_units: int, seed: int, t: int) -> list[int]:
+    """A fixed, seeded sample of D_t's units (sorted, so batches follow data order)."""
+    k = min(DRIFT_SAMPLE, n_units)
+    return sorted(random.Random(f"drift-{seed}-{t}").sample(range(n_units), k))
+
+
+def _ratios(table: LogpTable) -> torch.Tensor:
+    return table.chosen.double() - table.rejected.double()
+
+
+def _mean_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().mean())
+
+
 def _run_step_inner(
     session: Session, t: int, step: StepData, chain: list[Path], *, resume: bool
 ) -> dict[str, Any]:
-    cfg, reporter = session.config, session.reporter
+    cfg, reporter, holder = session.config, session.reporter, session.holder
     sdir = step_dir(session.out, t)
     sdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -248,13 +292,20 @@ def _run_step_inner(
     reporter.note(f"step {t}/{len(session.steps)}: {step.label} ({kind}, {len(units)} units)")
 
     step_seed = cfg.seed * 1000 + t  # LoRA init, data order and dropout of this step
+    sample = drift_sample(len(units), cfg.seed, t)
+    sample_units = [units[i] for i in sample]
+    # The trained P_{t-1} on the sample, where the reference is not P_{t-1} itself (requantized mode).
+    drift_model = holder.drift_model(chain)
+    trained_prev = _table(session, drift_model, sample_units, f"step {t}: P_{t - 1} on the drift sample") if (
+        drift_model is not None
+    ) else None
+    del drift_model
+
     gamma_base = None
     if cfg.diagnostics and chain:
-        base_table, base_model = _logps(session, [], step, units, sdir / BASE_CACHE, f"step {t}: S log-probs")
+        base_table = _logps(session, [], step, units, sdir / BASE_CACHE, f"step {t}: S log-probs")
         gamma_base = base_table.gamma_mean()
-        del base_model  # S is not needed again: free it before M_{t-1} is loaded
-        _release_memory()
-    reference, model = _logps(
+    reference = _logps(
         session, chain, step, units, sdir / REFERENCE_CACHE, f"step {t}: reference log-probs (M_{t - 1})"
     )
     gamma_ref = reference.gamma_mean()
@@ -264,14 +315,13 @@ def _run_step_inner(
         f"step {t}: gamma_ref = {gamma_ref:.3f}"
         + (f", gamma of S = {gamma_base:.3f}" if gamma_base is not None else "")
     )
+    ref_sample = _ratios(reference)[sample]
+    reference_drift = 0.0 if trained_prev is None else _mean_abs_diff(ref_sample, _ratios(trained_prev))
 
     policy_chain = chain if cfg.target_init == "previous" else []
-    if model is None or policy_chain != chain:
-        model = None  # drop M_{t-1} (if loaded) before loading the target's base: never two models at once
-        _release_memory()
-        model = _load(session, policy_chain)
-    policy = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=step_seed)
-    del model  # the policy holds it
+    policy = add_lora(
+        holder.model_for(policy_chain), r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=step_seed
+    )
     if cfg.gradient_checkpointing:
         _enable_checkpointing(policy.get_base_model())
     schedule = build_schedule(
@@ -297,9 +347,14 @@ def _run_step_inner(
         callbacks=session.callbacks,
     )
     rows = train_step(policy, job, resume=resume)
+    trained = _table(session, policy, sample_units, f"step {t}: P_{t} on the drift sample")
+    training_shift = _mean_abs_diff(_ratios(trained), ref_sample)
 
     with atomic_dir(sdir / ADAPTER_DIR) as tmp:
         policy.save_pretrained(str(tmp), safe_serialization=True)
+    unwrap_policy(policy)  # the holder's model, plain again, for step t+1
+    del policy, job
+    release_memory()
     new_chain = [*policy_chain, sdir / ADAPTER_DIR]
     summary = {
         "step": t,
@@ -310,6 +365,14 @@ def _run_step_inner(
         "pairs_used": len(units),
         "gamma_ref_mean": gamma_ref,
         "gamma_base_mean": gamma_base,
+        "reference": cfg.reference,
+        # mean |log-ratio of the reference used - log-ratio of the trained P_{t-1}| on a fixed sample of
+        # D_t; 0 by construction in exact mode, where the reference is P_{t-1}'s own weights.
+        "reference_drift": reference_drift,
+        # the same sample's mean |log-ratio of P_t - log-ratio of the reference|: what this step moved.
+        "training_shift": training_shift,
+        "drift_sample_units": len(sample),
+        "frozen_delta_parameters": holder.delta_parameters(),
         **training_figures(rows),
         "peak_memory_bytes": peak_memory_bytes(session.hw),
         "memory_kind": "cuda_max_allocated" if session.hw.is_cuda else "cpu_max_rss",
@@ -319,7 +382,5 @@ def _run_step_inner(
     }
     write_json(sdir / SUMMARY_FILE, summary)
     shutil.rmtree(sdir / "checkpoint", ignore_errors=True)  # the step is done; its summary marks it
-    del policy, job
-    _release_memory()
     print_step_summary(reporter, summary)
     return summary

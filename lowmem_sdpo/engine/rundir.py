@@ -46,39 +46,78 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def read_run_file(output_dir: Path) -> dict[str, Any] | None:
+    path = Path(output_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise InputError(f"{path}: not valid JSON ({err}); the run directory is damaged") from err
+
+
+def pinned_revision(output_dir: Path) -> str | None:
+    """The hub commit a run's model resolved to when it started (None: a local directory, or no run)."""
+    saved = read_run_file(output_dir)
+    return saved.get("model_revision") if saved else None
+
+
+# What a resumed run must share with the run it continues, beside the configuration: name -> how to read it
+# from the session. A difference in any of them would silently change the numbers (or crash mid-step).
+RESUME_CHECKS: dict[str, tuple[str, Any]] = {
+    "model_fingerprint": ("model (its files changed)", lambda s: s.model_fp),
+    "model_revision": ("model revision (hub commit)", lambda s: s.model_revision),
+    "tokenizer_files": ("tokenizer files", lambda s: s.tokenizer_fp["files"]),
+    "chat_template": ("chat template", lambda s: s.tokenizer_fp["chat_template"]),
+    "device_type": ("device type", lambda s: s.hw.device.type),
+    "compute_dtype": ("compute dtype", lambda s: s.hw.compute_dtype),
+}
+
+
+def _resume_differences(saved: dict[str, Any], session: Any, data: list[dict[str, Any]]) -> list[str]:
+    differ = resume_differences(saved.get("config", {}), session.config)
+    if [d["fingerprint"] for d in saved.get("data", [])] != [d["fingerprint"] for d in data]:
+        differ.append("data (the content of --steps)")
+    for key, (what, read) in RESUME_CHECKS.items():
+        was, now = saved.get(key), read(session)
+        if was != now:
+            differ.append(f"{what}: {_short(was)} -> {_short(now)}")
+    return differ
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text[:12] if len(text) == 64 else text  # sha256 digests: a prefix names them well enough
+
+
 def prepare_run_dir(session: Any, resume: bool) -> None:
-    """Write run.json for a new run; for --resume, refuse when the configuration, data or model differ."""
+    """Write run.json for a new run; for --resume, refuse when the configuration, data, model, tokenizer,
+    chat template or resolved device settings differ, naming each difference."""
     out = session.out
-    run_file = out / RUN_FILE
     data = [
         {"step": t, "label": s.label, "source": s.source, "schema": s.schema, "fingerprint": s.fingerprint()}
         for t, s in enumerate(session.steps, start=1)
     ]
-    if run_file.is_file():
-        if not resume:
-            raise InputError(
-                f"{out} already holds a run ({RUN_FILE}); pass --resume to continue it or choose another --output-dir"
-            )
-        saved = json.loads(run_file.read_text())
-        differ = resume_differences(saved.get("config", {}), session.config)
-        if [d["fingerprint"] for d in saved.get("data", [])] != [d["fingerprint"] for d in data]:
-            differ.append("data (the content of --steps)")
-        if saved.get("model_fingerprint") != session.model_fp:
-            differ.append("model (its files changed)")
+    # run_sdpo has already checked (engine.config.check_run_dir) that there is a run to resume, or an
+    # empty place for a new one.
+    if resume:
+        differ = _resume_differences(read_run_file(out) or {}, session, data)
         if differ:
             raise InputError(
                 f"--resume {out}: this run was made with a different configuration: {', '.join(differ)}"
             )
         return
-    if out.exists() and any(out.iterdir()):
-        raise InputError(f"--output-dir {out}: exists and is not empty (and holds no {RUN_FILE})")
     write_json(
-        run_file,
+        out / RUN_FILE,
         {
             "config": session.config.to_dict(),
             "model_dir": str(session.model_dir),
             "model_fingerprint": session.model_fp,
+            "model_revision": session.model_revision,
+            "tokenizer_files": session.tokenizer_fp["files"],
+            "chat_template": session.tokenizer_fp["chat_template"],
             "device": str(session.hw.device),
+            "device_type": session.hw.device.type,
             "compute_dtype": session.hw.compute_dtype,
             "logprob_impl": session.impl,
             "versions": versions(),

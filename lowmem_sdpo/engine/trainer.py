@@ -37,6 +37,7 @@ from lowmem_sdpo.engine.reference import LogpTable
 from lowmem_sdpo.engine.reporting import Reporter
 from lowmem_sdpo.engine.schedule import Schedule
 from lowmem_sdpo.engine.units import Unit, collate_kl, collate_units
+from lowmem_sdpo.errors import InputError
 
 # Called after every optimiser step with the metrics row (tests use it to interrupt a run at a chosen step).
 StepCallback = Callable[[dict[str, Any]], None]
@@ -104,17 +105,22 @@ def train_step(model: nn.Module, job: StepJob, *, resume: bool) -> list[dict[str
         resolve_optimizer(cfg.optim, job.hw.is_cuda), params, cfg.learning_rate, cfg.weight_decay
     )
     scheduler = cosine_with_warmup(optimizer, len(job.schedule), cfg.warmup_ratio)
+    # fp16 has too little range for small gradients: scale the loss up, unscale before clipping, skip a
+    # step whose gradients overflowed. bf16 and fp32 have fp32's range and need none.
+    scaler = torch.amp.GradScaler(job.hw.device.type) if job.hw.needs_grad_scaler else None
     start = 0
     checkpoint = load_checkpoint(job.step_dir) if resume else None
     if checkpoint is not None:
         from peft import set_peft_model_state_dict
 
-        adapter, opt_state, sched_state, rng, state = checkpoint
-        set_peft_model_state_dict(model, adapter)
-        optimizer.load_state_dict(opt_state)
-        scheduler.load_state_dict(sched_state)
-        rng.restore()
-        start = state.opt_steps_done
+        _check_optimizer(checkpoint.state.optimizer, optimizer, job)
+        set_peft_model_state_dict(model, checkpoint.adapter)
+        optimizer.load_state_dict(checkpoint.optimizer)
+        scheduler.load_state_dict(checkpoint.scheduler)
+        if scaler is not None and checkpoint.scaler is not None:
+            scaler.load_state_dict(checkpoint.scaler)
+        checkpoint.rng.restore()
+        start = checkpoint.state.opt_steps_done
         job.reporter.note(f"step {job.t}: resuming at optimiser step {start + 1}/{len(job.schedule)}")
     else:
         torch.manual_seed(job.seed)  # dropout and everything random in the loop start from the step's seed
@@ -131,7 +137,8 @@ def train_step(model: nn.Module, job: StepJob, *, resume: bool) -> list[dict[str
             optimizer=optimizer,
             scheduler=scheduler,
             rng=rng,
-            state=TrainState(opt_steps_done=done),
+            state=TrainState(opt_steps_done=done, optimizer=type(optimizer).__name__),
+            scaler=scaler,
         )
 
     def interrupted(when: str, step: int) -> RunInterrupted:
@@ -145,13 +152,20 @@ def train_step(model: nn.Module, job: StepJob, *, resume: bool) -> list[dict[str
         for k in range(start, total):
             boundary = RngState.capture()
             try:
-                row = accumulate_window(model, job, k, job.schedule[k], stop)
+                row = accumulate_window(model, job, k, job.schedule[k], stop, scaler.scale if scaler else None)
             except _Stop:
                 checkpoint_now(k, boundary)
                 raise interrupted("before", k + 1) from None
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             row["lr"] = optimizer.param_groups[0]["lr"]
-            optimizer.step()
+            if scaler is None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+            else:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                scaler.step(optimizer)  # skipped when the gradients hold an inf / NaN
+                row["grad_scale"] = float(scaler.get_scale())
+                scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             log.append(row)
@@ -173,6 +187,17 @@ def train_step(model: nn.Module, job: StepJob, *, resume: bool) -> list[dict[str
                     checkpoint_now(done, RngState.capture())
                 raise interrupted("after", done)
     return log.rows
+
+
+def _check_optimizer(saved: str, optimizer: torch.optim.Optimizer, job: StepJob) -> None:
+    """Another optimiser class cannot load this state (torch AdamW state into bitsandbytes' 8-bit AdamW fails
+    only at its first step, with a KeyError): refuse it in one line instead."""
+    now = type(optimizer).__name__
+    if saved and saved != now:
+        raise InputError(
+            f"--resume: step {job.t}'s checkpoint holds {saved} state, this run would use {now} "
+            f"(--optim {job.config.optim} on {job.hw.device.type}); resume with the optimiser it was started with"
+        )
 
 
 def _units_logps(
@@ -224,18 +249,26 @@ def _check_finite(loss: torch.Tensor, job: StepJob, k: int, m: int, indices: lis
         )
 
 
+Scale = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(loss: torch.Tensor) -> torch.Tensor:
+    return loss
+
+
 Piece = tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, LogpBatch
 ]  # losses, chosen/rejected rewards, log-probs
 
 
 def accumulate_window(
-    model: nn.Module, job: StepJob, k: int, micro: list[list[int]], stop: _StopFlag
+    model: nn.Module, job: StepJob, k: int, micro: list[list[int]], stop: _StopFlag, scale: Scale | None = None
 ) -> dict[str, Any]:
-    """Accumulates optimiser step k's gradients over its micro-batches; returns its metrics row."""
+    """Accumulates optimiser step k's gradients over its micro-batches; returns its metrics row.
+    `scale` multiplies each backward's root (fp16's GradScaler); identity by default."""
     started = time.perf_counter()
     pass_fn = _coupled_window if job.objective.batch_coupled else _independent_micro_batches
-    tokens, pieces = pass_fn(model, job, k, micro, stop)
+    tokens, pieces = pass_fn(model, job, k, micro, stop, scale or _identity)
 
     losses = torch.cat([p[0] for p in pieces]).float()
     cr = torch.cat([p[1] for p in pieces]).float()
@@ -263,20 +296,26 @@ def accumulate_window(
 
 
 def _coupled_window(
-    model: nn.Module, job: StepJob, k: int, micro: list[list[int]], stop: _StopFlag
+    model: nn.Module, job: StepJob, k: int, micro: list[list[int]], stop: _StopFlag, scale: Scale
 ) -> tuple[int, list[Piece]]:
-    """Losses that sort the window (AOT): the three passes of the module docstring."""
+    """Losses that sort the window (AOT): the three passes of the module docstring.
+
+    Pass 1 runs in training mode, like pass 3, and each micro-batch's forward in pass 3 starts from the RNG
+    state its pass-1 forward started from: both passes see the same dropout masks, so the ranking, the
+    per-unit weights and the gradients all belong to one and the same stochastic forward.
+    """
     tokens = 0
     window = [i for mb in micro for i in mb]
-    # 1. rank the whole window without grad and without dropout
-    model.eval()
+    # 1. rank the whole window without grad, recording each micro-batch's RNG state
+    starts: list[RngState] = []
     with torch.no_grad():
         parts = []
         for mb in micro:
+            starts.append(RngState.capture())
             logp, n, used = _units_logps(model, job, mb)
             tokens += used
             parts.append(_logp_batch(job, mb, logp, n, None))
-    model.train()
+    after = RngState.capture()
     pc = torch.cat([p.policy_chosen for p in parts]).detach().requires_grad_(True)
     pr = torch.cat([p.policy_rejected for p in parts]).detach().requires_grad_(True)
     whole = LogpBatch(
@@ -291,23 +330,25 @@ def _coupled_window(
     _check_finite(losses, job, k, 0, window)
     # 2. d(window loss) / d(per-unit policy log-probs)
     g_c, g_r = torch.autograd.grad(losses.mean(), [pc, pr])
-    # 3. per micro-batch backward of the linear surrogate
+    # 3. per micro-batch backward of the linear surrogate, replaying pass 1's dropout masks
     offset = 0
     for m, mb in enumerate(micro):
+        starts[m].restore()
         logp, _, used = _units_logps(model, job, mb)
         tokens += used
         b = len(mb)
         surrogate = (g_c[offset : offset + b] * logp[:b]).sum() + (g_r[offset : offset + b] * logp[b:]).sum()
         _check_finite(surrogate, job, k, m, mb)
-        surrogate.backward()
+        scale(surrogate).backward()
         offset += b
         if stop.signal is not None:
             raise _Stop
+    after.restore()  # the stream continues as if the window had been drawn once
     return tokens, [(losses.detach(), cr.detach(), rr.detach(), whole)]
 
 
 def _independent_micro_batches(
-    model: nn.Module, job: StepJob, k: int, micro: list[list[int]], stop: _StopFlag
+    model: nn.Module, job: StepJob, k: int, micro: list[list[int]], stop: _StopFlag, scale: Scale
 ) -> tuple[int, list[Piece]]:
     """Losses of one example at a time: each micro-batch's loss, scaled to the window mean, backpropagated."""
     tokens = 0
@@ -325,7 +366,7 @@ def _independent_micro_batches(
         _check_finite(losses, job, k, m, mb)
         # Mean over the window's loss terms (a term per unit, or per example for KTO).
         terms_per_unit = len(losses) / len(mb)
-        (losses.sum() / (terms_per_unit * window_units)).backward()
+        scale(losses.sum() / (terms_per_unit * window_units)).backward()
         pieces.append((losses.detach(), cr.detach(), rr.detach(), batch))
         if stop.signal is not None:
             raise _Stop

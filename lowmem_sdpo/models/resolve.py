@@ -29,8 +29,12 @@ def _looks_like_path(target: str) -> bool:
     return target.startswith(("/", ".", "~")) or target.count("/") > 1 or "\\" in target
 
 
-def resolve_model(model: str) -> Path:
-    """alias / builtin / local dir / hub id -> a directory holding config.json (and the weights)."""
+def resolve_model(model: str, revision: str | None = None) -> Path:
+    """alias / builtin / local dir / hub id -> a directory holding config.json (and the weights).
+
+    `revision` (a branch, tag or commit) applies to hub ids only; a run pins the commit it resolved to and
+    resumes from exactly that commit.
+    """
     target = resolve_model_alias(model)
     if target in BUILTINS:
         return BUILTINS[target]()
@@ -42,20 +46,20 @@ def resolve_model(model: str) -> Path:
             f"model '{model}': not a local directory with config.json and not a hub id "
             f"({local} {'has no config.json' if local.is_dir() else 'does not exist'})"
         )
-    return _download(model, target)
+    return _download(model, target, revision)
 
 
-def _download(model: str, repo_id: str) -> Path:
+def _download(model: str, repo_id: str, revision: str | None = None) -> Path:
     """snapshot_download honours HF_HOME / the HF cache and HF_HUB_OFFLINE (then it only looks in the cache)."""
     from huggingface_hub import snapshot_download
 
     try:
-        path = Path(snapshot_download(repo_id=repo_id, allow_patterns=HUB_PATTERNS))
+        path = Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except Exception as err:  # unknown repo, gated, offline and not cached, bad id: all one user error
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise InputError(
             f"model '{model}': not a local directory with config.json and not reachable on the hub "
-            f"as '{repo_id}' ({type(err).__name__}: {reason})"
+            f"as '{repo_id}'{f' at revision {revision}' if revision else ''} ({type(err).__name__}: {reason})"
         ) from err
     if not (path / "config.json").is_file():
         raise InputError(f"model '{model}': hub repo '{repo_id}' has no config.json")
