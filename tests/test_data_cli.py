@@ -71,3 +71,50 @@ def test_aliases_lists_the_registry(capsys):
     assert main(["data", "aliases"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in DATASET_ALIASES)
+
+
+def test_inspect_tokens_json_lists_ids_and_pieces_worked_by_hand(capsys):
+    # Toy step 1 begins with {"prompt": "1+4=", "chosen": "5", "rejected": "6"}; the tiny tokenizer has one
+    # token per character and one per turn header.
+    step1 = TOY.split(",")[0]
+    assert main(["data", "inspect", "--model", "tiny", "--steps", step1, "--tokens", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["answer_end"] == "eos"
+    (step,) = report["steps"]
+    assert step["boundary_merges"] == 0 and step["template_mismatches"] == 0
+    assert len(step["tokens"]) == 2
+    first = step["tokens"][0]
+    assert first["prompt_pieces"] == [
+        "<s>",
+        "### User:\n",
+        "1",
+        "+",
+        "4",
+        "=",
+        "\n",
+        "\n",
+        "### Assistant:\n",
+    ]
+    assert first["chosen_pieces"] == ["5", "</s>"] and first["rejected_pieces"] == ["6", "</s>"]
+    assert first["prompt_ids"][0] == 1 and first["chosen_ids"][-1] == first["rejected_ids"][-1] == 2
+    assert len(first["prompt_ids"]) == len(first["prompt_pieces"]) == 9
+
+
+def test_inspect_tokens_for_unpaired_steps_and_as_a_table(tmp_path, capsys):
+    rows = [
+        {"prompt": "2+2=", "completion": "4", "label": True},
+        {"prompt": "2+3=", "completion": "6", "label": False},
+    ]
+    path = tmp_path / "unpaired.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["data", "inspect", "--model", "tiny", "--steps", str(path), "--tokens", "5", "--json"]) == 0
+    (step,) = json.loads(capsys.readouterr().out)["steps"]
+    assert [(t["completion_pieces"], t["label"]) for t in step["tokens"]] == [
+        (["4", "</s>"], True),
+        (["6", "</s>"], False),
+    ]
+    assert all("chosen_ids" not in t for t in step["tokens"])
+    assert main(["data", "inspect", "--model", "tiny", "--steps", str(path), "--tokens", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "first examples as tokens" in out and "completion" in out and "### Assistant:\\n" in out
+    assert "boundary merges" in out and "answers end with eos" in out

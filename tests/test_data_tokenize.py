@@ -183,3 +183,51 @@ def test_unpaired_examples_and_their_collation(tok):
 def test_collate_refuses_an_empty_batch(tok):
     with pytest.raises(ValueError):
         collate_pairs([], tok.pad_token_id)
+
+
+def test_multi_turn_prompt_and_answer_ids_are_unchanged_worked_by_hand(tok):
+    """The joint encoding gives the tiny tokenizer exactly the ids the separate encoding gave: answer
+    characters then </s> (its template writes only a blank line after an answer, so EOS closes it)."""
+    turns = [*user("1+1="), {"role": "assistant", "content": "2"}, *user("2+2=")]
+    out = tokenize_step(step_of(PreferencePair(turns, "4", "22")), tok)
+    (pair,) = out.pairs
+    header_user, header_assistant = tok.convert_tokens_to_ids(["### User:\n", "### Assistant:\n"])
+    assert pair.prompt_ids == [
+        tok.bos_token_id,
+        header_user, *chars(tok, "1+1=\n\n"),
+        header_assistant, *chars(tok, "2\n\n"),
+        header_user, *chars(tok, "2+2=\n\n"),
+        header_assistant,
+    ]  # fmt: skip
+    assert pair.chosen_ids == [*chars(tok, "4"), tok.eos_token_id]
+    assert pair.rejected_ids == [*chars(tok, "22"), tok.eos_token_id]
+    assert out.settings["answer_end"] == "eos"
+    assert out.stats["boundary_merges"] == 0 and out.stats["template_mismatches"] == 0
+
+
+def test_template_end_marker_closes_answers_without_what_follows_it():
+    """A Zephyr-style template writes `</s>\\n` after an answer: the answer ends with `</s>`, no newline."""
+    tok = load_tokenizer("tiny")
+    tok.chat_template = CHAT_TEMPLATE.replace(
+        "'### Assistant:\\n' + message['content'] + '\\n\\n'",
+        "'### Assistant:\\n' + message['content'] + '</s>\\n'",
+    )
+    out = tokenize_step(step_of(PreferencePair(user("3+4="), "7", "12")), tok)
+    assert out.settings["answer_end"] == "</s>"
+    assert out.pairs[0].chosen_ids == [*chars(tok, "7"), tok.eos_token_id]
+    assert out.pairs[0].rejected_ids == [*chars(tok, "12"), tok.eos_token_id]
+
+
+def test_template_whose_conversation_does_not_extend_its_prompt_is_counted():
+    """A generation prompt unlike the assistant header (DeepSeek-R1 opens a think block there): the answer
+    is placed after the rendered prompt as it is, and the example is counted."""
+    tok = load_tokenizer("tiny")
+    tok.chat_template = CHAT_TEMPLATE.replace(
+        "{% if add_generation_prompt %}{{ '### Assistant:\\n' }}",
+        "{% if add_generation_prompt %}{{ '### Assistant:\\n' + '>' }}",
+    )
+    out = tokenize_step(step_of(PreferencePair(user("3+4="), "7", "12")), tok)
+    (pair,) = out.pairs
+    assert pair.prompt_ids == [*expected_prompt(tok, "3+4="), *chars(tok, ">")]
+    assert pair.chosen_ids == [*chars(tok, "7"), tok.eos_token_id]
+    assert out.stats["template_mismatches"] == 1 and out.stats["boundary_merges"] == 0

@@ -3,10 +3,13 @@
 import json
 import string
 
+import pytest
 from transformers import AutoTokenizer
 
 from lowmem_sdpo.data import load_tokenizer
 from lowmem_sdpo.data.tiny_tokenizer import bundled_tokenizer_dir, render_files, write_tiny_tokenizer
+from lowmem_sdpo.data.tokenizer import AnswerEnd, find_answer_end, split_after_prompt
+from lowmem_sdpo.errors import InputError
 
 
 def test_committed_files_equal_a_fresh_build(tmp_path):
@@ -65,3 +68,33 @@ def test_chat_template_is_solar_layout():
     )
     # Turn headers are single tokens, which keeps toy sequences short.
     assert len(tok("### Assistant:\n", add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_answer_end_is_the_template_tail_cut_after_its_last_special_token():
+    tok = load_tokenizer("tiny")
+    # The bundled template closes an answer with a blank line only: no special token, so EOS.
+    assert find_answer_end(tok) == AnswerEnd(text="", template_tail="\n\n")
+    assert find_answer_end(tok).label == "eos"
+    # ChatML-like, with the tiny tokenizer's own special tokens: `<s>` opens a turn, `</s>` closes it.
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<s>' + m['role'] + '\\n' + m['content'] + '</s>\\n' }}{% endfor %}"
+    )
+    assert find_answer_end(tok) == AnswerEnd(text="</s>", template_tail="</s>\n")
+    # Llama-2 style: a space before EOS is kept (it precedes the last special token).
+    tok.chat_template = "{% for m in messages %}{{ m['content'] + ' </s>' }}{% endfor %}"
+    assert find_answer_end(tok).text == " </s>"
+    tok.chat_template = None  # the plain fallback layout ends a turn with a blank line: EOS
+    assert find_answer_end(tok).label == "eos"
+
+
+def test_template_that_drops_assistant_messages_is_refused():
+    tok = load_tokenizer("tiny")
+    tok.chat_template = "{% for m in messages if m['role'] == 'user' %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(InputError, match="does not write the assistant's message"):
+        find_answer_end(tok)
+
+
+def test_split_after_prompt_worked_by_hand():
+    assert split_after_prompt([1, 5, 6], [1, 5, 6, 7, 2]) == ([7, 2], False)
+    # The prompt's last token (6) merged into the answer's first (9): the answer starts at the departure.
+    assert split_after_prompt([1, 5, 6], [1, 5, 9, 2]) == ([9, 2], True)

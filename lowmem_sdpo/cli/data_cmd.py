@@ -16,6 +16,7 @@ from lowmem_sdpo.data import (
 )
 from lowmem_sdpo.data.spec import __doc__ as STEPS_GRAMMAR
 from lowmem_sdpo.data.types import StepData, TokenizedStep
+from lowmem_sdpo.errors import InputError
 
 
 def register(subparsers: Any) -> None:
@@ -41,6 +42,13 @@ def register(subparsers: Any) -> None:
     inspect.add_argument("--seed", type=int, default=0, help="seed for @K splits (default 0)")
     inspect.add_argument(
         "--desirable-threshold", type=float, default=3, help="HelpSteer: helpfulness >= this is desirable"
+    )
+    inspect.add_argument(
+        "--tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also show the first N kept examples of each step as token ids and pieces (default 0)",
     )
     inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
     inspect.set_defaults(handler=run_inspect)
@@ -70,7 +78,28 @@ def _example(step: StepData, tokenized: TokenizedStep, tokenizer: Any) -> dict[s
     return None
 
 
-def _report(step: StepData, tokenized: TokenizedStep, tokenizer: Any) -> dict[str, Any]:
+def _tokens(tokenized: TokenizedStep, tokenizer: Any, n: int) -> list[dict[str, Any]]:
+    """The first n kept examples exactly as training sees them: ids, and the tokenizer's piece for each."""
+
+    def part(name: str, ids: list[int]) -> dict[str, Any]:
+        return {f"{name}_ids": ids, f"{name}_pieces": tokenizer.convert_ids_to_tokens(ids)}
+
+    if tokenized.pairs:
+        return [
+            {
+                **part("prompt", p.prompt_ids),
+                **part("chosen", p.chosen_ids),
+                **part("rejected", p.rejected_ids),
+            }
+            for p in tokenized.pairs[:n]
+        ]
+    return [
+        {**part("prompt", e.prompt_ids), **part("completion", e.completion_ids), "label": e.label}
+        for e in tokenized.unpaired[:n]
+    ]
+
+
+def _report(step: StepData, tokenized: TokenizedStep, tokenizer: Any, n_tokens: int) -> dict[str, Any]:
     return {
         "label": step.label,
         "source": step.source,
@@ -79,10 +108,13 @@ def _report(step: StepData, tokenized: TokenizedStep, tokenizer: Any) -> dict[st
         "fingerprint": step.fingerprint(),
         **tokenized.stats,
         "example": _example(step, tokenized, tokenizer),
+        "tokens": _tokens(tokenized, tokenizer, n_tokens),
     }
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    if args.tokens < 0:
+        raise InputError(f"--tokens must be 0 or more, got {args.tokens}")
     steps = load_steps(
         args.steps,
         columns=parse_columns(args.columns),
@@ -96,7 +128,7 @@ def run_inspect(args: argparse.Namespace) -> int:
             step, tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length
         )
         settings = tokenized.settings
-        reports.append(_report(step, tokenized, tokenizer))
+        reports.append(_report(step, tokenized, tokenizer, args.tokens))
     if args.json:
         json.dump({"model": args.model, "settings": settings, "steps": reports}, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -125,7 +157,7 @@ def _print_tables(model: str, settings: dict[str, Any], reports: list[dict[str, 
         Text(
             f"{len(reports)} step(s); tokenizer of {model}; max_length {settings.get('max_length')}, "
             f"max_prompt_length {settings.get('max_prompt_length')}; chat template: "
-            f"{settings.get('chat_template')}",
+            f"{settings.get('chat_template')}; answers end with {settings.get('answer_end')}",
             style="bold",
         )
     )
@@ -143,6 +175,8 @@ def _print_tables(model: str, settings: dict[str, Any], reports: list[dict[str, 
             "prompt tokens p50/p95/max": _lengths(r["prompt_tokens"]),
             "answer tokens p50/p95/max": _lengths(r["answer_tokens"]),
             "longest sequence": str(r["longest_sequence"]),
+            "boundary merges": str(r["boundary_merges"]),
+            "template mismatches": str(r["template_mismatches"]),
             "fingerprint": r["fingerprint"][:16],
         }
         for name, value in fields.items():
@@ -152,6 +186,8 @@ def _print_tables(model: str, settings: dict[str, Any], reports: list[dict[str, 
         if example is None:
             console.print("  no example kept")
             continue
+        if r["tokens"]:
+            console.print(_token_table(r["tokens"]))
         answers = (
             [("chosen", example["chosen"], "green"), ("rejected", example["rejected"], "red")]
             if "chosen" in example
@@ -162,6 +198,38 @@ def _print_tables(model: str, settings: dict[str, Any], reports: list[dict[str, 
             body.append("▌", style="bold yellow")
             body.append(answer, style=colour)
             console.print(Panel(body, title=f"example, {name} ('▌' = end of prompt)", title_align="left"))
+
+
+def _escaped(piece: str) -> str:
+    """A piece with its control characters spelled out, so a newline token shows as \\n."""
+    return piece.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
+def _pieces_text(pieces: list[str]) -> Any:
+    """Pieces separated by spaces, in alternating colours so a piece that holds a space stays one piece."""
+    from rich.text import Text
+
+    text = Text()
+    for i, piece in enumerate(pieces):
+        text.append(" " if i else "")
+        text.append(_escaped(piece), style="cyan" if i % 2 == 0 else "magenta")
+    return text
+
+
+def _token_table(examples: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="first examples as tokens (pieces in alternating colours)", title_justify="left")
+    for header in ("#", "part", "n", "pieces", "ids"):
+        table.add_column(header, overflow="fold", no_wrap=header in ("#", "part", "n"))
+    for i, example in enumerate(examples, start=1):
+        parts = [name for name in ("prompt", "chosen", "rejected", "completion") if f"{name}_ids" in example]
+        for name in parts:
+            ids = example[f"{name}_ids"]
+            pieces = _pieces_text(example[f"{name}_pieces"])
+            table.add_row(str(i), name, str(len(ids)), pieces, Text(" ".join(map(str, ids))))
+    return table
 
 
 def run_aliases(args: argparse.Namespace) -> int:

@@ -1,13 +1,18 @@
-"""Loading a tokenizer and turning a prompt conversation into prompt token ids.
+"""Loading a tokenizer and turning conversations into token ids as the model sees them.
 
-The prompt goes through the tokenizer's own chat template with the generation prompt, so training sees
-exactly what inference will. Tokenizers without a template get SOLAR's plain `### User:` / `### Assistant:`
-layout instead, announced once per tokenizer.
+Prompt: the conversation rendered by the tokenizer's own chat template with the generation prompt, so
+training sees exactly what inference feeds the model. Answer: what follows those prompt ids when the whole
+conversation, answer included, is rendered by the template and tokenised in one piece, so the answer's first
+token is the one the model writes after the prompt (`Hello`, not the `▁Hello` a separate encoding would give
+with a SentencePiece tokenizer). The answer ends with the template's end-of-turn marker (`<|im_end|>`,
+`<end_of_turn>`, ...) or with EOS where the template writes none. Tokenizers without a template get SOLAR's
+plain `### User:` / `### Assistant:` layout instead, announced once per tokenizer.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +34,9 @@ FALLBACK_HEADERS: dict[str, str] = {
     "assistant": "### Assistant:\n",
 }
 FALLBACK_GENERATION_PROMPT = "### Assistant:\n"
+
+# The probe answer whose surroundings reveal what a template writes after an assistant message.
+PROBE_ANSWER = "LOWMEM_SDPO_PROBE_ANSWER"
 
 _announced_fallback: set[str] = set()
 
@@ -63,22 +71,88 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render_prompt(tokenizer: Any, messages: list[Message]) -> str:
-    """The prompt text up to and including the assistant header the answer follows."""
+def _tokenizer_name(tokenizer: Any) -> str:
+    return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+def render_conversation(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool) -> str:
+    """The conversation as text: through the chat template, or the plain fallback layout without one.
+
+    With add_generation_prompt the text ends with the assistant header the answer follows (a prompt);
+    without it a conversation ending with an assistant message renders that answer and what closes it.
+    """
     if has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    name = str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    name = _tokenizer_name(tokenizer)
     if name not in _announced_fallback:
         _announced_fallback.add(name)
         log.warning(
             "tokenizer %s has no chat template; using the plain '### User:' / '### Assistant:' format", name
         )
+    # Every turn, an answer included, ends with a blank line: plain text, so an answer ends with EOS.
     body = "".join(
         f"{FALLBACK_HEADERS[m['role']]}{m['content']}\n\n"
         for m in messages
         if m["content"] or m["role"] != "system"
     )
-    return body + FALLBACK_GENERATION_PROMPT
+    return body + (FALLBACK_GENERATION_PROMPT if add_generation_prompt else "")
+
+
+def render_prompt(tokenizer: Any, messages: list[Message]) -> str:
+    """The prompt text up to and including the assistant header the answer follows."""
+    return render_conversation(tokenizer, messages, add_generation_prompt=True)
+
+
+def with_answer(messages: list[Message], answer: str) -> list[Message]:
+    return [*messages, {"role": "assistant", "content": answer}]
+
+
+@dataclass(frozen=True)
+class AnswerEnd:
+    """What closes an answer: the template's own end-of-turn text, or EOS where the template has none.
+
+    `text` is what the template writes after an assistant message cut after its last special token
+    (ChatML `<|im_end|>\\n` -> `<|im_end|>`): generation stops at that token, so the newline after it is
+    never produced by the model and is not trained on. Empty when the template writes no special token
+    there (SOLAR writes nothing, the tiny template a blank line): the answer then gets EOS appended.
+    """
+
+    text: str
+    template_tail: str  # everything the template writes after an assistant message's content
+
+    @property
+    def uses_eos(self) -> bool:
+        return not self.text
+
+    @property
+    def label(self) -> str:
+        """For reports: the end marker's text, or "eos"."""
+        return "eos" if self.uses_eos else self.text
+
+
+def special_token_texts(tokenizer: Any) -> set[str]:
+    """The texts of every special token: the named ones (BOS, EOS, ...) and added tokens flagged special."""
+    texts = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    texts |= {str(t.content) for t in decoder.values() if getattr(t, "special", False)}
+    return {t for t in texts if t}
+
+
+def find_answer_end(tokenizer: Any) -> AnswerEnd:
+    """Render a probe conversation and read what the template writes after the assistant's message."""
+    probe = with_answer([{"role": "user", "content": "?"}], PROBE_ANSWER)
+    rendered = render_conversation(tokenizer, probe, add_generation_prompt=False)
+    at = rendered.rfind(PROBE_ANSWER)
+    if at < 0:
+        raise InputError(
+            f"the chat template of {_tokenizer_name(tokenizer)} does not write the assistant's message; "
+            "it cannot be used to train on answers"
+        )
+    tail = rendered[at + len(PROBE_ANSWER) :]
+    cut = max((tail.rfind(t) + len(t) for t in special_token_texts(tokenizer) if t in tail), default=0)
+    return AnswerEnd(text=tail[:cut], template_tail=tail)
 
 
 def adds_bos(tokenizer: Any) -> bool:
@@ -102,18 +176,88 @@ def encode_texts(tokenizer: Any, texts: list[str], chunk: int = 1024) -> list[li
     return ids
 
 
-def encode_prompts(tokenizer: Any, conversations: list[list[Message]], *, bos: bool) -> list[list[int]]:
-    """Prompt ids with exactly one BOS when the tokenizer uses one: templates that already write BOS
-    (Llama-3, Zephyr) keep theirs and get no second one."""
-    encoded = encode_texts(tokenizer, [render_prompt(tokenizer, m) for m in conversations])
-    if bos:
-        encoded = [
-            ids if ids[:1] == [tokenizer.bos_token_id] else [tokenizer.bos_token_id, *ids] for ids in encoded
-        ]
-    return encoded
+def encode_sequences(tokenizer: Any, texts: list[str], *, bos: bool) -> list[list[int]]:
+    """Ids with exactly one BOS when the tokenizer uses one: text the template already starts with BOS
+    (Gemma, Llama-3, Zephyr) keeps it and gets no second one."""
+    encoded = encode_texts(tokenizer, texts)
+    if not bos:
+        return encoded
+    first = tokenizer.bos_token_id
+    return [ids if ids[:1] == [first] else [first, *ids] for ids in encoded]
 
 
-def encode_answers(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Answer ids followed by EOS (not doubled when the text already ends with it)."""
+@dataclass(frozen=True)
+class RenderedPrompt:
+    messages: list[Message]
+    text: str  # rendered with the generation prompt
+    ids: list[int]  # what inference feeds the model; shared by every answer to this prompt
+
+
+def encode_prompts(tokenizer: Any, conversations: list[list[Message]], *, bos: bool) -> list[RenderedPrompt]:
+    texts = [render_prompt(tokenizer, m) for m in conversations]
+    ids = encode_sequences(tokenizer, texts, bos=bos)
+    return [RenderedPrompt(m, t, i) for m, t, i in zip(conversations, texts, ids, strict=True)]
+
+
+@dataclass(frozen=True)
+class EncodedAnswer:
+    ids: list[int]  # the answer's tokens and its end marker (or EOS)
+    boundary_merge: bool  # the joint encoding did not start with the prompt ids (see split_after_prompt)
+    template_mismatch: bool  # the template's full rendering did not extend the rendered prompt
+
+
+def answer_text(tokenizer: Any, prompt: RenderedPrompt, answer: str, end: AnswerEnd) -> tuple[str, bool]:
+    """The text that follows the rendered prompt for this answer, through its end marker; and whether the
+    template's rendering of the whole conversation failed to extend the prompt's rendering.
+
+    The answer is taken from the template's own rendering of the conversation, so what a template does to an
+    assistant message (Gemma's and Llama-3's trim it) is what is trained on.
+    That rendering is expected to be the prompt's text, then the answer, then the template's tail; where a
+    template breaks this (one whose generation prompt differs from its assistant header), the answer text is
+    placed after the prompt as it is.
+    """
+    full = render_conversation(tokenizer, with_answer(prompt.messages, answer), add_generation_prompt=False)
+    tail = end.template_tail
+    if full.startswith(prompt.text) and full.endswith(tail) and len(full) >= len(prompt.text) + len(tail):
+        return full[len(prompt.text) : len(full) - len(tail)] + end.text, False
+    return answer + end.text, True
+
+
+def split_after_prompt(prompt_ids: list[int], joint_ids: list[int]) -> tuple[list[int], bool]:
+    """The answer's ids out of the joint encoding of prompt + answer, and whether the tokenizer merged
+    tokens across the boundary.
+
+    Normally the joint ids start with the prompt ids and the answer is the rest. When they do not (a prompt
+    ending in a space or a newline whose token merges with the answer's first characters, `▁` + `Hello` ->
+    `▁Hello`), the prompt ids are kept as they are, since they are what inference feeds the model and chosen
+    and rejected must share them, and the answer is the joint encoding from the first token where it departs
+    from the prompt ids. Every answer id is then one the tokenizer writes for this very text and no answer
+    character is lost; the cost is that the prompt's departing stretch (usually its last token, the space or
+    newline) is covered twice: the model learns to write `▁Hello` after a prompt ending in `▁`.
+    """
+    if joint_ids[: len(prompt_ids)] == prompt_ids:
+        return joint_ids[len(prompt_ids) :], False
+    return joint_ids[common_prefix_length(prompt_ids, joint_ids) :], True
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def encode_answers(
+    tokenizer: Any, requests: list[tuple[RenderedPrompt, str]], *, end: AnswerEnd, bos: bool
+) -> list[EncodedAnswer]:
+    """Each (prompt, answer) rendered as one conversation and tokenised jointly; the answer's ids are what
+    follows the prompt's ids, closed by the template's end marker or by EOS (not doubled when the answer
+    already ends with it)."""
+    rendered = [answer_text(tokenizer, prompt, answer, end) for prompt, answer in requests]
+    joint_texts = [prompt.text + text for (prompt, _), (text, _) in zip(requests, rendered, strict=True)]
+    joint = encode_sequences(tokenizer, joint_texts, bos=bos)
     eos = tokenizer.eos_token_id
-    return [ids if ids[-1:] == [eos] else [*ids, eos] for ids in encode_texts(tokenizer, texts)]
+    out: list[EncodedAnswer] = []
+    for (prompt, _), (_, mismatch), ids in zip(requests, rendered, joint, strict=True):
+        answer_ids, merged = split_after_prompt(prompt.ids, ids)
+        if end.uses_eos and answer_ids[-1:] != [eos]:
+            answer_ids = [*answer_ids, eos]
+        out.append(EncodedAnswer(answer_ids, merged, mismatch))
+    return out
