@@ -13,6 +13,7 @@ the sort spans micro-batches x accumulation steps, not one micro-batch of one or
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 import time
@@ -97,8 +98,19 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(model)
 
 
+def _table_on(table: LogpTable, device: torch.device) -> LogpTable:
+    def move(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.to(device)
+
+    return LogpTable(
+        table.chosen.to(device), table.rejected.to(device), move(table.kl_chosen), move(table.kl_rejected)
+    )
+
+
 def train_step(model: nn.Module, job: StepJob, *, resume: bool) -> list[dict[str, Any]]:
     """Runs (or continues) the optimiser loop of step t; returns the metrics rows of the whole step."""
+    # The reference table goes to the device once, not a slice per micro-batch.
+    job = dataclasses.replace(job, reference=_table_on(job.reference, job.hw.device))
     cfg = job.config
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(
@@ -213,8 +225,8 @@ def _logp_batch(
     job: StepJob, indices: list[int], logp: torch.Tensor, n: torch.Tensor, kl: torch.Tensor | None
 ) -> LogpBatch:
     b = len(indices)
-    idx = torch.tensor(indices)
     ref = job.reference
+    idx = torch.tensor(indices, device=ref.chosen.device)  # train_step moved the table to the device once
     device = logp.device
     ref_kl = None
     if kl is not None and ref.kl_chosen is not None and ref.kl_rejected is not None:
@@ -249,6 +261,27 @@ def _check_finite(loss: torch.Tensor, job: StepJob, k: int, m: int, indices: lis
         )
 
 
+class _FiniteWatch:
+    """Finds a non-finite micro-batch loss with one device->host sync at the end of the window instead of one
+    per micro-batch (on a GPU each sync stalls the queue of kernels behind it). A bad micro-batch's gradient
+    still lands in the accumulators, but the optimiser step is never taken, so nothing reaches the weights."""
+
+    def __init__(self) -> None:
+        self._flags: list[torch.Tensor] = []
+        self._where: list[tuple[int, list[int], torch.Tensor]] = []
+
+    def add(self, loss: torch.Tensor, m: int, indices: list[int]) -> None:
+        self._flags.append(torch.isfinite(loss).all())
+        self._where.append((m, indices, loss.detach()))
+
+    def check(self, job: StepJob, k: int) -> None:
+        if not self._flags:
+            return
+        for good, (m, indices, loss) in zip(torch.stack(self._flags).tolist(), self._where, strict=True):
+            if not good:
+                _check_finite(loss, job, k, m, indices)
+
+
 Scale = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -259,6 +292,17 @@ def _identity(loss: torch.Tensor) -> torch.Tensor:
 Piece = tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, LogpBatch
 ]  # losses, chosen/rejected rewards, log-probs
+
+
+ROW_FIGURES = (
+    "loss",
+    "rewards_chosen",
+    "rewards_rejected",
+    "reward_accuracy",
+    "reward_margin",
+    "logps_chosen",
+    "logps_rejected",
+)
 
 
 def accumulate_window(
@@ -275,18 +319,16 @@ def accumulate_window(
     rr = torch.cat([p[2] for p in pieces]).float()
     pc = torch.cat([p[3].policy_chosen.detach() for p in pieces]).float()
     pr = torch.cat([p[3].policy_rejected.detach() for p in pieces]).float()
+    # One device->host copy for the whole row.
+    figures = torch.stack(
+        [losses.mean(), cr.mean(), rr.mean(), (cr > rr).float().mean(), (cr - rr).mean(), pc.mean(), pr.mean()]
+    ).tolist()
     seconds = time.perf_counter() - started
     return {
         "step": job.t,
         "opt_step": k + 1,
         "units": sum(len(mb) for mb in micro),
-        "loss": float(losses.mean()),
-        "rewards_chosen": float(cr.mean()),
-        "rewards_rejected": float(rr.mean()),
-        "reward_accuracy": float((cr > rr).float().mean()),
-        "reward_margin": float((cr - rr).mean()),
-        "logps_chosen": float(pc.mean()),
-        "logps_rejected": float(pr.mean()),
+        **dict(zip(ROW_FIGURES, figures, strict=True)),
         "tokens": tokens,
         "tokens_per_second": tokens / max(seconds, 1e-9),
         "seconds": seconds,
@@ -332,17 +374,19 @@ def _coupled_window(
     g_c, g_r = torch.autograd.grad(losses.mean(), [pc, pr])
     # 3. per micro-batch backward of the linear surrogate, replaying pass 1's dropout masks
     offset = 0
+    watch = _FiniteWatch()
     for m, mb in enumerate(micro):
         starts[m].restore()
         logp, _, used = _units_logps(model, job, mb)
         tokens += used
         b = len(mb)
         surrogate = (g_c[offset : offset + b] * logp[:b]).sum() + (g_r[offset : offset + b] * logp[b:]).sum()
-        _check_finite(surrogate, job, k, m, mb)
+        watch.add(surrogate, m, mb)
         scale(surrogate).backward()
         offset += b
         if stop.signal is not None:
             raise _Stop
+    watch.check(job, k)
     after.restore()  # the stream continues as if the window had been drawn once
     return tokens, [(losses.detach(), cr.detach(), rr.detach(), whole)]
 
@@ -354,6 +398,7 @@ def _independent_micro_batches(
     tokens = 0
     window_units = sum(len(mb) for mb in micro)
     pieces: list[Piece] = []
+    watch = _FiniteWatch()
     for m, mb in enumerate(micro):
         logp, n, used = _units_logps(model, job, mb)
         tokens += used
@@ -363,11 +408,12 @@ def _independent_micro_batches(
             tokens += kl_used
         batch = _logp_batch(job, mb, logp, n, kl)
         losses, cr, rr = job.objective(batch)
-        _check_finite(losses, job, k, m, mb)
+        watch.add(losses, m, mb)
         # Mean over the window's loss terms (a term per unit, or per example for KTO).
         terms_per_unit = len(losses) / len(mb)
         scale(losses.sum() / (terms_per_unit * window_units)).backward()
         pieces.append((losses.detach(), cr.detach(), rr.detach(), batch))
         if stop.signal is not None:
             raise _Stop
+    watch.check(job, k)
     return tokens, pieces
