@@ -29,6 +29,10 @@ HELP: dict[str, str] = {
     "epochs": "passes over each step's data (fractions allowed)",
     "batch_size": "pairs per micro-batch (chosen and rejected go through one forward)",
     "grad_accum": "micro-batches per optimiser step",
+    "reference_batch_size": (
+        "pairs per forward of the no-grad reference pass, batched by length so rows pad little; "
+        "0: auto, 2 x --batch-size"
+    ),
     "warmup_ratio": "fraction of optimiser steps of linear warm-up before the cosine decay",
     "weight_decay": "AdamW weight decay",
     "max_grad_norm": "gradient clipping norm",

@@ -39,6 +39,7 @@ class RunConfig:
     learning_rate: float = 5e-6
     epochs: float = 1.0
     batch_size: int = 4  # pairs per micro-batch (2x sequences in one forward)
+    reference_batch_size: int = 0  # units per no-grad reference forward; 0: auto, 2 x batch_size
     grad_accum: int = 4
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -71,6 +72,11 @@ class RunConfig:
 
 
 # Keys that may differ between a run and its --resume without changing what it computes.
+# reference_batch_size is NOT exempt: it decides which units share a forward, hence the padded width and
+# the row count of every matmul, and BLAS / cuBLAS pick their kernels (blocking, split-K) by shape, so the
+# reference log-probs of a step not yet cached may change in the last bits; resume promises the adapters
+# of an uninterrupted run exactly (right padding and the causal mask keep the valid positions' values
+# the same only up to that rounding).
 RESUME_EXEMPT = frozenset({"save_every", "quiet", "output_dir", "diagnostics"})
 CHOICES: dict[str, tuple[str, ...]] = {
     "target_init": ("previous", "base"),
@@ -88,6 +94,16 @@ POSITIVE: tuple[str, ...] = (
     "lora_r",
     "save_every",
 )
+# Integer options where 0 means "auto" (worked out from other options) and negatives are refused.
+NON_NEGATIVE: tuple[str, ...] = ("reference_batch_size",)
+# reference_batch_size 0: the no-grad reference pass keeps no activations for backward, so twice the
+# training micro-batch fits where training fits.
+AUTO_REFERENCE_BATCH_FACTOR = 2
+
+
+def reference_batch_size(config: RunConfig) -> int:
+    """Units per forward of the reference pass: --reference-batch-size, or 2 x --batch-size when it is 0."""
+    return config.reference_batch_size or AUTO_REFERENCE_BATCH_FACTOR * config.batch_size
 
 
 def field_names() -> list[str]:
@@ -172,6 +188,11 @@ def validate(config: RunConfig) -> None:
     for name in POSITIVE:
         if int(getattr(config, name)) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    for name in NON_NEGATIVE:
+        if int(getattr(config, name)) < 0:
+            raise InputError(
+                f"--{name.replace('_', '-')} must be at least 0 (0: auto), got {getattr(config, name)}"
+            )
     if config.max_prompt_length >= config.max_length:
         raise InputError(
             f"--max-prompt-length {config.max_prompt_length} must be less than --max-length {config.max_length} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from lowmem_sdpo.atomic import atomic_path
 from lowmem_sdpo.engine.hardware import Hardware
 from lowmem_sdpo.engine.logprobs import batch_logprobs
 from lowmem_sdpo.engine.reporting import Reporter
-from lowmem_sdpo.engine.units import Unit, collate_kl, collate_units
+from lowmem_sdpo.engine.units import Unit, collate_kl, collate_units, kl_rows
 
 KEY_METADATA = "lowmem_sdpo_cache_key"
 PARTS_METADATA = "lowmem_sdpo_cache_parts"
@@ -90,6 +91,78 @@ def save_cache(path: Path, key: str, parts: dict[str, Any], table: LogpTable) ->
         save_file(table.tensors(), str(tmp), metadata=metadata)
 
 
+def unit_length(units: list[Unit], index: int) -> int:
+    """Tokens of unit `index`'s longest row, chosen or rejected: the width it pads its batch to."""
+    unit = units[index]
+    return max(len(unit.chosen_prompt) + len(unit.chosen), len(unit.rejected_prompt) + len(unit.rejected))
+
+
+def kl_length(units: list[Unit], index: int) -> int:
+    """Tokens of unit `index`'s longest mismatched KL row (its answers under the next unit's prompts)."""
+    return max(len(prompt) + len(answer) for prompt, answer in kl_rows(units, index))
+
+
+def collate_answers(units: list[Unit], indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    return collate_units([units[i] for i in indices], pad_id)
+
+
+@dataclass(frozen=True)
+class RowKind:
+    """One kind of row the reference pass scores: how long a unit's rows are, how a batch of them collates."""
+
+    length: Callable[[list[Unit], int], int]
+    collate: Callable[[list[Unit], list[int], int], dict[str, torch.Tensor]]
+
+
+ROW_KINDS: dict[str, RowKind] = {
+    "answers": RowKind(unit_length, collate_answers),
+    # collate_kl takes the original indices and pairs each unit's answers with the prompts of the unit after
+    # it in `units` (not in the batch), so the KL rows stay aligned with their units in any batch order.
+    "kl": RowKind(kl_length, collate_kl),
+}
+
+
+def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices into `lengths`, longest first, cut into batches of `batch_size`: neighbours in the order have
+    similar lengths, so each batch pads little. Longest first so that the pass's peak memory comes in its
+    first forward (an out-of-memory shows at once, not minutes in); ties keep data order (a stable sort)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def padded_width_tokens(lengths: list[int], batches: list[list[int]]) -> int:
+    """Token positions a pass over `batches` computes per side: each batch is as wide as its longest entry."""
+    return sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+
+
+def _score_rows(
+    model: nn.Module,
+    units: list[Unit],
+    kind: str,
+    *,
+    pad_id: int,
+    batch_size: int,
+    hw: Hardware,
+    impl: str,
+    advance: Callable[..., None],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first-side, second-side) summed log-probs [len(units)] fp32 on CPU, in the units' own order."""
+    rows = ROW_KINDS[kind]
+    lengths = [rows.length(units, i) for i in range(len(units))]
+    first = torch.empty(len(units), dtype=torch.float32)
+    second = torch.empty(len(units), dtype=torch.float32)
+    for indices in plan_batches(lengths, batch_size):
+        logp, _ = batch_logprobs(model, rows.collate(units, indices, pad_id), hw=hw, impl=impl)
+        logp = logp.float().cpu()
+        where = torch.tensor(indices)
+        first[where] = logp[: len(indices)]  # back to the units' order
+        second[where] = logp[len(indices) :]
+        advance(len(indices))
+    return first, second
+
+
 @torch.no_grad()
 def compute_logps(
     model: nn.Module,
@@ -103,30 +176,27 @@ def compute_logps(
     reporter: Reporter,
     description: str,
 ) -> LogpTable:
-    """No-grad pass in eval mode (no dropout) over all units, `batch_size` units per forward."""
+    """No-grad pass in eval mode (no dropout) over all units, `batch_size` units per forward (the reference
+    batch size, engine.config.reference_batch_size), in length-sorted batches; the table is in the units'
+    order. With `with_kl` the KL rows go through a second pass, sorted by their own lengths."""
     was_training = model.training
     model.eval()
-    chosen, rejected, kl_c, kl_r = [], [], [], []
-    starts = range(0, len(units), batch_size)
+    kinds = ["answers", "kl"] if with_kl else ["answers"]
+    scored: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
-        with reporter.task(description, total=len(units)) as advance:
-            for start in starts:
-                indices = list(range(start, min(start + batch_size, len(units))))
-                logp, _ = batch_logprobs(
-                    model, collate_units([units[i] for i in indices], pad_id), hw=hw, impl=impl
+        with reporter.task(description, total=len(units) * len(kinds)) as advance:
+            for kind in kinds:
+                scored[kind] = _score_rows(
+                    model,
+                    units,
+                    kind,
+                    pad_id=pad_id,
+                    batch_size=batch_size,
+                    hw=hw,
+                    impl=impl,
+                    advance=advance,
                 )
-                chosen.append(logp[: len(indices)].float().cpu())
-                rejected.append(logp[len(indices) :].float().cpu())
-                if with_kl:
-                    kl, _ = batch_logprobs(model, collate_kl(units, indices, pad_id), hw=hw, impl=impl)
-                    kl_c.append(kl[: len(indices)].float().cpu())
-                    kl_r.append(kl[len(indices) :].float().cpu())
-                advance(len(indices))
     finally:
         model.train(was_training)
-    return LogpTable(
-        torch.cat(chosen),
-        torch.cat(rejected),
-        torch.cat(kl_c) if with_kl else None,
-        torch.cat(kl_r) if with_kl else None,
-    )
+    kl = scored.get("kl", (None, None))
+    return LogpTable(*scored["answers"], *kl)
