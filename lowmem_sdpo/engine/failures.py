@@ -6,6 +6,8 @@ already written stay: `--resume` continues from the last good one.
 
 from __future__ import annotations
 
+import torch
+
 
 class TrainingStopped(Exception):
     exit_code = 1
@@ -46,3 +48,35 @@ def out_of_memory_message(where: str, peak_bytes: int, breakdown: dict[str, int]
         f"CUDA out of memory during {where}: peak {peak_bytes / gib:.2f} GiB allocated ({parts}). "
         f"Checkpoints written so far are kept; lower memory with: {advice}. Then rerun with --resume. [{first}]"
     )
+
+
+# Messages of the RuntimeErrors that mean "the GPU ran out of memory" without being torch's OutOfMemoryError:
+# an allocation inside a CUDA library, or a raw CUDA call, failed. Each is checked against the text its
+# source produces (a substring, so the "when calling `...`" tails and CUDA's hints may follow).
+CUDA_OOM_MESSAGES: tuple[str, ...] = (
+    # torch's caching allocator; older torch raised it as a plain RuntimeError
+    "CUDA out of memory",
+    # C10_CUDA_CHECK: "CUDA error: " + cudaGetErrorString(cudaErrorMemoryAllocation) (torch.AcceleratorError)
+    "CUDA error: out of memory",
+    # TORCH_CUDABLAS_CHECK (ATen/cuda/Exceptions.h): "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling
+    # `cublasCreate(handle)`", typically a cuBLAS handle or workspace that no longer fits
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    # AT_CUDNN_CHECK: "cuDNN error: " + cudnnGetErrorString(status); cuDNN 8 names the status
+    # CUDNN_STATUS_ALLOC_FAILED, cuDNN 9 CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED (its host
+    # counterpart is CPU memory and is left out)
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED",
+    # Triton's launcher (backends/nvidia/driver.c): "Triton Error [CUDA]: " + cuGetErrorString(...)
+    "Triton Error [CUDA]: out of memory",
+)
+
+
+def is_cuda_oom(err: BaseException) -> bool:
+    """Whether `err` means the GPU ran out of memory: torch's OutOfMemoryError, or a RuntimeError from a
+    CUDA library (cuBLAS, cuDNN, the CUDA runtime, Triton) whose message says an allocation failed."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    if not isinstance(err, RuntimeError):
+        return False
+    text = str(err)
+    return any(pattern in text for pattern in CUDA_OOM_MESSAGES)
