@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_kernels_common import DEVICE, make_inputs
+from test_kernels_common import DEVICE, make_head, make_inputs
 
 from lowmem_sdpo_kernels import IMPLS, linear_logprobs, resolve_impl, sequence_logprobs
 
@@ -49,6 +49,24 @@ def test_bad_dtypes_and_targets() -> None:
         linear_logprobs(hidden, weight, targets, filter_eps=-1.0)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"bias": torch.zeros(9)}, r"bias must be \[V\] = \[10\]"),
+        ({"bias": torch.zeros(10, dtype=torch.float64)}, "bias must share the weight's dtype"),
+        ({"logit_scale": 0.0}, "logit_scale must be a finite non-zero"),
+        ({"logit_scale": float("inf")}, "logit_scale must be a finite non-zero"),
+        ({"softcap": 0.0}, "softcap must be None or a finite float > 0"),
+        ({"softcap": -30.0}, "softcap must be None or a finite float > 0"),
+        ({"softcap": float("nan")}, "softcap must be None or a finite float > 0"),
+    ],
+)
+def test_bad_head_arguments_are_named(kwargs, pattern) -> None:
+    hidden, weight, targets, _ = make_inputs(4, 8, 10, torch.float32, device="cpu")
+    with pytest.raises(ValueError, match=pattern):
+        linear_logprobs(hidden, weight, targets, impl="torch", **kwargs)
+
+
 def test_custom_ignore_index() -> None:
     hidden, weight, _, _ = make_inputs(3, 8, 10, torch.float32)
     targets = torch.tensor([4, 0, 7], device=DEVICE)
@@ -57,11 +75,17 @@ def test_custom_ignore_index() -> None:
     torch.testing.assert_close(out.double(), torch.stack([full[0, 4], full.new_zeros(()), full[2, 7]]), atol=1e-5, rtol=0)
 
 
-def _per_sequence_reference(hidden, weight, labels):
+def _per_sequence_reference(hidden, weight, labels, bias=None, logit_scale=1.0, softcap=None):
     """Float64 loop over sequences and positions: the definition, written out."""
     sums, counts = [], []
     for b in range(hidden.shape[0]):
-        logp = torch.log_softmax(hidden[b].double() @ weight.double().T, dim=-1)
+        logits = hidden[b].double() @ weight.double().T
+        if bias is not None:
+            logits = logits + bias.double()
+        logits = logits * logit_scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        logp = torch.log_softmax(logits, dim=-1)
         total, count = torch.zeros((), dtype=torch.float64), 0
         for t in range(hidden.shape[1]):
             if int(labels[b, t]) != -100:
@@ -95,3 +119,20 @@ def test_sequence_logprobs_per_sequence(impl: str) -> None:
 def test_sequence_logprobs_rejects_misaligned_labels() -> None:
     with pytest.raises(ValueError, match=r"labels \[B, T\]"):
         sequence_logprobs(torch.zeros(2, 5, 4), torch.zeros(7, 4), torch.zeros(2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_sequence_logprobs_passes_the_head_through(impl: str) -> None:
+    batch, length, dim, vocab = 3, 7, 16, 57
+    hidden, weight, labels, _ = make_inputs(batch * length, dim, vocab, torch.float32, logit_scale=10.0, seed=22)
+    head = make_head(vocab, torch.float32, bias_std=1.0, logit_scale=0.5, softcap=4.0, seed=22)
+    labels = labels.view(batch, length)
+    logp_sum, n_tokens = sequence_logprobs(hidden.view(batch, length, dim), weight, labels, impl=impl, **head)
+    ref_sum, ref_count = _per_sequence_reference(
+        hidden.view(batch, length, dim).cpu(), weight.cpu(), labels.cpu(),
+        head["bias"].cpu(), head["logit_scale"], head["softcap"],
+    )
+    torch.testing.assert_close(logp_sum.double().cpu(), ref_sum, atol=1e-4, rtol=1e-6)
+    assert n_tokens.cpu().tolist() == ref_count.tolist()
+    plain, _ = sequence_logprobs(hidden.view(batch, length, dim), weight, labels, impl=impl)
+    assert (plain - logp_sum).abs().max() > 0.1, "the head must matter here, or this checks nothing"

@@ -15,9 +15,11 @@ Memory arithmetic (why no N x V tensor exists anywhere):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from .logit_transform import LogitTransform
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,10 @@ MAX_VOCAB_SPLITS = 16
 # hidden-state gradient is at most |grad_out| * filter_eps * max_v |weight[v]|, and of a weight row
 # at most filter_eps * |grad_out| * |hidden| summed over rows. "auto" picks the dtype's machine
 # epsilon, the size of one rounding of the result, and turns filtering off for fp32/fp64.
+# With a head transform (logit_transform.py) the mass bound is still on p = softmax(z) of the final
+# logits; the dropped d logp / d x entries are g * scale * (1 - tanh^2) * p, so both error bounds
+# gain a factor |scale| (the softcap derivative is <= 1), and the bias gradient of entry v moves by
+# at most |scale| * sum over rows of |g_n| * p_nv, i.e. filter_eps * |scale| * sum_n |g_n| in total.
 AUTO_FILTER_EPS: dict[torch.dtype, float | None] = {
     torch.bfloat16: torch.finfo(torch.bfloat16).eps,  # 2**-7
     torch.float16: torch.finfo(torch.float16).eps,  # 2**-10
@@ -97,3 +103,5 @@ class OpOptions:
     # Triton only: None = DEFAULT_TRITON_CONFIG; "autotune" = time AUTOTUNE_TRITON_CONFIGS once per
     # shape key on CUDA and keep the fastest; or an explicit TritonConfig.
     triton_config: TritonConfig | str | None = None
+    # Scale and softcap of the head (identity by default); the bias travels as a tensor argument.
+    transform: LogitTransform = field(default_factory=LogitTransform)

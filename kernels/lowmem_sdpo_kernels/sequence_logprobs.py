@@ -15,6 +15,9 @@ def sequence_logprobs(
     ignore_index: int = -100,
     impl: str = "auto",
     *,
+    bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
     filter_eps: float | str | None = "auto",
     triton_config: TritonConfig | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,7 +25,7 @@ def sequence_logprobs(
 
     Args:
         hidden: [B, T, D] final hidden states (before the lm head).
-        weight: [V, D] lm-head weight.
+        weight: [V, D] lm-head weight; bias [V], logit_scale and softcap as in linear_logprobs.
         labels: [B, T], already aligned with hidden (the caller shifts); ignore_index = no target.
         impl, filter_eps, triton_config: as in linear_logprobs.
     Returns:
@@ -41,6 +44,9 @@ def sequence_logprobs(
         labels.reshape(batch * length),
         ignore_index=ignore_index,
         impl=impl,
+        bias=bias,
+        logit_scale=logit_scale,
+        softcap=softcap,
         filter_eps=filter_eps,
         triton_config=triton_config,
     )

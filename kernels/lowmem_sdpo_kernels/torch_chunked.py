@@ -7,8 +7,10 @@ Memory arithmetic: with R = TORCH_CHUNKS.rows and C = TORCH_CHUNKS.vocab, the fo
 [R, C] fp32 logits chunk (exponentiated in place), the fp32 copies of one [R, D] hidden chunk and one [C, D]
 weight chunk, and O(M) per-row state (running max, running sum of exp, target logit). The
 log-sum-exp [M] is the only thing saved for backward besides the inputs; the backward recomputes
-each logits chunk from the same slices with the same fp32 matmul, so the values match the forward
-exactly. Nothing has an M x V shape unless M <= R and V <= C, where it is the bounded chunk.
+each logits chunk from the same slices with the same fp32 operations, so the values match the
+forward exactly. With a softcap the backward keeps a second [R, C] fp32 chunk, tanh(y / c), for
+the derivative 1 - tanh^2 (32 MiB at the default 2048 x 4096). Nothing has an M x V shape unless
+M <= R and V <= C, where it is the bounded chunk.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .configs import TORCH_CHUNKS, OpOptions, TorchChunks
+from .logit_transform import LogitTransform
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -23,10 +26,29 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_logits(h_acc: torch.Tensor, w_acc: torch.Tensor) -> torch.Tensor:
-    """[R, D] x [C, D] -> [R, C] logits in the accumulation dtype. Forward and backward both
-    call this on identical slices, which is what makes the recomputation exact."""
-    return h_acc @ w_acc.T
+def _chunk_logits(
+    h_acc: torch.Tensor,
+    w_acc: torch.Tensor,
+    b_acc: torch.Tensor | None,
+    transform: LogitTransform,
+    keep_tanh: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[R, D] x [C, D] (+ [C]) -> ([R, C] logits z, tanh(y / c) if keep_tanh and softcapped, else
+    None), in the accumulation dtype. Forward and backward both call this on identical slices with
+    the same elementwise operations (in place or not gives the same values), which is what makes
+    the recomputation exact. Each transform runs only when present, so the identity head performs
+    exactly the single matmul it always did."""
+    z = h_acc @ w_acc.T
+    if b_acc is not None:
+        z.add_(b_acc)
+    if transform.has_scale:
+        z.mul_(transform.scale)
+    if transform.softcap is None:
+        return z, None
+    t = z.div_(transform.softcap).tanh_()  # z's buffer now holds tanh(y / c)
+    if not keep_tanh:  # forward: one [R, C] buffer
+        return t.mul_(transform.softcap), None
+    return t * transform.softcap, t
 
 
 def _target_in_chunk(targets: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,8 +57,17 @@ def _target_in_chunk(targets: torch.Tensor, v0: int, v1: int) -> tuple[torch.Ten
     return inside, local
 
 
+def _slice(t: torch.Tensor | None, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t[lo:hi].to(dtype)
+
+
 def _forward(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunks: TorchChunks
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    transform: LogitTransform,
+    chunks: TorchChunks,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (logp [M], lse [M]) in the accumulation dtype, via online log-sum-exp over chunks."""
     m_rows, vocab = hidden.shape[0], weight.shape[0]
@@ -53,7 +84,7 @@ def _forward(
         tgt = torch.zeros(r1 - r0, dtype=acc, device=hidden.device)
         for v0 in range(0, vocab, cols):
             v1 = min(v0 + cols, vocab)
-            z = _chunk_logits(h_acc, weight[v0:v1].to(acc))
+            z, _ = _chunk_logits(h_acc, weight[v0:v1].to(acc), _slice(bias, v0, v1, acc), transform)
             inside, local = _target_in_chunk(t, v0, v1)
             tgt = tgt + torch.where(inside, z.gather(1, local[:, None]).squeeze(1), 0.0)
             new_max = torch.maximum(run_max, z.amax(dim=1))
@@ -69,20 +100,24 @@ def _forward(
 def _backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
+    bias: torch.Tensor | None,
     targets: torch.Tensor,
     lse: torch.Tensor,
     grad_out: torch.Tensor,
-    need_hidden: bool,
-    need_weight: bool,
-    filter_eps: float | None,
+    needs: tuple[bool, bool, bool],
+    options: OpOptions,
     chunks: TorchChunks,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """d logp[n] / d z[n, v] = 1[v == t_n] - softmax(z)[n, v]; chain through z = h W^T.
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """d logp[n] / d z[n, v] = 1[v == t_n] - softmax(z)[n, v]; chain through the head transform
+    (factors scale and 1 - tanh^2, see logit_transform.py) and x = h W^T + b.
 
-    grad_hidden rows are finished one row chunk at a time in an fp32 [R, D] accumulator. grad_weight,
-    when needed, accumulates across row chunks in an fp32 [V, D] buffer (never in bf16) and is cast
-    to the weight dtype once at the end. With a frozen weight nothing of size V x D is allocated.
+    needs = (hidden, weight, bias) gradients wanted. grad_hidden rows are finished one row chunk at
+    a time in an fp32 [R, D] accumulator. grad_weight, when needed, accumulates across row chunks in
+    an fp32 [V, D] buffer (never in bf16) and is cast to the weight dtype once at the end; likewise
+    grad_bias in an fp32 [V]. With a frozen weight nothing of size V x D is allocated.
     """
+    need_hidden, need_weight, need_bias = needs
+    transform, filter_eps = options.transform, options.filter_eps
     m_rows, vocab = hidden.shape[0], weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
     rows, cols = chunks.rows, chunks.vocab
@@ -90,6 +125,7 @@ def _backward(
     tile_budget = None if filter_eps is None else filter_eps / n_chunks
     grad_h = torch.empty_like(hidden) if need_hidden else None
     grad_w_acc = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+    grad_b_acc = torch.zeros(vocab, dtype=acc, device=weight.device) if need_bias else None
     g_all = grad_out.to(acc)
     for r0 in range(0, m_rows, rows):
         r1 = min(r0 + rows, m_rows)
@@ -99,56 +135,60 @@ def _backward(
         for v0 in range(0, vocab, cols):
             v1 = min(v0 + cols, vocab)
             w_acc = weight[v0:v1].to(acc)
-            p = _chunk_logits(h_acc, w_acc).sub_(lse_r[:, None]).exp_()  # softmax chunk, in place
+            z, tanh = _chunk_logits(h_acc, w_acc, _slice(bias, v0, v1, acc), transform, keep_tanh=True)
+            p = z.sub_(lse_r[:, None]).exp_()  # softmax chunk, in place
             inside, local = _target_in_chunk(t, v0, v1)
             if tile_budget is not None and not bool(inside.any()) and float(p.sum(dim=1).max()) < tile_budget:
                 continue  # gradient filtering: this chunk's softmax mass is negligible for every row
             dz = p.mul_(-g[:, None])
             dz.scatter_add_(1, local[:, None], torch.where(inside, g, 0.0)[:, None])
+            if tanh is not None:
+                dz.mul_(tanh.square_().neg_().add_(1.0))  # d softcap: 1 - tanh^2, in tanh's buffer
+            if transform.has_scale:
+                dz.mul_(transform.scale)
             if dh_acc is not None:
                 dh_acc.addmm_(dz, w_acc)
             if grad_w_acc is not None:
                 grad_w_acc[v0:v1].addmm_(dz.T, h_acc)
+            if grad_b_acc is not None:
+                grad_b_acc[v0:v1] += dz.sum(dim=0)
         if grad_h is not None and dh_acc is not None:
             grad_h[r0:r1] = dh_acc.to(hidden.dtype)
     grad_w = grad_w_acc.to(weight.dtype) if grad_w_acc is not None else None
-    return grad_h, grad_w
+    grad_b = grad_b_acc.to(bias.dtype) if grad_b_acc is not None and bias is not None else None
+    return grad_h, grad_w, grad_b
 
 
 class ChunkedLinearLogprobs(torch.autograd.Function):
     """Autograd wrapper: saves only inputs and lse [M]; recomputes logits chunks in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, filter_eps, chunks):  # type: ignore[override]
-        logp, lse = _forward(hidden, weight, targets, chunks)
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.filter_eps, ctx.chunks = filter_eps, chunks
+    def forward(ctx, hidden, weight, bias, targets, options, chunks):  # type: ignore[override]
+        logp, lse = _forward(hidden, weight, bias, targets, options.transform, chunks)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.options, ctx.chunks = options, chunks
         return logp.float() if logp.dtype != torch.float64 else logp
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        hidden, weight, targets, lse = ctx.saved_tensors
-        grad_h, grad_w = _backward(
-            hidden,
-            weight,
-            targets,
-            lse,
-            grad_out,
-            need_hidden=ctx.needs_input_grad[0],
-            need_weight=ctx.needs_input_grad[1],  # frozen weight: no dW work at all
-            filter_eps=ctx.filter_eps,
-            chunks=ctx.chunks,
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        # A frozen weight (or bias) costs no dW (db) work at all.
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        grad_h, grad_w, grad_b = _backward(
+            hidden, weight, bias, targets, lse, grad_out, needs, ctx.options, ctx.chunks
         )
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 def torch_linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
+    bias: torch.Tensor | None,
     targets: torch.Tensor,
     options: OpOptions,
     chunks: TorchChunks = TORCH_CHUNKS,
 ) -> torch.Tensor:
-    """hidden [M, D], weight [V, D], targets [M] all valid -> [M] log-probs (fp32; fp64 for fp64).
-    options.triton_config does not apply here; options.filter_eps works per vocabulary chunk."""
-    return ChunkedLinearLogprobs.apply(hidden, weight, targets, options.filter_eps, chunks)
+    """hidden [M, D], weight [V, D], bias [V] or None, targets [M] all valid -> [M] log-probs (fp32;
+    fp64 for fp64). options.triton_config does not apply; options.filter_eps works per vocabulary
+    chunk; options.transform is the head's scale and softcap."""
+    return ChunkedLinearLogprobs.apply(hidden, weight, bias, targets, options, chunks)

@@ -9,12 +9,17 @@ steps) and folding it into a running (max, sum of exp) and the target logit. Per
 stores 3 floats; the host merges the n_splits partials (n_splits <= MAX_VOCAB_SPLITS) into the
 log-sum-exp. Global memory: 3 * n_splits * M * 4 bytes, O(M). No logits leave registers.
 
+Head transform (logit_transform.py): the fp32 tile x = H W^T gets + bias, * scale and the softcap
+c * tanh(y / c) in registers, each only when present (constexpr flags: the identity head compiles
+to exactly the kernel that existed before). _head_logits is shared by forward and backward.
+
 Backward: program (row block i, vocabulary tile j) recomputes its logits tile with the same
-helper and tile shape as the forward (same reduction order over D: identical values), forms
-dz = g * (onehot(target) - softmax) in registers, and adds dz @ W_tile into an fp32 [M, D]
-gradient buffer and dz^T @ H_block into an fp32 [V, D] buffer with atomics (the latter only when
-the weight requires grad). These buffers are the gradients themselves at fp32; they are cast to
-the input dtype once at the end. A tile whose softmax mass is below filter_eps / n_tiles for
+helpers and tile shape as the forward (same reduction order over D: identical values), forms
+dz = g * (onehot(target) - softmax) * (1 - tanh^2) * scale in registers, and adds dz @ W_tile into
+an fp32 [M, D] gradient buffer, dz^T @ H_block into an fp32 [V, D] buffer and the column sums of
+dz into an fp32 [V] bias-gradient buffer with atomics (the latter two only when the weight / bias
+requires grad). These buffers are the gradients themselves at fp32; they are cast to the input
+dtype once at the end. A tile whose softmax mass is below filter_eps / n_tiles for
 every row, and that holds no row's target, skips both products (gradient filtering).
 """
 
@@ -31,6 +36,7 @@ from .configs import (
     OpOptions,
     TritonConfig,
 )
+from .logit_transform import LogitTransform
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -60,11 +66,46 @@ def _logits_tile(
 
 
 @triton.jit
+def _tanh(x):
+    """fp32 tanh from exp (tl has none, and libdevice's does not run in the interpreter). For
+    |x| >= 1/8: (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 1], which cannot overflow and loses
+    at most a few ulp (1 - e >= 0.22 there). Below 1/8 that difference would cancel, so the odd
+    Taylor series to x^7 is used; its first omitted term, 62/2835 x^9, is < 1.3e-9 |x| there, under
+    fp32's 6e-8 relative rounding."""
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = ax * ax
+    small = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * -0.05396825396825397)))
+    t = tl.where(ax < 0.125, small, big)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _head_logits(
+    acc, B, offs_v, mask_v, scale, softcap, inv_softcap,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    """x = acc (+ bias) -> y = scale * x -> z = c * tanh(y / c); returns (z, tanh(y / c)) (the
+    second is z itself without a softcap, unused then). Shared by forward and backward."""
+    if HAS_BIAS:
+        acc += tl.load(B + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    if HAS_SCALE:
+        acc = acc * scale
+    t = acc
+    if HAS_SOFTCAP:
+        t = _tanh(acc * inv_softcap)
+        acc = t * softcap
+    return acc, t
+
+
+@triton.jit
 def _forward_kernel(
-    H, W, T, PART_MAX, PART_SUM, PART_TGT,
-    M, V, D, tiles_per_split,
+    H, W, B, T, PART_MAX, PART_SUM, PART_TGT,
+    M, V, D, tiles_per_split, scale, softcap, inv_softcap,
     stride_hm, stride_hd, stride_wv, stride_wd,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -83,6 +124,7 @@ def _forward_kernel(
             H, W, offs_m, offs_v, mask_m, mask_v, D, stride_hm, stride_hd, stride_wv, stride_wd,
             BLOCK_M, BLOCK_V, BLOCK_D, DOT_PRECISION,
         )
+        z, _ = _head_logits(z, B, offs_v, mask_v, scale, softcap, inv_softcap, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP)
         z = tl.where(mask_v[None, :], z, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
@@ -96,11 +138,12 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    H, W, T, LSE, G, DH, DW,
-    M, V, D, tile_budget,
+    H, W, B, T, LSE, G, DH, DW, DB,
+    M, V, D, tile_budget, scale, softcap, inv_softcap,
     stride_hm, stride_hd, stride_wv, stride_wd,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, FILTER: tl.constexpr,
+    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -112,6 +155,7 @@ def _backward_kernel(
         H, W, offs_m, offs_v, mask_m, mask_v, D, stride_hm, stride_hd, stride_wv, stride_wd,
         BLOCK_M, BLOCK_V, BLOCK_D, DOT_PRECISION,
     )
+    z, t = _head_logits(z, B, offs_v, mask_v, scale, softcap, inv_softcap, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP)
     lse = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
     g = tl.load(G + offs_m, mask=mask_m, other=0.0)  # padded rows: g = 0 -> dz = 0
     tgt = tl.load(T + offs_m, mask=mask_m, other=-1)
@@ -123,7 +167,14 @@ def _backward_kernel(
         n_targets = tl.sum(tl.sum(is_tgt.to(tl.int32), axis=1), axis=0)
         keep = (tile_mass >= tile_budget) | (n_targets > 0)
     if keep:
-        dz = (g[:, None] * (tl.where(is_tgt, 1.0, 0.0) - p)).to(H.dtype.element_ty)
+        dz = g[:, None] * (tl.where(is_tgt, 1.0, 0.0) - p)  # d / d z (padded rows and columns: 0)
+        if HAS_SOFTCAP:
+            dz = dz * (1.0 - t * t)  # d z / d y, from the very tanh the logits were built from
+        if HAS_SCALE:
+            dz = dz * scale  # d y / d x
+        if COMPUTE_DB:
+            tl.atomic_add(DB + offs_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
+        dz = dz.to(H.dtype.element_ty)
         offs_d = tl.arange(0, BLOCK_D)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + offs_d
@@ -159,7 +210,23 @@ def _vocab_splits(vocab: int, block_v: int) -> tuple[int, int]:
     return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split
 
 
-def _launch_forward(hidden, weight, targets, cfg: TritonConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _head_args(transform: LogitTransform, bias: torch.Tensor | None) -> dict:
+    """Kernel arguments of the head transform. Absent parts become constexpr False (their code is
+    compiled out) and placeholder numbers that are never read."""
+    cap = transform.softcap
+    return {
+        "scale": transform.scale,
+        "softcap": 1.0 if cap is None else cap,
+        "inv_softcap": 1.0 if cap is None else 1.0 / cap,
+        "HAS_BIAS": bias is not None,
+        "HAS_SCALE": transform.has_scale,
+        "HAS_SOFTCAP": transform.has_softcap,
+    }
+
+
+def _launch_forward(
+    hidden, weight, bias, targets, transform: LogitTransform, cfg: TritonConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (logp [M] fp32, lse [M] fp32)."""
     m_rows, dim = hidden.shape
     vocab = weight.shape[0]
@@ -170,11 +237,13 @@ def _launch_forward(hidden, weight, targets, cfg: TritonConfig) -> tuple[torch.T
     parts = torch.empty((3, n_splits, m_rows), dtype=torch.float32, device=hidden.device)
     grid = (triton.cdiv(m_rows, cfg.block_m), n_splits)
     _forward_kernel[grid](
-        hidden, weight, targets, parts[0], parts[1], parts[2],
+        hidden, weight, bias if bias is not None else parts, targets, parts[0], parts[1], parts[2],
         m_rows, vocab, dim, tiles_per_split,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        stride_hm=hidden.stride(0), stride_hd=hidden.stride(1),
+        stride_wv=weight.stride(0), stride_wd=weight.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **_head_args(transform, bias),
     )
     part_max, part_sum, part_tgt = parts[0], parts[1], parts[2]
     gmax = part_max.amax(dim=0)
@@ -183,65 +252,68 @@ def _launch_forward(hidden, weight, targets, cfg: TritonConfig) -> tuple[torch.T
 
 
 def _launch_backward(
-    hidden, weight, targets, lse, grad_out, cfg: TritonConfig,
-    need_hidden: bool, need_weight: bool, filter_eps: float | None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    hidden, weight, bias, targets, lse, grad_out, cfg: TritonConfig,
+    needs: tuple[bool, bool, bool], options: OpOptions,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """needs = (hidden, weight, bias) gradients wanted -> those gradients (None where not)."""
+    need_hidden, need_weight, need_bias = needs
+    filter_eps = options.filter_eps
     m_rows, dim = hidden.shape
     vocab = weight.shape[0]
     n_tiles = triton.cdiv(vocab, cfg.block_v)
     # fp32 accumulators (atomics from every vocabulary tile / row block land here).
     dh = torch.zeros((m_rows, dim), dtype=torch.float32, device=hidden.device) if need_hidden else None
     dw = torch.zeros((vocab, dim), dtype=torch.float32, device=weight.device) if need_weight else None
+    db = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_bias else None
+
+    def cast(acc: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+        return acc.to(like.dtype) if acc is not None and like is not None else None
+
     if m_rows == 0:
-        return (
-            dh.to(hidden.dtype) if dh is not None else None,
-            dw.to(weight.dtype) if dw is not None else None,
-        )
+        return cast(dh, hidden), cast(dw, weight), cast(db, bias)
     dummy = torch.empty(1, dtype=torch.float32, device=hidden.device)
     grid = (triton.cdiv(m_rows, cfg.block_m), n_tiles)
     _backward_kernel[grid](
-        hidden, weight, targets, lse, grad_out.float().contiguous(),
-        dh if dh is not None else dummy, dw if dw is not None else dummy,
+        hidden, weight, bias if bias is not None else dummy, targets, lse, grad_out.float().contiguous(),
+        dh if dh is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
         m_rows, vocab, dim, 0.0 if filter_eps is None else filter_eps / n_tiles,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        stride_hm=hidden.stride(0), stride_hd=hidden.stride(1),
+        stride_wv=weight.stride(0), stride_wd=weight.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         DOT_PRECISION=_dot_precision(hidden.dtype),
-        COMPUTE_DH=need_hidden, COMPUTE_DW=need_weight, FILTER=filter_eps is not None,
+        COMPUTE_DH=need_hidden, COMPUTE_DW=need_weight, COMPUTE_DB=need_bias, FILTER=filter_eps is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **_head_args(options.transform, bias),
     )
-    return (
-        dh.to(hidden.dtype) if dh is not None else None,
-        dw.to(weight.dtype) if dw is not None else None,
-    )
+    return cast(dh, hidden), cast(dw, weight), cast(db, bias)
 
 
 class TritonLinearLogprobs(torch.autograd.Function):
     """Saves the inputs and lse [M]; the backward kernel recomputes logits tiles."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, filter_eps, cfg):  # type: ignore[override]
-        logp, lse = _launch_forward(hidden, weight, targets, cfg)
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.filter_eps, ctx.cfg = filter_eps, cfg
+    def forward(ctx, hidden, weight, bias, targets, options, cfg):  # type: ignore[override]
+        logp, lse = _launch_forward(hidden, weight, bias, targets, options.transform, cfg)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.options, ctx.cfg = options, cfg
         return logp
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        hidden, weight, targets, lse = ctx.saved_tensors
-        grad_h, grad_w = _launch_backward(
-            hidden, weight, targets, lse, grad_out, ctx.cfg,
-            need_hidden=ctx.needs_input_grad[0],
-            need_weight=ctx.needs_input_grad[1],  # frozen weight: COMPUTE_DW=False, no dW work
-            filter_eps=ctx.filter_eps,
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        # A frozen weight (or bias) compiles COMPUTE_DW (COMPUTE_DB) out: no dW (db) work at all.
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        grad_h, grad_w, grad_b = _launch_backward(
+            hidden, weight, bias, targets, lse, grad_out, ctx.cfg, needs, ctx.options
         )
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 _AUTOTUNE_CACHE: dict[tuple, TritonConfig] = {}
 
 
 def autotune_config(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, filter_eps: float | None
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, options: OpOptions
 ) -> TritonConfig:
     """Time forward+backward for each of AUTOTUNE_TRITON_CONFIGS (CUDA only) and keep the fastest
     per (power-of-two M bucket, V, D, dtype, weight-grad) key. Off unless asked for."""
@@ -253,12 +325,13 @@ def autotune_config(
         return DEFAULT_TRITON_CONFIG
     from triton.testing import do_bench  # only the tuner needs it
     grad = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    needs = (True, need_w, bias is not None and bias.requires_grad)
     timings: dict[TritonConfig, float] = {}
     with torch.no_grad():
         for cfg in AUTOTUNE_TRITON_CONFIGS:
             def run(cfg: TritonConfig = cfg) -> None:
-                _, lse = _launch_forward(hidden, weight, targets, cfg)
-                _launch_backward(hidden, weight, targets, lse, grad, cfg, True, need_w, filter_eps)
+                _, lse = _launch_forward(hidden, weight, bias, targets, options.transform, cfg)
+                _launch_backward(hidden, weight, bias, targets, lse, grad, cfg, needs, options)
             try:
                 timings[cfg] = do_bench(run, warmup=5, rep=20)
             except Exception:  # a config that does not fit this GPU's shared memory is skipped
@@ -269,16 +342,22 @@ def autotune_config(
 
 
 def triton_linear_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, options: OpOptions
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    options: OpOptions,
 ) -> torch.Tensor:
-    """hidden [M, D], weight [V, D], targets [M] all valid -> [M] fp32 log-probs."""
+    """hidden [M, D], weight [V, D], bias [V] or None, targets [M] all valid -> [M] fp32 log-probs."""
     if hidden.dtype not in _TL_DTYPES:
         raise ValueError(f"impl='triton' supports float16, bfloat16 and float32, got {hidden.dtype}")
     cfg = options.triton_config
     if cfg == "autotune":
-        cfg = autotune_config(hidden, weight, targets, options.filter_eps)
+        cfg = autotune_config(hidden, weight, bias, targets, options)
     elif cfg is None:
         cfg = DEFAULT_TRITON_CONFIG
     elif not isinstance(cfg, TritonConfig):
         raise ValueError(f"triton_config must be a TritonConfig, 'autotune' or None, got {cfg!r}")
-    return TritonLinearLogprobs.apply(hidden, weight, targets.contiguous(), options.filter_eps, cfg)
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels index it as one stride-1 row
+    return TritonLinearLogprobs.apply(hidden, weight, bias, targets.contiguous(), options, cfg)

@@ -1,7 +1,8 @@
 """Per-sequence log-probs of a (peft) causal LM: backbone hidden states -> fused lm-head log-probs.
 
 The model's own forward would return [rows, T, vocab] logits; we call its decoder for the final hidden
-states instead and hand them, with the lm-head weight, to `lowmem_sdpo_kernels.sequence_logprobs`, so those
+states instead and hand them, with the lm head (weight, and the bias / logit scale / final softcap some
+architectures add, see lowmem_sdpo.models.head), to `lowmem_sdpo_kernels.sequence_logprobs`, so those
 logits never exist (on SOLAR, 4 pairs x 1024 tokens x 32000 vocab in fp32 would be 1 GiB per copy).
 """
 
@@ -11,12 +12,10 @@ import torch
 from torch import nn
 
 from lowmem_sdpo.engine.hardware import Hardware
+from lowmem_sdpo.models.head import causal_lm, read_head
 from lowmem_sdpo_kernels import sequence_logprobs
 
-
-def causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+__all__ = ["batch_logprobs", "causal_lm"]
 
 
 def batch_logprobs(
@@ -24,6 +23,7 @@ def batch_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob [rows] fp32, answer tokens [rows]); `batch["labels"]` already shifted."""
     lm = causal_lm(model)
+    head = read_head(lm)  # load_quantized has verified it against the model's own forward
     device = hw.device
     with hw.autocast():
         hidden = lm.get_decoder()(
@@ -31,6 +31,7 @@ def batch_logprobs(
             attention_mask=batch["attention_mask"].to(device),
             use_cache=False,
         ).last_hidden_state
-    weight = lm.get_output_embeddings().weight
     # The kernel wants hidden and weight in one dtype; under autocast hidden may come out in bf16/fp32.
-    return sequence_logprobs(hidden.to(weight.dtype), weight, batch["labels"].to(device), impl=impl)
+    return sequence_logprobs(
+        hidden.to(head.weight.dtype), head.weight, batch["labels"].to(device), impl=impl, **head.kernel_kwargs()
+    )

@@ -11,6 +11,7 @@ export_merged(model_dir, [step1_adapter, step2_adapter], out_dir)
 
 from lowmem_sdpo.models.adapters import adapter_deltas, load_lora_factors
 from lowmem_sdpo.models.export import export_merged
+from lowmem_sdpo.models.head import HeadSpec, check_head, read_head
 from lowmem_sdpo.models.loading import load_quantized
 from lowmem_sdpo.models.lora import add_lora
 from lowmem_sdpo.models.merge import MERGES
@@ -20,15 +21,18 @@ from lowmem_sdpo.models.tiny import build_tiny_model
 
 __all__ = [
     "MERGES",
+    "HeadSpec",
     "QuantSettings",
     "adapter_deltas",
     "add_lora",
     "build_tiny_model",
+    "check_head",
     "dequantize_weight",
     "export_merged",
     "load_lora_factors",
     "load_quantized",
     "model_fingerprint",
     "quantize_weight",
+    "read_head",
     "resolve_model",
 ]

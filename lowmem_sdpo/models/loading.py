@@ -12,6 +12,7 @@ from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.models.adapters import check_against_checkpoint, load_all_factors
 from lowmem_sdpo.models.blocks import meta_skeleton, other_linear_names
 from lowmem_sdpo.models.checkpoint import Checkpoint
+from lowmem_sdpo.models.head import check_head
 from lowmem_sdpo.models.merge import MERGES, Progress
 from lowmem_sdpo.models.quant import QuantSettings
 
@@ -60,4 +61,5 @@ def load_quantized(
     model.eval()
     if factors:
         MERGES[merge](model, checkpoint, factors, quant, device, progress)
+    check_head(model)  # refuse a head the log-prob kernels cannot represent (InputError, one line)
     return model
