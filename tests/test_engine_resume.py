@@ -136,3 +136,12 @@ def test_sigterm_to_a_real_process_then_cli_resume_matches(tmp_path):
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     _same_adapters(Path(reference.output_dir), Path(config.output_dir))
+
+
+def test_options_added_since_a_run_started_compare_as_their_defaults():
+    from lowmem_sdpo.engine.config import RunConfig, resume_differences
+
+    now = RunConfig(model="tiny", steps="a.jsonl", output_dir="runs/x")
+    older = {k: v for k, v in now.to_dict().items() if k not in ("reference", "reference_batch_size")}
+    assert resume_differences(older, now) == []
+    assert resume_differences(older, RunConfig(**{**now.to_dict(), "reference": "requantized"})) == ["reference"]

@@ -213,8 +213,11 @@ def validate(config: RunConfig) -> None:
 def resume_differences(saved: dict[str, Any], current: RunConfig) -> list[str]:
     """The option names whose values differ between run.json's config and this invocation."""
     now = current.to_dict()
-    keys = sorted(set(saved) | set(now))
-    return [k for k in keys if k not in RESUME_EXEMPT and saved.get(k) != now.get(k)]
+    # A key the saved run lacks is an option added since it started: it ran with that option's default.
+    defaults = RunConfig().to_dict()
+    was = {**defaults, **saved}
+    keys = sorted(set(was) | set(now))
+    return [k for k in keys if k not in RESUME_EXEMPT and was.get(k) != now.get(k)]
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -19,19 +19,18 @@ import torch
 
 from lowmem_sdpo.atomic import atomic_dir, write_json
 from lowmem_sdpo.data import StepData, TokenizedStep, load_steps, load_tokenizer, parse_columns, tokenize_step
-from lowmem_sdpo.engine.config import RunConfig, check_run_dir
-from lowmem_sdpo.engine.failures import OutOfMemory, out_of_memory_message
+from lowmem_sdpo.engine.config import RunConfig, check_run_dir, reference_batch_size
+from lowmem_sdpo.engine.failures import OutOfMemory, is_cuda_oom, out_of_memory_message
 from lowmem_sdpo.engine.hardware import (
     Hardware,
     kernel_impl_for,
-    peak_memory_bytes,
-    reset_peak,
     resolve_hardware,
 )
 from lowmem_sdpo.engine.keys import hub_commit, tokenizer_fingerprint, units_digest
 from lowmem_sdpo.engine.materialise import Holder, load_for, make_holder, release_memory, unwrap_policy
 from lowmem_sdpo.engine.metrics import SUMMARY_FILE, read_summary
 from lowmem_sdpo.engine.objective import Objective
+from lowmem_sdpo.engine.phases import PhasePeaks
 from lowmem_sdpo.engine.reference import (
     LogpTable,
     adapter_chain_digest,
@@ -239,7 +238,7 @@ def _table(
         model,
         units,
         pad_id=session.tokenizer.pad_token_id,
-        batch_size=session.config.batch_size,
+        batch_size=reference_batch_size(session.config),
         hw=session.hw,
         impl=session.impl,
         with_kl=with_kl,
@@ -249,24 +248,27 @@ def _table(
 
 
 def _run_step(session: Session, t: int, step: StepData, chain: list[Path], *, resume: bool) -> dict[str, Any]:
-    """One step; a CUDA out-of-memory anywhere in it becomes OutOfMemory with where memory went."""
+    """One step; a CUDA allocation failure anywhere in it (the allocator's, or cuBLAS / cuDNN / Triton's)
+    becomes OutOfMemory with where memory went, phase by phase."""
+    peaks = PhasePeaks(session.hw)
     try:
-        return _run_step_inner(session, t, step, chain, resume=resume)
-    except torch.cuda.OutOfMemoryError as err:
+        return _run_step_inner(session, t, step, chain, peaks, resume=resume)
+    except RuntimeError as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        if not is_cuda_oom(err):
+            raise
         hw = session.hw
-        breakdown = {"allocated at failure": 0, "reserved by the caching allocator": 0}
+        breakdown = {f"peak in {phase}": peak for phase, peak in peaks.as_dict().items()}
         if hw.is_cuda:
-            breakdown = {
+            breakdown |= {
                 "allocated at failure": torch.cuda.memory_allocated(hw.device),
                 "reserved by the caching allocator": torch.cuda.memory_reserved(hw.device),
             }
-        raise OutOfMemory(
-            out_of_memory_message(f"step {t}", peak_memory_bytes(hw), breakdown, str(err))
-        ) from err
+        where = f"step {t}" + (f" ({next(reversed(peaks.as_dict()))})" if peaks.as_dict() else "")
+        raise OutOfMemory(out_of_memory_message(where, peaks.overall(), breakdown, str(err))) from err
 
 
 def drift_sample(n_units: int, seed: int, t: int) -> list[int]:
-    """A fixed, seeded sample of D_t's units (sorted, so batches follow data order)."""
+    """A fixed, seeded sample of D_t's units (sorted: the same sample reads the same in any listing)."""
     k = min(DRIFT_SAMPLE, n_units)
     return sorted(random.Random(f"drift-{seed}-{t}").sample(range(n_units), k))
 
@@ -279,57 +281,69 @@ def _mean_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().mean())
 
 
-def _run_step_inner(
-    session: Session, t: int, step: StepData, chain: list[Path], *, resume: bool
-) -> dict[str, Any]:
-    cfg, reporter, holder = session.config, session.reporter, session.holder
-    sdir = step_dir(session.out, t)
-    sdir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    reset_peak(session.hw)
-    tokenized: TokenizedStep = tokenize_step(step, session.tokenizer, **session.token_settings())
-    units, kind = build_units(tokenized, seed=cfg.seed, label=step.label)
-    reporter.note(f"step {t}/{len(session.steps)}: {step.label} ({kind}, {len(units)} units)")
+@dataclass
+class References:
+    """What the reference phase of step t yields."""
 
-    step_seed = cfg.seed * 1000 + t  # LoRA init, data order and dropout of this step
-    sample = drift_sample(len(units), cfg.seed, t)
-    sample_units = [units[i] for i in sample]
+    table: LogpTable  # M_{t-1} on every unit of D_t
+    gamma_base: float | None  # gamma of S on D_t (--diagnostics)
+    drift: float  # mean |ratio of the reference - ratio of the trained P_{t-1}| on the drift sample
+    sample_ratios: torch.Tensor  # the reference's log-ratios on the drift sample
+
+
+def _reference_phase(
+    session: Session, t: int, step: StepData, chain: list[Path], units: list[Unit], sample: list[int], sdir: Path
+) -> References:
+    cfg, holder = session.config, session.holder
     # The trained P_{t-1} on the sample, where the reference is not P_{t-1} itself (requantized mode).
     drift_model = holder.drift_model(chain)
-    trained_prev = _table(session, drift_model, sample_units, f"step {t}: P_{t - 1} on the drift sample") if (
-        drift_model is not None
-    ) else None
+    trained_prev = None
+    if drift_model is not None:
+        trained_prev = _table(
+            session, drift_model, [units[i] for i in sample], f"step {t}: P_{t - 1} on the drift sample"
+        )
     del drift_model
-
     gamma_base = None
     if cfg.diagnostics and chain:
-        base_table = _logps(session, [], step, units, sdir / BASE_CACHE, f"step {t}: S log-probs")
-        gamma_base = base_table.gamma_mean()
-    reference = _logps(
+        gamma_base = _logps(session, [], step, units, sdir / BASE_CACHE, f"step {t}: S log-probs").gamma_mean()
+    table = _logps(
         session, chain, step, units, sdir / REFERENCE_CACHE, f"step {t}: reference log-probs (M_{t - 1})"
     )
-    gamma_ref = reference.gamma_mean()
     if cfg.diagnostics and not chain:
-        gamma_base = gamma_ref  # M_0 is S
-    reporter.note(
-        f"step {t}: gamma_ref = {gamma_ref:.3f}"
+        gamma_base = table.gamma_mean()  # M_0 is S
+    session.reporter.note(
+        f"step {t}: gamma_ref = {table.gamma_mean():.3f}"
         + (f", gamma of S = {gamma_base:.3f}" if gamma_base is not None else "")
     )
-    ref_sample = _ratios(reference)[sample]
-    reference_drift = 0.0 if trained_prev is None else _mean_abs_diff(ref_sample, _ratios(trained_prev))
+    sample_ratios = _ratios(table)[sample]
+    drift = 0.0 if trained_prev is None else _mean_abs_diff(sample_ratios, _ratios(trained_prev))
+    return References(table, gamma_base, drift, sample_ratios)
 
-    policy_chain = chain if cfg.target_init == "previous" else []
+
+def _train_phase(
+    session: Session,
+    t: int,
+    units: list[Unit],
+    reference: LogpTable,
+    policy_chain: list[Path],
+    sdir: Path,
+    step_seed: int,
+    *,
+    resume: bool,
+) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+    """A fresh LoRA on S + policy_chain, trained on D_t; returns the policy and the metrics rows."""
+    cfg = session.config
     policy = add_lora(
-        holder.model_for(policy_chain), r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=step_seed
+        session.holder.model_for(policy_chain),
+        r=cfg.lora_r,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        seed=step_seed,
     )
     if cfg.gradient_checkpointing:
         _enable_checkpointing(policy.get_base_model())
     schedule = build_schedule(
-        len(units),
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        grad_accum=cfg.grad_accum,
-        seed=step_seed,
+        len(units), epochs=cfg.epochs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=step_seed
     )
     job = StepJob(
         t=t,
@@ -342,19 +356,39 @@ def _run_step_inner(
         hw=session.hw,
         impl=session.impl,
         pad_id=session.tokenizer.pad_token_id,
-        reporter=reporter,
+        reporter=session.reporter,
         seed=step_seed,
         callbacks=session.callbacks,
     )
-    rows = train_step(policy, job, resume=resume)
-    trained = _table(session, policy, sample_units, f"step {t}: P_{t} on the drift sample")
-    training_shift = _mean_abs_diff(_ratios(trained), ref_sample)
+    return policy, train_step(policy, job, resume=resume)
 
-    with atomic_dir(sdir / ADAPTER_DIR) as tmp:
-        policy.save_pretrained(str(tmp), safe_serialization=True)
-    unwrap_policy(policy)  # the holder's model, plain again, for step t+1
-    del policy, job
-    release_memory()
+
+def _run_step_inner(
+    session: Session, t: int, step: StepData, chain: list[Path], peaks: PhasePeaks, *, resume: bool
+) -> dict[str, Any]:
+    cfg, reporter = session.config, session.reporter
+    sdir = step_dir(session.out, t)
+    sdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    tokenized: TokenizedStep = tokenize_step(step, session.tokenizer, **session.token_settings())
+    units, kind = build_units(tokenized, seed=cfg.seed, label=step.label)
+    reporter.note(f"step {t}/{len(session.steps)}: {step.label} ({kind}, {len(units)} units)")
+
+    step_seed = cfg.seed * 1000 + t  # LoRA init, data order and dropout of this step
+    sample = drift_sample(len(units), cfg.seed, t)
+    with peaks.phase("reference"):  # loading S (once per run) is part of the first step's reference phase
+        refs = _reference_phase(session, t, step, chain, units, sample, sdir)
+    policy_chain = chain if cfg.target_init == "previous" else []
+    with peaks.phase("train"):
+        policy, rows = _train_phase(session, t, units, refs.table, policy_chain, sdir, step_seed, resume=resume)
+    with peaks.phase("save"):
+        trained = _table(session, policy, [units[i] for i in sample], f"step {t}: P_{t} on the drift sample")
+        training_shift = _mean_abs_diff(_ratios(trained), refs.sample_ratios)
+        with atomic_dir(sdir / ADAPTER_DIR) as tmp:
+            policy.save_pretrained(str(tmp), safe_serialization=True)
+        unwrap_policy(policy)  # the holder's model, plain again, for step t+1
+        del policy
+        release_memory()
     new_chain = [*policy_chain, sdir / ADAPTER_DIR]
     summary = {
         "step": t,
@@ -363,18 +397,20 @@ def _run_step_inner(
         "kind": kind,
         "loss": cfg.loss,
         "pairs_used": len(units),
-        "gamma_ref_mean": gamma_ref,
-        "gamma_base_mean": gamma_base,
+        "gamma_ref_mean": refs.table.gamma_mean(),
+        "gamma_base_mean": refs.gamma_base,
         "reference": cfg.reference,
         # mean |log-ratio of the reference used - log-ratio of the trained P_{t-1}| on a fixed sample of
         # D_t; 0 by construction in exact mode, where the reference is P_{t-1}'s own weights.
-        "reference_drift": reference_drift,
+        "reference_drift": refs.drift,
         # the same sample's mean |log-ratio of P_t - log-ratio of the reference|: what this step moved.
         "training_shift": training_shift,
         "drift_sample_units": len(sample),
-        "frozen_delta_parameters": holder.delta_parameters(),
+        "frozen_delta_parameters": session.holder.delta_parameters(),
         **training_figures(rows),
-        "peak_memory_bytes": peak_memory_bytes(session.hw),
+        # the allocator's peak counter is reset per phase: the step's peak is the largest phase peak
+        "peak_memory_bytes": peaks.overall(),
+        "peak_memory_bytes_by_phase": peaks.as_dict(),
         "memory_kind": "cuda_max_allocated" if session.hw.is_cuda else "cpu_max_rss",
         "wall_seconds": time.perf_counter() - started,
         "adapter_chain": [str(p.relative_to(session.out)) for p in new_chain],
