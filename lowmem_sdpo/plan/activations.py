@@ -1,0 +1,142 @@
+"""Activation memory of one forward / backward, per part, for a Llama-style block (attention with q/k/v/o
+through SDPA, a gated MLP, RMSNorm) with LoRA (dropout > 0) on every block linear. Estimates, not exact:
+they follow what autograd keeps for each op of transformers' Llama code as the engine runs it (bf16 autocast,
+non-reentrant checkpointing of every decoder layer, peft LoRA on bitsandbytes Linear4bit); the GPU pass
+compares them with measured peaks.
+
+Notation: N = rows x length tokens of one forward (every row padded to --max-length: the worst micro-batch),
+H hidden, Q = heads x head_dim, K = kv heads x head_dim, I intermediate, c bytes per compute-dtype element
+(2 for bf16), r the LoRA rank. SOLAR-10.7B, one pair (2 rows) at 2048 tokens: N = 4096.
+
+Training keeps, per decoder layer, only its input (checkpointing): N·H·c = 32 MiB, x 48 layers = 1.5 GiB.
+Backward recomputes one layer at a time and keeps, until that layer's backward is done:
+  * each RMSNorm's fp32 copy of its input (pow and mul save it): 2 x N·H·4;
+  * per LoRA'd linear of input width w: the dropout output (lora_A's input) N·w·c and dropout's bool mask
+    N·w, lora_A's output N·r·c (lora_B's input) and autocast's copies of the factors; the 4-bit base matmul
+    keeps no input (its backward needs only the weight, which bitsandbytes dequantises again);
+  * SDPA's q, repeated k and v (transformers repeats GQA heads whenever there is a padding mask) and output,
+    4 x N·Q·c, its fp32 log-sum-exp N·heads·4, and the mask as an additive compute-dtype copy rows·L²·c;
+  * the MLP's gate output (SiLU's input), SiLU output and up output (the product's inputs): 3 x N·I·c.
+For SOLAR at N = 4096 that is about 1.0 GiB, and the layer's backward adds its gradient buffers
+(about 3 x N·I·c for the MLP, 336 MiB) and the dequantised weight (I·H·c = 112 MiB).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lowmem_sdpo.plan.shapes import FP32, ModelShapes
+from lowmem_sdpo_kernels.configs import DEFAULT_TRITON_CONFIG, MAX_VOCAB_SPLITS
+
+BOOL = 1
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One forward: `rows` sequences (a pair is two: chosen and rejected) of `length` tokens."""
+
+    rows: int
+    length: int
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.length
+
+
+def checkpoints(s: ModelShapes, b: Batch) -> int:
+    """Every decoder layer's input, kept for the recompute: n_layers x N·H·c."""
+    return s.n_layers * b.tokens * s.hidden * s.element_size
+
+
+def mask_and_rotary(s: ModelShapes, b: Batch) -> int:
+    """The 4D bool padding mask [rows, 1, L, L], built once per forward and shared by every layer, and the
+    rotary cos / sin tables [rows, L, head_dim] in the compute dtype."""
+    return b.rows * b.length * b.length * BOOL + 2 * b.rows * b.length * s.head_dim * s.element_size
+
+
+def sdpa_mask_copy(s: ModelShapes, b: Batch) -> int:
+    """SDPA turns the bool mask into an additive one of the query's dtype per call (and keeps it for backward)."""
+    return b.rows * b.length * b.length * s.element_size
+
+
+def lora_saved(s: ModelShapes, b: Batch, r: int, mask_bytes: int = BOOL) -> int:
+    """Per LoRA'd linear of one layer: its dropout output (lora_A's input, c per element) and dropout mask
+    (CUDA's fused dropout keeps a bool mask: `mask_bytes` 1; CPU's keeps a noise tensor of the input's dtype),
+    lora_A's output (lora_B's input, N·r·c), and autocast's copies of the fp32 factors."""
+    c = s.element_size
+    inputs = sum(b.tokens * (lin.in_features * (c + mask_bytes) + r * c) for lin in s.layer_linears())
+    return inputs + lora_factor_copies(s, r)
+
+
+def lora_factor_copies(s: ModelShapes, r: int) -> int:
+    """Autocast casts each fp32 LoRA factor to the compute dtype for its matmul, which keeps the copy for
+    backward: r·(in + out)·c per linear of the layer."""
+    return sum(r * (lin.in_features + lin.out_features) * s.element_size for lin in s.layer_linears())
+
+
+def layer_saved(s: ModelShapes, b: Batch, r: int, mask_bytes: int = BOOL) -> int:
+    """What one decoder layer keeps for its backward (see the module docstring)."""
+    c, n = s.element_size, b.tokens
+    q_width = s.n_heads * s.head_dim
+    norms = 2 * n * (s.hidden * FP32 + FP32)  # fp32 input copy and the rsqrt per row
+    attention = 4 * n * q_width * c + n * s.n_heads * FP32 + sdpa_mask_copy(s, b)
+    mlp = 3 * n * s.intermediate * c
+    return norms + attention + mlp + lora_saved(s, b, r, mask_bytes)
+
+
+def layer_backward_transient(s: ModelShapes, b: Batch) -> int:
+    """Gradient buffers alive inside one layer's backward: the MLP's (d product, d gate, d up: 3 x N·I·c) and
+    the gradient flowing between layers, in and out (2 x N·H·c)."""
+    c, n = s.element_size, b.tokens
+    return 3 * n * s.intermediate * c + 2 * n * s.hidden * c
+
+
+def layer_forward_transient(s: ModelShapes, b: Batch) -> int:
+    """Peak of one layer's forward without autograd (reference pass, drift sample; also a checkpointed
+    training forward, whose layer internals are dropped): the larger of the attention moment (norm output,
+    q, post-rope k and v, repeated k and v, SDPA output, the additive mask) and the MLP moment (norm output,
+    SiLU(gate), up and their product)."""
+    c, n = s.element_size, b.tokens
+    q_width, kv_width = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
+    attention = n * s.hidden * c + n * (4 * q_width + 2 * kv_width) * c + sdpa_mask_copy(s, b)
+    mlp = n * s.hidden * c + 3 * n * s.intermediate * c
+    return max(attention, mlp)
+
+
+def residual_stream(s: ModelShapes, b: Batch) -> int:
+    """The running hidden state and the residual beside it during a forward: 2 x N·H·c."""
+    return 2 * b.tokens * s.hidden * s.element_size
+
+
+def dequant_buffer(s: ModelShapes) -> int:
+    """bitsandbytes dequantises a 4-bit weight to a dense compute-dtype copy for each matmul (forward, and
+    again for the input gradient): the largest block weight's, e.g. SOLAR's 14336 x 4096 x 2 B = 112 MiB."""
+    return s.largest_linear() * s.element_size
+
+
+def vocab_splits(vocab: int) -> int:
+    """The Triton forward's vocabulary splits (lowmem_sdpo_kernels.triton_logprobs._vocab_splits)."""
+    block_v = DEFAULT_TRITON_CONFIG.block_v
+    tiles = -(-vocab // block_v)
+    per_split = -(-tiles // min(MAX_VOCAB_SPLITS, max(tiles, 1)))
+    return -(-tiles // per_split)
+
+
+def kernel_forward(s: ModelShapes, b: Batch) -> int:
+    """The fused log-prob op's forward (configs.py): labelled rows are compacted (index_select, a copy of M
+    rows of hidden, M <= N: counted as all N, the prompt-free worst case), per-row partial (max, sum,
+    target) per vocabulary split in fp32, the log-sum-exp and the [N] fp32 outputs. No [N, V] tensor."""
+    c, m = s.element_size, b.tokens
+    return m * s.hidden * c + 3 * vocab_splits(s.vocab) * m * FP32 + m * FP32 + 2 * b.tokens * FP32
+
+
+def kernel_backward(s: ModelShapes, b: Batch) -> int:
+    """Its backward: fp32 dH [M, D] accumulated by atomics, its cast to the compute dtype, and index_select's
+    backward scattering it into a zero [N, D] (the frozen lm head gets no dW)."""
+    c, m = s.element_size, b.tokens
+    return m * s.hidden * (FP32 + c) + b.tokens * s.hidden * c
+
+
+def final_norm_saved(s: ModelShapes, b: Batch) -> int:
+    """The final RMSNorm runs outside the checkpointed layers: its fp32 input copy lives until its backward."""
+    return b.tokens * (s.hidden * FP32 + FP32)
