@@ -25,17 +25,46 @@ def test_nan_loss_stops_and_names_step_and_batch(tmp_path):
     assert json.loads((step1 / "checkpoint" / "state.json").read_text())["opt_steps_done"] == 1
 
 
-def test_out_of_memory_is_reported_with_advice_and_checkpoint_kept(tmp_path):
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        # cuBLAS failing to allocate its workspace: a plain RuntimeError, not the allocator's error
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    ],
+    ids=["allocator", "cublas"],
+)
+def test_out_of_memory_is_reported_with_advice_and_checkpoint_kept(tmp_path, error):
     config = small_config(tmp_path, save_every=1)
 
     def oom(row):
         if row["opt_step"] == 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise error
 
-    with pytest.raises(OutOfMemory, match=r"out of memory during step 1.*--batch-size 1.*--resume"):
+    with pytest.raises(OutOfMemory, match=r"out of memory during step 1 \(train\).*peak in reference.*--resume"):
         run(config, callbacks=[oom])
     state = json.loads((Path(config.output_dir) / "step-1" / "checkpoint" / "state.json").read_text())
     assert state["opt_steps_done"] == 2
+
+
+def test_other_runtime_errors_are_not_out_of_memory(tmp_path):
+    config = small_config(tmp_path, save_every=1)
+
+    def broken(row):
+        raise RuntimeError("shape mismatch in something else")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run(config, callbacks=[broken])
+
+
+def test_summary_holds_each_phase_peak(tmp_path):
+    config = small_config(tmp_path)
+    config.steps = config.steps.split(",")[0]
+    summary = run(config)[0]
+    phases = summary["peak_memory_bytes_by_phase"]
+    assert list(phases) == ["reference", "train", "save"]
+    assert all(v > 0 for v in phases.values())
+    assert summary["peak_memory_bytes"] == max(phases.values())
 
 
 def _cli(args: list[str], capsys) -> tuple[int, str]:
