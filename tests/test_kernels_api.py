@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from test_kernels_common import DEVICE, make_head, make_inputs
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from lowmem_sdpo_kernels import IMPLS, linear_logprobs, resolve_impl, sequence_logprobs
+from lowmem_sdpo_kernels import IMPLS, linear_logprobs, resolve_impl, sequence_logprobs, valid_rows
 
 
 def test_unknown_impl_lists_known_ones() -> None:
@@ -136,3 +137,71 @@ def test_sequence_logprobs_passes_the_head_through(impl: str) -> None:
     assert n_tokens.cpu().tolist() == ref_count.tolist()
     plain, _ = sequence_logprobs(hidden.view(batch, length, dim), weight, labels, impl=impl)
     assert (plain - logp_sum).abs().max() > 0.1, "the head must matter here, or this checks nothing"
+
+
+def _run(impl: str, hidden, weight, targets, grad_out, rows=None):
+    h = hidden.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    out = linear_logprobs(h, w, targets, impl=impl, rows=rows)
+    (out.double() * grad_out).sum().backward()
+    return out, h.grad, w.grad
+
+
+@pytest.mark.parametrize("impl", ["naive", "torch", "triton"])
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.4, 1.0], ids=["none-ignored", "some-ignored", "all-ignored"])
+def test_precomputed_rows_give_identical_results(impl: str, ignore_frac: float) -> None:
+    hidden, weight, targets, grad_out = make_inputs(29, 16, 70, torch.float32, ignore_frac=ignore_frac, seed=5)
+    rows = valid_rows(targets.cpu(), 70).to(DEVICE)  # host-side, as the engine does it
+    assert rows.tolist() == (targets != -100).nonzero().squeeze(1).tolist()
+    checked = _run(impl, hidden, weight, targets, grad_out)
+    given = _run(impl, hidden, weight, targets, grad_out, rows=rows)
+    for a, b in zip(checked, given, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_sequence_logprobs_with_precomputed_rows() -> None:
+    hidden, weight, labels, _ = make_inputs(4 * 9, 16, 57, torch.float32, seed=21)
+    hidden, labels = hidden.view(4, 9, 16), labels.view(4, 9)
+    rows = valid_rows(labels.cpu(), 57).to(DEVICE)
+    with_rows = sequence_logprobs(hidden, weight, labels, impl="torch", rows=rows)
+    without = sequence_logprobs(hidden, weight, labels, impl="torch")
+    assert all(torch.equal(a, b) for a, b in zip(with_rows, without, strict=True))
+
+
+class _SyncOps(TorchDispatchMode):
+    """Counts the aten ops that make the host wait for the device: a scalar read (.item(), bool())
+    and nonzero (its output size is data-dependent)."""
+
+    SYNCING = ("aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.SYNCING:
+            self.seen.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_precomputed_rows_leave_no_syncing_op() -> None:
+    # On CPU nothing syncs, but the ops that would on CUDA are visible: with rows= the forward and
+    # backward issue none; without it the checked path issues its .any() and nonzero().
+    hidden, weight, targets, grad_out = make_inputs(29, 16, 70, torch.float32, ignore_frac=0.4, seed=6)
+    rows = valid_rows(targets.cpu(), 70).to(DEVICE)
+    with _SyncOps() as probe:
+        _run("torch", hidden, weight, targets, grad_out, rows=rows)
+    assert probe.seen == []
+    with _SyncOps() as probe:
+        _run("torch", hidden, weight, targets, grad_out)
+    assert "aten::nonzero" in probe.seen and "aten::_local_scalar_dense" in probe.seen
+
+
+def test_rows_and_valid_rows_are_checked() -> None:
+    hidden, weight, targets, _ = make_inputs(6, 8, 10, torch.float32, device="cpu")
+    good = valid_rows(targets, 10)
+    for bad in (good.int(), good[None], torch.arange(7)):
+        with pytest.raises(ValueError, match="rows must be"):
+            linear_logprobs(hidden, weight, targets, impl="torch", rows=bad)
+    with pytest.raises(ValueError, match=r"targets\[1\] = 10 is outside \[0, 10\)"):
+        valid_rows(torch.tensor([[3, 10], [-100, 2]]), 10)

@@ -45,11 +45,62 @@ class TritonConfig:
     num_stages: int = 3
 
 
-# Used on the first call (no autotuning stall). 64 x 128 tiles with 64-wide K steps fit the
+# First choice for every dtype (no autotuning stall). 64 x 128 tiles with 64-wide K steps fit the
 # register file at fp32 accumulation for bf16/fp16 on sm80+ (64*128*4 B = 32 KiB of accumulator).
 DEFAULT_TRITON_CONFIG = TritonConfig()
 
-# Tried only when autotune=True is requested (off by default): the benchmark script sweeps these.
+# ---- Shared memory: which tile fits which card ----
+# Triton software-pipelines the K loop of the logits tile: each of num_stages stages buffers one
+# [BLOCK_M, BLOCK_D] tile of H and one [BLOCK_D, BLOCK_V] tile of W, in the input dtype. The backward
+# also stages its [BLOCK_M, BLOCK_V] dz tile (input dtype) to feed the dz @ W and dz^T @ H dots. So a
+# block needs at most
+#     smem = num_stages * (BLOCK_M * BLOCK_D + BLOCK_D * BLOCK_V) * elsize + BLOCK_M * BLOCK_V * elsize
+# (the forward needs no more than the first term). The default tile:
+#     fp32 (4 B):       3 * (64*64 + 64*128) * 4 + 64*128*4 = 147,456 + 32,768 = 180,224 B
+#     bf16/fp16 (2 B):  3 * (64*64 + 64*128) * 2 + 64*128*2 =  73,728 + 16,384 =  90,112 B
+# against the per-block opt-in limits (torch.cuda.get_device_properties(d).shared_memory_per_block_optin)
+#     sm80 (A100) 166,912 B;  sm86 / sm89 (RTX 30xx / 40xx) 101,376 B;  sm90 (H100) 232,448 B,
+# so fp32 at the default tile fits an H100 only, and raised OutOfResources on RTX 30xx/40xx.
+# It is a bound, not an exact figure: the compiler decides the layouts. Triton 3.9's own count
+# (CompiledKernel.metadata.shared, compiled on CPU for sm80/86/90) for the fp32 default backward is
+# 147,456 B (114,688 B with a frozen weight, the figure in issue 17) and 65,536 B at
+# bf16 on sm90; for every config in TRITON_CONFIGS_BY_DTYPE it stays within this bound on all three.
+# (BLOCK_V = 256 tiles can exceed it on sm90, whose wgmma stages dz twice: kept out of the defaults.)
+ELEMENT_SIZE: dict[torch.dtype, int] = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+
+
+def shared_memory_bytes(cfg: TritonConfig, dtype: torch.dtype) -> int:
+    """Upper bound of the shared memory one block of the forward or backward kernel needs (above)."""
+    size = ELEMENT_SIZE[dtype]
+    pipelined = cfg.num_stages * (cfg.block_m * cfg.block_d + cfg.block_d * cfg.block_v) * size
+    return pipelined + cfg.block_m * cfg.block_v * size
+
+
+# Per dtype, in order of preference: the first that fits the device's limit is used. Bounds:
+#   fp32: 180,224 (H100) > 131,072 (A100: 2 stages) > 81,920 (RTX 30xx/40xx: 32-wide K steps) > 32,768
+#   bf16/fp16: 90,112 (all three) > 53,248 > 16,384
+TRITON_CONFIGS_BY_DTYPE: dict[torch.dtype, tuple[TritonConfig, ...]] = {
+    torch.float32: (
+        DEFAULT_TRITON_CONFIG,
+        TritonConfig(64, 128, 64, 8, 2),
+        TritonConfig(64, 128, 32, 8, 2),
+        TritonConfig(32, 64, 32, 4, 2),
+    ),
+    torch.float16: (DEFAULT_TRITON_CONFIG, TritonConfig(64, 128, 32, 8, 3), TritonConfig(32, 64, 32, 4, 2)),
+    torch.bfloat16: (DEFAULT_TRITON_CONFIG, TritonConfig(64, 128, 32, 8, 3), TritonConfig(32, 64, 32, 4, 2)),
+}
+
+
+def select_triton_config(dtype: torch.dtype, smem_limit: int | None) -> TritonConfig | None:
+    """The first of TRITON_CONFIGS_BY_DTYPE[dtype] whose shared_memory_bytes fits smem_limit (bytes per
+    block); None if none does. smem_limit None (no CUDA device: the interpreter) takes the first."""
+    for cfg in TRITON_CONFIGS_BY_DTYPE[dtype]:
+        if smem_limit is None or shared_memory_bytes(cfg, dtype) <= smem_limit:
+            return cfg
+    return None
+
+# Tried only when triton_config="autotune" is requested (off by default): the benchmark script sweeps
+# these. Those whose shared_memory_bytes exceeds the device's limit are not even tried.
 AUTOTUNE_TRITON_CONFIGS: tuple[TritonConfig, ...] = (
     TritonConfig(64, 128, 64, 8, 3),
     TritonConfig(128, 128, 64, 8, 3),
@@ -100,7 +151,7 @@ class OpOptions:
     """Per-call options handed from the public functions to every implementation's core."""
 
     filter_eps: float | None = None  # already resolved (no "auto")
-    # Triton only: None = DEFAULT_TRITON_CONFIG; "autotune" = time AUTOTUNE_TRITON_CONFIGS once per
+    # Triton only: None = select_triton_config for the dtype and device; "autotune" = time AUTOTUNE_TRITON_CONFIGS once per
     # shape key on CUDA and keep the fastest; or an explicit TritonConfig.
     triton_config: TritonConfig | str | None = None
     # Scale and softcap of the head (identity by default); the bias travels as a tensor argument.

@@ -4,20 +4,26 @@ softcap(scale * (hidden @ weight.T + bias)) (bias, scale and softcap optional; l
 This is the thin top tier. It validates inputs, drops ignored rows before any matmul (only rows
 with a target cost work; index_select's backward scatters their gradient back), picks an
 implementation from a registry and resolves the gradient-filtering threshold and head transform.
+
+Host syncs: finding the valid rows (and checking their targets) on the device costs two
+device -> host syncs per call (an .any() and a nonzero(), whose output size the host must know).
+A caller that has the labels on the host computes them there once with valid_rows() before the
+forward and passes rows=...; the call then launches everything without waiting for the device.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
 
-from .configs import OpOptions, TritonConfig, resolve_filter_eps
+from .configs import ELEMENT_SIZE, OpOptions, TritonConfig, resolve_filter_eps
 from .logit_transform import check_bias, resolve_transform
 from .naive import naive_linear_logprobs
 from .torch_chunked import torch_linear_logprobs
-from .triton_logprobs import triton_linear_logprobs
+from .triton_logprobs import default_config, device_smem_limit, triton_linear_logprobs
 
 # core(hidden [M, D], weight [V, D], bias [V] or None, targets [M] all in [0, V), options) -> [M] float32
 CoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, OpOptions], torch.Tensor]
@@ -69,6 +75,47 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         )
 
 
+def _checked_rows(targets: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
+    """[K] int64 indices of the rows with a target, after checking each lies in [0, vocab).
+    On a CUDA tensor this is where the two host syncs happen; on a CPU tensor it costs none."""
+    valid = targets != ignore_index
+    bad = valid & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"targets[{row}] = {int(targets[row])} is outside [0, {vocab}) and is not ignore_index={ignore_index}"
+        )
+    return valid.nonzero().squeeze(1)
+
+
+def valid_rows(targets: torch.Tensor, vocab: int, ignore_index: int = -100) -> torch.Tensor:
+    """The `rows` argument of linear_logprobs / sequence_logprobs, computed where `targets` lives.
+
+    targets: any shape (flattened row-major, as sequence_logprobs flattens [B, T] labels), int.
+    Returns [K] int64 indices of the entries != ignore_index, after checking they lie in [0, vocab)
+    (ValueError naming the first bad one). Call it on the CPU labels before the forward and move the
+    result to the device with the batch: then the op needs no device -> host sync.
+    """
+    return _checked_rows(targets.reshape(-1).long(), vocab, ignore_index)
+
+
+def _check_rows(rows: torch.Tensor, n_rows: int, device: torch.device) -> None:
+    # Metadata only (shape, dtype, device): looking at the values would be the sync rows= avoids.
+    if rows.dim() != 1 or rows.dtype != torch.int64 or rows.device != device or rows.numel() > n_rows:
+        raise ValueError(
+            f"rows must be [K <= {n_rows}] int64 on {device} (valid_rows()); got {tuple(rows.shape)} "
+            f"{rows.dtype} on {rows.device}"
+        )
+
+
+def _no_fit_message(hidden: torch.Tensor) -> str:
+    limit = device_smem_limit(hidden.device)
+    return (
+        f"lowmem_sdpo_kernels: no Triton config for {hidden.dtype} fits {limit} B of shared memory per block "
+        f"on {hidden.device}; using impl='torch' (chunked, slower)"
+    )
+
+
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -81,6 +128,7 @@ def linear_logprobs(
     softcap: float | None = None,
     filter_eps: float | str | None = "auto",
     triton_config: TritonConfig | str | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """log_softmax(z)[n, targets[n]] for every row, z = softcap(logit_scale * (hidden @ weight.T + bias)),
     without N x V logits.
@@ -98,27 +146,37 @@ def linear_logprobs(
         filter_eps: per-row budget of softmax mass the backward may drop by skipping vocabulary
             tiles whose mass is negligible (see configs.AUTO_FILTER_EPS). "auto": dtype epsilon for
             bf16/fp16, off for fp32/fp64. None or 0 turns it off. The forward is always exact.
-        triton_config: impl="triton" only. None = configs.DEFAULT_TRITON_CONFIG (no tuning
-            stall); "autotune" = time configs.AUTOTUNE_TRITON_CONFIGS once per shape key (CUDA).
+        triton_config: impl="triton" only. None = the first of configs.TRITON_CONFIGS_BY_DTYPE
+            that fits the device's shared memory (no tuning stall; if none fits, impl="torch" with
+            one warning); "autotune" = time configs.AUTOTUNE_TRITON_CONFIGS once per shape key (CUDA).
+        rows: optional [K] int64 indices (on hidden's device) of exactly the rows whose target is not
+            ignore_index, all of those targets in [0, V): what valid_rows() returns. The caller
+            vouches for it (it is not looked at on the device); in exchange the call makes no
+            device -> host sync. None: found and checked here (two syncs on CUDA).
     Returns:
         [N] float32 (float64 for float64 inputs), differentiable w.r.t. hidden, weight and bias.
     """
     _check_inputs(hidden, weight, targets)
     check_bias(bias, weight)
     name = resolve_impl(impl, hidden)
+    if name == "triton" and hidden.dtype in ELEMENT_SIZE and not isinstance(triton_config, TritonConfig):
+        # The tile is picked here, so that a card too small for every config falls back to the
+        # chunked torch impl (one warning) instead of failing at the first launch.
+        fitting = default_config(hidden.dtype, hidden.device)
+        if fitting is None:
+            warnings.warn(_no_fit_message(hidden), RuntimeWarning, stacklevel=2)
+            name = "torch"
+        elif triton_config is None:
+            triton_config = fitting
     transform = resolve_transform(logit_scale, softcap)
     options = OpOptions(resolve_filter_eps(filter_eps, hidden.dtype), triton_config, transform)
     targets = targets.long()
     n_rows, vocab = hidden.shape[0], weight.shape[0]
-    valid = targets != ignore_index
-    bad = valid & ((targets < 0) | (targets >= vocab))
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"targets[{row}] = {int(targets[row])} is outside [0, {vocab}) and is not ignore_index={ignore_index}"
-        )
+    if rows is None:
+        rows = _checked_rows(targets, vocab, ignore_index)
+    else:
+        _check_rows(rows, n_rows, hidden.device)
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    rows = valid.nonzero().squeeze(1)
     if rows.numel() == n_rows:  # nothing ignored: no compaction copy
         return IMPLS[name](hidden, weight, bias, targets, options).to(out_dtype)
     # Compaction: only valid rows reach the matmuls. index_select's backward scatters grad back.

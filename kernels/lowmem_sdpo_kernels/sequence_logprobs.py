@@ -20,6 +20,7 @@ def sequence_logprobs(
     softcap: float | None = None,
     filter_eps: float | str | None = "auto",
     triton_config: TritonConfig | str | None = None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over t of log p(labels[b, t] | hidden[b, t]) and the number of labelled positions.
 
@@ -28,6 +29,8 @@ def sequence_logprobs(
         weight: [V, D] lm-head weight; bias [V], logit_scale and softcap as in linear_logprobs.
         labels: [B, T], already aligned with hidden (the caller shifts); ignore_index = no target.
         impl, filter_eps, triton_config: as in linear_logprobs.
+        rows: optional valid_rows(labels, V) (indices into the flattened [B * T] labels), moved to
+            hidden's device: no device -> host sync. None: found on the device (as linear_logprobs).
     Returns:
         (logp_sum [B] float32, n_tokens [B] int64). A sequence with no labelled position gives
         (0.0, 0); its hidden rows get zero gradient.
@@ -49,6 +52,7 @@ def sequence_logprobs(
         softcap=softcap,
         filter_eps=filter_eps,
         triton_config=triton_config,
+        rows=rows,
     )
     logp_sum = logp.view(batch, length).sum(dim=1)
     n_tokens = (labels != ignore_index).sum(dim=1, dtype=torch.int64)

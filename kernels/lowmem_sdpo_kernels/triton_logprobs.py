@@ -25,16 +25,20 @@ every row, and that holds no row's target, skips both products (gradient filteri
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .configs import (
     AUTOTUNE_TRITON_CONFIGS,
-    DEFAULT_TRITON_CONFIG,
     MAX_VOCAB_SPLITS,
     OpOptions,
     TritonConfig,
+    select_triton_config,
+    shared_memory_bytes,
 )
 from .logit_transform import LogitTransform
 
@@ -309,6 +313,24 @@ class TritonLinearLogprobs(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None
 
 
+@functools.cache
+def _cuda_smem_limit(index: int) -> int | None:
+    props = torch.cuda.get_device_properties(index)
+    return getattr(props, "shared_memory_per_block_optin", None)  # bytes per block, opt-in maximum
+
+
+def device_smem_limit(device: torch.device) -> int | None:
+    """Shared memory per block the device allows (opt-in maximum); None off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    return _cuda_smem_limit(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def default_config(dtype: torch.dtype, device: torch.device) -> TritonConfig | None:
+    """configs.select_triton_config for this device: None when no config fits its shared memory."""
+    return select_triton_config(dtype, device_smem_limit(device))
+
+
 _AUTOTUNE_CACHE: dict[tuple, TritonConfig] = {}
 
 
@@ -321,22 +343,26 @@ def autotune_config(
     key = (triton.next_power_of_2(hidden.shape[0]), weight.shape[0], hidden.shape[1], hidden.dtype, need_w)
     if key in _AUTOTUNE_CACHE:
         return _AUTOTUNE_CACHE[key]
-    if not hidden.is_cuda:
-        return DEFAULT_TRITON_CONFIG
+    fallback = default_config(hidden.dtype, hidden.device)
+    if not hidden.is_cuda or fallback is None:
+        return fallback
     from triton.testing import do_bench  # only the tuner needs it
+    limit = device_smem_limit(hidden.device)
     grad = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     needs = (True, need_w, bias is not None and bias.requires_grad)
     timings: dict[TritonConfig, float] = {}
     with torch.no_grad():
         for cfg in AUTOTUNE_TRITON_CONFIGS:
+            if limit is not None and shared_memory_bytes(cfg, hidden.dtype) > limit:
+                continue  # would not fit: not worth a compile
             def run(cfg: TritonConfig = cfg) -> None:
                 _, lse = _launch_forward(hidden, weight, bias, targets, options.transform, cfg)
                 _launch_backward(hidden, weight, bias, targets, lse, grad, cfg, needs, options)
             try:
                 timings[cfg] = do_bench(run, warmup=5, rep=20)
-            except Exception:  # a config that does not fit this GPU's shared memory is skipped
-                continue
-    best = min(timings, key=timings.__getitem__) if timings else DEFAULT_TRITON_CONFIG
+            except OutOfResources:  # the bound was too optimistic for this compiler: skip the config.
+                continue  # Anything else (a CUDA fault, a bug) must surface, not be timed away.
+    best = min(timings, key=timings.__getitem__) if timings else fallback
     _AUTOTUNE_CACHE[key] = best
     return best
 
@@ -355,9 +381,13 @@ def triton_linear_logprobs(
     if cfg == "autotune":
         cfg = autotune_config(hidden, weight, bias, targets, options)
     elif cfg is None:
-        cfg = DEFAULT_TRITON_CONFIG
+        cfg = default_config(hidden.dtype, hidden.device)
     elif not isinstance(cfg, TritonConfig):
         raise ValueError(f"triton_config must be a TritonConfig, 'autotune' or None, got {cfg!r}")
+    if cfg is None:  # linear_logprobs falls back to impl="torch" before getting here
+        raise ValueError(
+            f"no Triton config fits {device_smem_limit(hidden.device)} B of shared memory for {hidden.dtype}"
+        )
     if bias is not None:
         bias = bias.contiguous()  # the kernels index it as one stride-1 row
     return TritonLinearLogprobs.apply(hidden, weight, bias, targets.contiguous(), options, cfg)

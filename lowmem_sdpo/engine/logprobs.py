@@ -13,7 +13,7 @@ from torch import nn
 
 from lowmem_sdpo.engine.hardware import Hardware
 from lowmem_sdpo.models.head import causal_lm, read_head
-from lowmem_sdpo_kernels import sequence_logprobs
+from lowmem_sdpo_kernels import sequence_logprobs, valid_rows
 
 __all__ = ["batch_logprobs", "causal_lm"]
 
@@ -25,6 +25,11 @@ def batch_logprobs(
     lm = causal_lm(model)
     head = read_head(lm)  # load_quantized has verified it against the model's own forward
     device = hw.device
+    labels = batch["labels"]
+    # Collated labels are on the host: finding (and checking) the labelled rows there, before anything
+    # runs on the device, spares the kernel its two device -> host syncs. Labels already on the
+    # device keep the kernel's own checked path (rows=None).
+    rows = valid_rows(labels, head.weight.shape[0]).to(device) if labels.device.type == "cpu" else None
     with hw.autocast():
         hidden = lm.get_decoder()(
             input_ids=batch["input_ids"].to(device),
@@ -33,5 +38,5 @@ def batch_logprobs(
         ).last_hidden_state
     # The kernel wants hidden and weight in one dtype; under autocast hidden may come out in bf16/fp32.
     return sequence_logprobs(
-        hidden.to(head.weight.dtype), head.weight, batch["labels"].to(device), impl=impl, **head.kernel_kwargs()
+        hidden.to(head.weight.dtype), head.weight, labels.to(device), impl=impl, rows=rows, **head.kernel_kwargs()
     )
