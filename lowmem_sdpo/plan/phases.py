@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lowmem_sdpo.engine.config import RunConfig
+from lowmem_sdpo.engine.run import DRIFT_SAMPLE
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.plan import activations as act
 from lowmem_sdpo.plan.activations import Batch
@@ -99,6 +100,7 @@ class Phase:
     title: str
     note: str
     moments: tuple[Moment, ...] = field(default=())
+    measured_as: str | None = None
 
     @property
     def peak(self) -> Moment:
@@ -237,11 +239,12 @@ def training_phase(ctx: Context) -> tuple[Moment, ...]:
 
 
 def between_phase(ctx: Context) -> tuple[Moment, ...]:
-    """After training step t: P_t scored on the drift sample (no grad, --batch-size pairs per forward, LoRA
-    still on; optimiser and gradients already freed), the adapter saved, LoRA dropped, step t+1's delta built
-    (never larger than what is dropped)."""
+    """After training step t (summary.json's "save" phase): P_t scored on the drift sample (no grad, LoRA still
+    on, optimiser and gradients already freed) at the reference batch size, at most DRIFT_SAMPLE pairs; then
+    the adapter is saved and the LoRA dropped. Step t+1's delta is built in its reference phase."""
+    units = min(ctx.settings.reference_units, DRIFT_SAMPLE)
     static = (*ctx.weights(), ctx.delta(), Part(LORA, ctx.lora()[0].bytes, "exact"))
-    return _no_grad_forward(ctx, static, ctx.training_batch())
+    return _no_grad_forward(ctx, static, Batch(rows=2 * units, length=ctx.settings.max_length))
 
 
 def export_phase(ctx: Context) -> tuple[Moment, ...]:
@@ -254,24 +257,36 @@ class PhaseSpec:
     title: str
     moments: Callable[[Context], tuple[Moment, ...]]
     note: str
+    # The key of summary.json's peak_memory_bytes_by_phase whose measured peak this phase's prediction is
+    # compared with (loading S happens inside step 1's "reference" phase); None: not measured on the GPU.
+    measured_as: str | None
 
 
 PHASES: dict[str, PhaseSpec] = {
     "load": PhaseSpec(
-        "load and quantise", load_phase, "once per run: S in NF4, embeddings / head in the compute dtype"
+        "load and quantise",
+        load_phase,
+        "once per run: S in NF4, embeddings / head in the compute dtype",
+        "reference",
     ),
-    "reference": PhaseSpec("reference pass", reference_phase, "no grad; M_{t-1} = Q(S) + the frozen delta"),
-    "training": PhaseSpec("training", training_phase, "LoRA on M_{t-1}; chosen and rejected in one forward"),
+    "reference": PhaseSpec(
+        "reference pass", reference_phase, "no grad; M_{t-1} = Q(S) + the frozen delta", "reference"
+    ),
+    "training": PhaseSpec(
+        "training", training_phase, "LoRA on M_{t-1}; chosen and rejected in one forward", "train"
+    ),
     "between": PhaseSpec(
-        "between steps", between_phase, "P_t on the drift sample, adapter saved, next step's delta"
+        "between steps", between_phase, "P_t on the drift sample, adapter saved, LoRA dropped", "save"
     ),
-    "export": PhaseSpec("export", export_phase, "runs on the CPU (one shard at a time): no GPU memory"),
+    "export": PhaseSpec("export", export_phase, "runs on the CPU (one shard at a time): no GPU memory", None),
 }
 
 
 def build_phases(shapes: ModelShapes, settings: PlanSettings) -> list[Phase]:
     ctx = Context(shapes, settings)
-    return [Phase(key, spec.title, spec.note, spec.moments(ctx)) for key, spec in PHASES.items()]
+    return [
+        Phase(key, spec.title, spec.note, spec.moments(ctx), spec.measured_as) for key, spec in PHASES.items()
+    ]
 
 
 def peak_phase(phases: list[Phase]) -> Phase:

@@ -101,6 +101,7 @@ class Plan:
                     "title": p.title,
                     "note": p.note,
                     "peak_moment": p.peak.what,
+                    "measured_as": p.measured_as,
                     "parts": [{"name": x.name, "bytes": x.bytes, "basis": x.basis} for x in p.peak.parts],
                     "allocated_bytes": p.allocated,
                     "device_bytes": p.device,
