@@ -74,16 +74,40 @@ LOSS_FLAGS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _accuracy_on_all_pairs(data: Path, adapter: Path) -> tuple[float, float]:
+    """(implicit-reward accuracy, mean margin in nats) of the trained adapter over every training pair, against
+    S: the claim "the policy moved toward the chosen answers", on all 48 pairs rather than on the metrics'
+    8-pair batches (whose accuracy is a noisy multiple of 1/8)."""
+    from peft import PeftModel
+
+    model_dir = resolve_model("tiny")
+    tokenizer = load_tokenizer(str(model_dir))
+    units, _ = build_units(
+        tokenize_step(load_steps(str(data))[0], tokenizer, max_length=32, max_prompt_length=24),
+        seed=0,
+        label="x",
+    )
+    base = reference_table(
+        load_quantized(model_dir, quant=QuantSettings(compute_dtype="float32")), units, tokenizer.pad_token_id
+    )
+    policy = PeftModel.from_pretrained(
+        load_quantized(model_dir, quant=QuantSettings(compute_dtype="float32")), str(adapter)
+    )
+    trained = reference_table(policy.eval(), units, tokenizer.pad_token_id)
+    margin = (trained.chosen - base.chosen) - (trained.rejected - base.rejected)
+    return float((margin > 0).float().mean()), float(margin.mean())
+
+
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_every_loss_trains_on_toy_pairs(tmp_path, loss):
     data = toy_slice(tmp_path / "pairs.jsonl", 1, 48)
     summary = _run_cli(tmp_path, str(data), loss, *LOSS_FLAGS.get(loss, ()))
     assert summary["optimizer_steps"] == 12  # 48 pairs x 2 epochs / 8
     assert torch.isfinite(torch.tensor(summary["final_loss"]))
-    # The policy moved toward the chosen answers: positive margin and more than chance accuracy at the end,
-    # above what it had in its first optimiser steps (where policy == reference and every reward is 0).
-    assert summary["reward_margin_final"] > 0, summary
-    assert summary["reward_accuracy_final"] > max(0.5, summary["reward_accuracy_first"]), summary
+    # The policy moved toward the chosen answers: on every training pair, against S (where every implicit
+    # reward is 0 and the accuracy is 0 by definition), most margins are now positive.
+    accuracy, margin = _accuracy_on_all_pairs(data, tmp_path / f"run-{loss}" / "step-1" / "adapter")
+    assert accuracy > 0.5 and margin > 0, (accuracy, margin)
 
 
 @pytest.mark.parametrize("loss", ["kto", "aot_unpaired"])
