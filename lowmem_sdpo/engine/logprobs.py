@@ -29,14 +29,28 @@ def batch_logprobs(
     # Collated labels are on the host: finding (and checking) the labelled rows there, before anything
     # runs on the device, spares the kernel its two device -> host syncs. Labels already on the
     # device keep the kernel's own checked path (rows=None).
-    rows = valid_rows(labels, head.weight.shape[0]).to(device) if labels.device.type == "cpu" else None
+    rows = valid_rows(labels, head.weight.shape[0]) if labels.device.type == "cpu" else None
     with hw.autocast():
         hidden = lm.get_decoder()(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
+            input_ids=to_device(batch["input_ids"], device),
+            attention_mask=to_device(batch["attention_mask"], device),
             use_cache=False,
         ).last_hidden_state
     # The kernel wants hidden and weight in one dtype; under autocast hidden may come out in bf16/fp32.
     return sequence_logprobs(
-        hidden.to(head.weight.dtype), head.weight, labels.to(device), impl=impl, rows=rows, **head.kernel_kwargs()
+        hidden.to(head.weight.dtype),
+        head.weight,
+        to_device(labels, device),
+        impl=impl,
+        rows=None if rows is None else to_device(rows, device),
+        **head.kernel_kwargs(),
     )
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> GPU copies from pinned memory, queued without waiting (non_blocking): a copy from pageable
+    memory makes the host wait for it. The batch tensors are fresh per micro-batch and never reused on the
+    host, so the asynchronous copy cannot race a later write."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
