@@ -9,7 +9,7 @@ JSON goes to benchmarks/results/ shaped
    "first_loss", "final_loss"}]}
 
 GPU (the question users ask: does SOLAR-10.7B sDPO fit 24 GB?):
-  python benchmarks/bench_run.py --model solar-10.7b-sft --steps openorca --epochs 0.01 \
+  python benchmarks/bench_run.py --model solar-10.7b-instruct --steps openorca --epochs 0.01 \
       --batch-size 1 --grad-accum 16 --out benchmarks/results/bench_run_solar_h100.json
 Smoke (CPU, tiny model, toy data, ~20 s):
   python benchmarks/bench_run.py --smoke
