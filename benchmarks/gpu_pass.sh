@@ -43,7 +43,7 @@ declare -A PLAN_ARGS=(
 # The demo's settings (lowmem_sdpo/cli/demo_cmd.py DEMO_SETTINGS, checked by tests/test_gpu_pass.py) with
 # --device cuda: `lowmem-sdpo demo` itself forces the CPU.
 DEMO_RUN_ARGS="--model tiny --steps examples/data/toy_step1.jsonl,examples/data/toy_step2.jsonl \
---max-length 32 --max-prompt-length 24 --beta 0.5 --learning-rate 3e-3 --epochs 6 --batch-size 16 --grad-accum 1 \
+--max-length 32 --max-prompt-length 24 --beta 0.1 --learning-rate 3e-3 --epochs 6 --batch-size 16 --grad-accum 1 \
 --warmup-ratio 0.1 --lora-r 8 --lora-alpha 16 --lora-dropout 0.0 --save-every 20 --diagnostics \
 --no-gradient-checkpointing --device cuda"
 # What ../shared/device/wheels.sh prints (tests/test_gpu_pass.py compares them where that file is present).
