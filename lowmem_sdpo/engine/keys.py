@@ -14,19 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lowmem_sdpo.engine.units import Unit
-
-# The files a tokenizer (and its chat template) is loaded from; whichever exist in the model directory.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+from lowmem_sdpo.models.export import TOKENIZER_FILES
 
 
 def _ids(digest: Any, ids: list[int]) -> None:

@@ -19,9 +19,8 @@ from lowmem_sdpo.models.adapters import LoraFactor, check_against_checkpoint, lo
 from lowmem_sdpo.models.checkpoint import INDEX_FILE, Checkpoint
 from lowmem_sdpo.models.merge import Progress
 
-# Copied verbatim next to the weights (whichever exist).
-SIDE_FILES = (
-    "generation_config.json",
+# The files a tokenizer (and its chat template) is loaded from, whichever a model directory has.
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -32,6 +31,8 @@ SIDE_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# Copied verbatim next to the weights (whichever exist).
+SIDE_FILES = ("generation_config.json", *TOKENIZER_FILES)
 DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.bfloat16: "bfloat16",
     torch.float16: "float16",

@@ -29,11 +29,15 @@ def _looks_like_path(target: str) -> bool:
     return target.startswith(("/", ".", "~")) or target.count("/") > 1 or "\\" in target
 
 
-def resolve_model(model: str, revision: str | None = None) -> Path:
+HubFetch = Callable[[str, str, "str | None"], Path]  # (what the user typed, repo id, revision) -> local dir
+
+
+def resolve_model(model: str, revision: str | None = None, fetch: HubFetch | None = None) -> Path:
     """alias / builtin / local dir / hub id -> a directory holding config.json (and the weights).
 
     `revision` (a branch, tag or commit) applies to hub ids only; a run pins the commit it resolved to and
-    resumes from exactly that commit.
+    resumes from exactly that commit. `fetch` brings a hub id's files (default: what a training run needs;
+    `plan` fetches config.json alone).
     """
     target = resolve_model_alias(model)
     if target in BUILTINS:
@@ -46,7 +50,7 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
             f"model '{model}': not a local directory with config.json and not a hub id "
             f"({local} {'has no config.json' if local.is_dir() else 'does not exist'})"
         )
-    return _download(model, target, revision)
+    return (fetch or _download)(model, target, revision)
 
 
 def _download(model: str, repo_id: str, revision: str | None = None) -> Path:

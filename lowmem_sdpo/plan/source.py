@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from lowmem_sdpo.errors import InputError
-from lowmem_sdpo.model_aliases import resolve_model_alias
 from lowmem_sdpo.models.quant import DTYPES
 
 CONFIG_FILE = "config.json"
@@ -25,10 +24,6 @@ class ModelSource:
     name: str  # what the user typed
     config_dir: Path  # the directory holding config.json
     config: Any  # transformers PretrainedConfig
-
-
-def _looks_like_path(target: str) -> bool:
-    return target.startswith(("/", ".", "~")) or target.count("/") > 1 or "\\" in target
 
 
 def _hub_config_dir(model: str, repo_id: str, revision: str | None) -> Path:
@@ -46,20 +41,9 @@ def _hub_config_dir(model: str, repo_id: str, revision: str | None) -> Path:
 
 def config_dir_for(model: str, revision: str | None = None) -> Path:
     """The directory holding `model`'s config.json: local, built in (tiny), or config.json alone from the hub."""
-    from lowmem_sdpo.models.resolve import BUILTINS
+    from lowmem_sdpo.models.resolve import resolve_model
 
-    target = resolve_model_alias(model)
-    if target in BUILTINS:
-        return BUILTINS[target]()
-    local = Path(target).expanduser()
-    if local.is_dir() and (local / CONFIG_FILE).is_file():
-        return local
-    if local.exists() or _looks_like_path(target):
-        raise InputError(
-            f"model '{model}': not a local directory with {CONFIG_FILE} and not a hub id "
-            f"({local} {'has no ' + CONFIG_FILE if local.is_dir() else 'does not exist'})"
-        )
-    return _hub_config_dir(model, target, revision)
+    return resolve_model(model, revision, fetch=_hub_config_dir)
 
 
 def read_source(model: str, revision: str | None = None) -> ModelSource:
