@@ -24,11 +24,13 @@ Tokens: T = the non-pad tokens (prompt + answer) of the chosen and the rejected 
 step, each counted once per pass over the data (one epoch). tokens_per_s = T / wall_s for the reference, train
 and step rows (the total row: T_1 + T_2); TRL's in-step reference forwards and ours' drift pass earn nothing.
 Memory: CPU, peak_rss_bytes: a phase's peak resident set (the process's high-water mark when the phase set a
-new one, else the largest 5 ms sample); the step/total rows hold the process's high-water mark (VmHWM).
+new one, else the largest 5 ms sample); the step/total/process rows hold the process's high-water mark (VmHWM).
 CUDA: peak_allocated_bytes / peak_reserved_bytes from torch.cuda.max_memory_allocated / max_memory_reserved.
+Time: wall_s is the median over --repeats interleaved runs (wall_s_runs keeps each, wall_s_min the least
+disturbed, cpu_s the process CPU time); load averages are recorded, the machine may be shared.
 
-  python benchmarks/bench_e2e.py --device cpu                # ~10 min on 2 cores; benchmarks/results/e2e_cpu.json
-  python benchmarks/bench_e2e.py --device cpu --repeats 2    # median of 2 (rows keep every run)
+  python benchmarks/bench_e2e.py --device cpu                # ~5 min on 2 cores; benchmarks/results/e2e_cpu.json
+  python benchmarks/bench_e2e.py --device cpu --repeats 3    # median of 3 (what results/e2e_cpu.json holds)
   python benchmarks/bench_e2e.py --device cuda --shapes solar-2048 --systems ours trl   # one slice (merged)
   python benchmarks/bench_e2e.py --device cuda --dry-run     # what would run
 TRL must be importable by the interpreter that runs this script (pip install -e ".[bench]", in a venv of its
