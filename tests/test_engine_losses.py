@@ -137,6 +137,24 @@ def _window_setup(tmp: Path, dropout: float = 0.0):
     return tokenizer, units, reference, policy
 
 
+def _window_job(tmp: Path, tokenizer, units, reference, objective: Objective) -> StepJob:
+    """A job for accumulate_window alone: no schedule, no run directory beyond tmp."""
+    return StepJob(
+        t=1,
+        step_dir=tmp,
+        units=units,
+        reference=reference,
+        schedule=[],
+        objective=objective,
+        config=small_config(tmp),
+        hw=CPU,
+        impl="torch",
+        pad_id=tokenizer.pad_token_id,
+        reporter=Reporter(True),
+        seed=0,
+    )
+
+
 def _grads(policy, job: StepJob, micro: list[list[int]]) -> dict[str, torch.Tensor]:
     from lowmem_sdpo.engine.trainer import _StopFlag
 
@@ -157,20 +175,7 @@ def _grads(policy, job: StepJob, micro: list[list[int]]) -> dict[str, torch.Tens
 )
 def test_aot_window_gradients_equal_one_big_batch(tmp_path, loss, options):
     tokenizer, units, reference, policy = _window_setup(tmp_path)
-    job = StepJob(
-        t=1,
-        step_dir=tmp_path,
-        units=units,
-        reference=reference,
-        schedule=[],
-        objective=Objective(loss, 0.5, options),
-        config=small_config(tmp_path),
-        hw=CPU,
-        impl="torch",
-        pad_id=tokenizer.pad_token_id,
-        reporter=Reporter(True),
-        seed=0,
-    )
+    job = _window_job(tmp_path, tokenizer, units, reference, Objective(loss, 0.5, options))
     big = _grads(policy, job, [list(range(8))])
     split = _grads(policy, job, [[0, 1], [2, 3, 4], [5], [6, 7]])
     for name in big:
@@ -224,20 +229,7 @@ def test_aot_window_exact_with_dropout(tmp_path, loss):
     """With LoRA dropout 0.05 (the default) the ranking pass and the gradient pass see the same masks: the
     window's gradient is the exact gradient of the window loss under those masks."""
     tokenizer, units, reference, policy = _window_setup(tmp_path, dropout=0.05)
-    job = StepJob(
-        t=1,
-        step_dir=tmp_path,
-        units=units,
-        reference=reference,
-        schedule=[],
-        objective=Objective(loss, 0.5, {}),
-        config=small_config(tmp_path),
-        hw=CPU,
-        impl="torch",
-        pad_id=tokenizer.pad_token_id,
-        reporter=Reporter(True),
-        seed=0,
-    )
+    job = _window_job(tmp_path, tokenizer, units, reference, Objective(loss, 0.5, {}))
     micro = [[0, 1], [2, 3, 4], [5], [6, 7]]
     torch.manual_seed(7)
     ours = _grads(policy, job, micro)

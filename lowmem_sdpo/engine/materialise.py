@@ -90,7 +90,8 @@ class RequantizedHolder:
     def __init__(self, loader: Loader, merge: str, quant: QuantSettings, device: torch.device) -> None:
         self._loader = loader
         self._merge = merge
-        self._exact = ExactHolder(loader, quant, device)  # the delta machinery, for drift_model
+        self._dtype = quant.torch_compute_dtype  # of drift_model's delta
+        self._device = device
         self._model: nn.Module | None = None
         self._key: tuple[Any, ...] | None = None
 
@@ -103,7 +104,7 @@ class RequantizedHolder:
 
     def _drop(self) -> None:
         self._model = self._key = None
-        self._exact.release()  # also runs release_memory
+        release_memory()
 
     def model_for(self, chain: Sequence[Path]) -> nn.Module:
         chain = [Path(p) for p in chain]
@@ -118,9 +119,7 @@ class RequantizedHolder:
 
         def build() -> nn.Module:
             base = self._loader(chain[:-1], self._merge)
-            delta = FrozenDelta.from_factors(
-                load_all_factors(chain[-1:]), self._exact._dtype, self._exact._device
-            )
+            delta = FrozenDelta.from_factors(load_all_factors(chain[-1:]), self._dtype, self._device)
             delta.attach(base)
             return base
 
