@@ -56,6 +56,10 @@ HELP: dict[str, str] = {
     "device": "auto, cpu, cuda",
     "save_every": "write a resumable checkpoint every N optimiser steps",
     "diagnostics": "also compute gamma of S on each step's data",
+    "eval_split": "a seeded fraction of each step's data held out of training and evaluated (0: none)",
+    "eval_steps": "held-out pairs in the --steps grammar: one item for every step, or one item per step",
+    "eval_every": "also evaluate the held-out pairs every N optimiser steps (0: at the end of each step only)",
+    "report_to": "also send metrics.jsonl's rows to a tracker: none, tensorboard, wandb, trackio (if installed)",
     "quiet": "no progress bars or tables",
 }
 BOOL_FIELDS = ("gradient_checkpointing", "double_quant", "diagnostics", "quiet")

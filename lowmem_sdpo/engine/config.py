@@ -62,7 +62,12 @@ class RunConfig:
     double_quant: bool = True
     logprob_impl: str = "auto"
     device: str = "auto"
+    # held-out evaluation (engine/heldout.py)
+    eval_split: float = 0.0  # a seeded fraction of each step's data kept out of training; 0: none
+    eval_steps: str = ""  # or held-out data in the --steps grammar: one item for every step, or one per step
+    eval_every: int = 0  # also every N optimiser steps (0: only at the end of each step)
     # bookkeeping
+    report_to: str = "none"  # a tracker of lowmem_sdpo.trackers.TRACKERS, fed metrics.jsonl's rows
     save_every: int = 50
     diagnostics: bool = False
     quiet: bool = False
@@ -77,7 +82,7 @@ class RunConfig:
 # reference log-probs of a step not yet cached may change in the last bits; resume promises the adapters
 # of an uninterrupted run exactly (right padding and the causal mask keep the valid positions' values
 # the same only up to that rounding).
-RESUME_EXEMPT = frozenset({"save_every", "quiet", "output_dir", "diagnostics"})
+RESUME_EXEMPT = frozenset({"save_every", "quiet", "output_dir", "diagnostics", "report_to"})
 CHOICES: dict[str, tuple[str, ...]] = {
     "target_init": ("previous", "base"),
     "reference": ("exact", "requantized"),
@@ -85,6 +90,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     # The names of engine.optim.OPTIMIZERS (kept literal here so that parsing a config needs no torch import).
     "optim": ("auto", "adamw", "adamw_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"),
     "device": ("auto", "cpu", "cuda"),
+    # The names of trackers.TRACKERS (literal for the same reason).
+    "report_to": ("none", "tensorboard", "wandb", "trackio"),
 }
 POSITIVE: tuple[str, ...] = (
     "max_length",
@@ -95,7 +102,7 @@ POSITIVE: tuple[str, ...] = (
     "save_every",
 )
 # Integer options where 0 means "auto" (worked out from other options) and negatives are refused.
-NON_NEGATIVE: tuple[str, ...] = ("reference_batch_size",)
+NON_NEGATIVE: tuple[str, ...] = ("reference_batch_size", "eval_every")
 # reference_batch_size 0: the no-grad reference pass keeps no activations for backward, so twice the
 # training micro-batch fits where training fits.
 AUTO_REFERENCE_BATCH_FACTOR = 2
@@ -208,6 +215,16 @@ def validate(config: RunConfig) -> None:
         raise InputError(f"--warmup-ratio must be in [0, 1), got {config.warmup_ratio}")
     if not 0 <= config.lora_dropout < 1:
         raise InputError(f"--lora-dropout must be in [0, 1), got {config.lora_dropout}")
+    _validate_heldout(config)
+
+
+def _validate_heldout(config: RunConfig) -> None:
+    if not 0 <= config.eval_split < 1:
+        raise InputError(f"--eval-split must be in [0, 1) (0: no held-out split), got {config.eval_split}")
+    if config.eval_split and config.eval_steps:
+        raise InputError("--eval-split and --eval-steps: give one source of held-out pairs, not both")
+    if config.eval_every and not (config.eval_split or config.eval_steps):
+        raise InputError("--eval-every needs held-out pairs: add --eval-split F or --eval-steps SPEC")
 
 
 def resume_differences(saved: dict[str, Any], current: RunConfig) -> list[str]:

@@ -26,6 +26,7 @@ from lowmem_sdpo.engine.hardware import (
     kernel_impl_for,
     resolve_hardware,
 )
+from lowmem_sdpo.engine.heldout import HeldOut, heldout_data, heldout_summary
 from lowmem_sdpo.engine.keys import hub_commit, tokenizer_fingerprint, units_digest
 from lowmem_sdpo.engine.materialise import Holder, load_for, make_holder, release_memory, unwrap_policy
 from lowmem_sdpo.engine.metrics import SUMMARY_FILE, read_summary
@@ -43,6 +44,7 @@ from lowmem_sdpo.engine.reporting import Reporter
 from lowmem_sdpo.engine.rundir import (
     ADAPTER_DIR,
     BASE_CACHE,
+    EVAL_REFERENCE_CACHE,
     REFERENCE_CACHE,
     pinned_revision,
     prepare_run_dir,
@@ -78,6 +80,7 @@ class Session:
     reporter: Reporter
     holder: Holder
     callbacks: list[StepCallback] = field(default_factory=list)
+    heldout: list[StepData | None] = field(default_factory=list)  # each step's held-out pairs (engine/heldout.py)
 
     @property
     def out(self) -> Path:
@@ -110,7 +113,8 @@ def run_sdpo(
         seed=config.seed,
         desirable_threshold=config.desirable_threshold,
     )
-    for step in steps:
+    steps, heldout = heldout_data(config, steps)
+    for step in [*steps, *(h for h in heldout if h is not None)]:
         objective.check_data("unpaired" if step.unpaired else "pairs", step.label)
     tokenizer = load_tokenizer(str(model_dir))
     quant = QuantSettings(double_quant=config.double_quant, compute_dtype=hw.compute_dtype)
@@ -135,6 +139,7 @@ def run_sdpo(
             device=hw.device,
         ),
         callbacks=list(callbacks or []),
+        heldout=heldout,
     )
     prepare_run_dir(session, resume)
 
@@ -330,6 +335,7 @@ def _train_phase(
     step_seed: int,
     *,
     resume: bool,
+    evaluate: HeldOut | None = None,
 ) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
     """A fresh LoRA on S + policy_chain, trained on D_t; returns the policy and the metrics rows."""
     cfg = session.config
@@ -359,8 +365,28 @@ def _train_phase(
         reporter=session.reporter,
         seed=step_seed,
         callbacks=session.callbacks,
+        evaluate=evaluate,
+        eval_every=cfg.eval_every,
     )
     return policy, train_step(policy, job, resume=resume)
+
+
+def _heldout(session: Session, t: int, chain: list[Path], sdir: Path) -> HeldOut | None:
+    """Step t's held-out units with the reference M_{t-1}'s log-probs on them, cached like D_t's."""
+    data = session.heldout[t - 1] if session.heldout else None
+    if data is None:
+        return None
+    tokenized = tokenize_step(data, session.tokenizer, **session.token_settings())
+    units, _ = build_units(tokenized, seed=session.config.seed, label=data.label)
+    reference = _logps(
+        session, chain, data, units, sdir / EVAL_REFERENCE_CACHE, f"step {t}: reference log-probs (held out)"
+    )
+    return HeldOut(
+        units,
+        reference,
+        session.config.beta,
+        score=lambda model, held: _table(session, model, held, f"step {t}: held-out evaluation"),
+    )
 
 
 def _run_step_inner(
@@ -378,9 +404,12 @@ def _run_step_inner(
     sample = drift_sample(len(units), cfg.seed, t)
     with peaks.phase("reference"):  # loading S (once per run) is part of the first step's reference phase
         refs = _reference_phase(session, t, step, chain, units, sample, sdir)
+        heldout = _heldout(session, t, chain, sdir)
     policy_chain = chain if cfg.target_init == "previous" else []
     with peaks.phase("train"):
-        policy, rows = _train_phase(session, t, units, refs.table, policy_chain, sdir, step_seed, resume=resume)
+        policy, rows = _train_phase(
+            session, t, units, refs.table, policy_chain, sdir, step_seed, resume=resume, evaluate=heldout
+        )
     with peaks.phase("save"):
         trained = _table(session, policy, [units[i] for i in sample], f"step {t}: P_{t} on the drift sample")
         training_shift = _mean_abs_diff(_ratios(trained), refs.sample_ratios)
@@ -415,6 +444,7 @@ def _run_step_inner(
         "wall_seconds": time.perf_counter() - started,
         "adapter_chain": [str(p.relative_to(session.out)) for p in new_chain],
         "target_init": cfg.target_init,
+        "eval": heldout_summary(rows, heldout.reference if heldout else None),
     }
     write_json(sdir / SUMMARY_FILE, summary)
     shutil.rmtree(sdir / "checkpoint", ignore_errors=True)  # the step is done; its summary marks it

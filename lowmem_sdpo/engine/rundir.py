@@ -18,6 +18,7 @@ RUN_FILE = "run.json"
 ADAPTER_DIR = "adapter"
 REFERENCE_CACHE = "reference_logps.safetensors"
 BASE_CACHE = "base_logps.safetensors"
+EVAL_REFERENCE_CACHE = "eval_reference_logps.safetensors"  # M_{t-1} on step t's held-out pairs
 
 
 def step_dir(output_dir: Path, t: int) -> Path:
@@ -71,7 +72,15 @@ RESUME_CHECKS: dict[str, tuple[str, Any]] = {
     "chat_template": ("chat template", lambda s: s.tokenizer_fp["chat_template"]),
     "device_type": ("device type", lambda s: s.hw.device.type),
     "compute_dtype": ("compute dtype", lambda s: s.hw.compute_dtype),
+    "eval_data": ("held-out data (the content of --eval-steps)", lambda s: eval_fingerprints(s)),
 }
+
+
+def eval_fingerprints(session: Any) -> list[str | None] | None:
+    """Each step's held-out data fingerprint; None for a run without held-out pairs (as run.json files
+    written before held-out evaluation existed read)."""
+    held = getattr(session, "heldout", None) or []
+    return [h.fingerprint() if h is not None else None for h in held] if any(held) else None
 
 
 def _resume_differences(saved: dict[str, Any], session: Any, data: list[dict[str, Any]]) -> list[str]:
@@ -124,6 +133,7 @@ def prepare_run_dir(session: Any, resume: bool) -> None:
             "commit": git_commit(),
             "seed": session.config.seed,
             "data": data,
+            "eval_data": eval_fingerprints(session),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )

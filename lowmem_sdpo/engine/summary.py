@@ -26,6 +26,13 @@ def print_step_summary(reporter: Reporter, s: dict[str, Any]) -> None:
     def f(v: Any, spec: str = ".4f") -> str:
         return "-" if v is None else format(v, spec)
 
+    held = s.get("eval") or {}
+    heldout_rows = [
+        ("held-out pairs", str(held["pairs"])),
+        ("held-out reward accuracy", f(held["reward_accuracy"], ".3f")),
+        ("held-out reward margin", f(held["reward_margin"])),
+        ("held-out gamma (policy / reference)", f"{f(held['gamma'])} / {f(held['gamma_ref'])}"),
+    ] if held else []
     reporter.table(
         f"step {s['step']}: {Path(s['data']).name or s['data']}",
         [
@@ -40,5 +47,6 @@ def print_step_summary(reporter: Reporter, s: dict[str, Any]) -> None:
             ("tokens / s", f(s["tokens_per_second"], ".0f")),
             ("peak memory (GiB)", f(s["peak_memory_bytes"] / 2**30, ".2f")),
             ("wall (s)", f(s["wall_seconds"], ".1f")),
+            *heldout_rows,
         ],
     )

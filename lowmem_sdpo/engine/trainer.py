@@ -30,6 +30,7 @@ from lowmem_sdpo.engine.checkpoint import RngState, TrainState, load_checkpoint,
 from lowmem_sdpo.engine.config import RunConfig
 from lowmem_sdpo.engine.failures import NonFiniteLoss, RunInterrupted
 from lowmem_sdpo.engine.hardware import Hardware, current_memory_bytes, peak_memory_bytes
+from lowmem_sdpo.engine.heldout import due
 from lowmem_sdpo.engine.logprobs import batch_logprobs
 from lowmem_sdpo.engine.metrics import METRICS_FILE, MetricsLog
 from lowmem_sdpo.engine.objective import LogpBatch, Objective
@@ -59,6 +60,11 @@ class StepJob:
     reporter: Reporter
     seed: int
     callbacks: list[StepCallback] = field(default_factory=list)
+    # Held-out evaluation (engine/heldout.py): the policy -> the row's eval/... fields; at the step's end and
+    # every eval_every optimiser steps. It runs without dropout and draws no random numbers, so the
+    # training stream (and resume's bit-for-bit promise) is the same with it or without.
+    evaluate: Callable[[nn.Module], dict[str, Any]] | None = None
+    eval_every: int = 0
 
 
 class _StopFlag:
@@ -180,6 +186,9 @@ def train_step(model: nn.Module, job: StepJob, *, resume: bool) -> list[dict[str
                 scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if job.evaluate is not None and due(k + 1, total, job.eval_every):
+                row |= job.evaluate(model)
+                model.train()
             log.append(row)
             advance(
                 1,
