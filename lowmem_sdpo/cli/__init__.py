@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "data_cmd",
     "losses_cmd",
     "plan_cmd",
+    "eval_cmd",
     "report_cmd",
 )
 

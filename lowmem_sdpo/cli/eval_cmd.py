@@ -1,0 +1,101 @@
+"""`lowmem-sdpo eval --run RUN`: a finished run's models M_t on preference data (`--data SPEC`: reward accuracy
+and margins against M_{t-1} or S, beside S's own ranking) and on lm-evaluation-harness tasks (`--lm-eval
+TASKS`, or the `h4` preset). Results go to RUN/eval/*.json."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from lowmem_sdpo.errors import InputError
+
+
+def register(subparsers: Any) -> None:
+    ev = subparsers.add_parser("eval", help="evaluate a run's models on preference data or lm-eval tasks",
+                               description=__doc__)
+    ev.add_argument("--run", required=True, help="the run directory (holds run.json)")
+    ev.add_argument("--step", type=int, default=None, help="evaluate M_t of this step only (default: every finished step)")
+    ev.add_argument("--data", default=None, help="preference data in the --steps grammar (one result file per item)")
+    ev.add_argument("--against", choices=("M_{t-1}", "S"), default="M_{t-1}",
+                    help="the reference of M_t's implicit rewards (default M_{t-1}, what step t trained against)")
+    ev.add_argument("--lm-eval", default=None, metavar="TASKS",
+                    help="lm-evaluation-harness tasks A,B,... or the preset h4 (pip install 'lowmem-sdpo[eval]')")
+    ev.add_argument("--num-fewshot", type=int, default=None, help="--lm-eval: shots for every named task")
+    ev.add_argument("--lm-eval-include", default=None, metavar="DIR", help="--lm-eval: a directory of task YAMLs")
+    ev.add_argument("--lm-eval-include-only", action="store_true",
+                    help="--lm-eval: index only --lm-eval-include's tasks, not the harness's own (faster)")
+    ev.add_argument("--limit", type=int, default=None, help="--lm-eval: at most this many documents per task")
+    ev.add_argument("--lm-eval-batch-size", default="1", help="--lm-eval: the harness's batch size (or 'auto')")
+    ev.add_argument("--lm-eval-samples", action="store_true",
+                    help="--lm-eval: keep every document's inputs and log-likelihoods in the result file")
+    ev.add_argument("--checkpoint", default=None, metavar="DIR",
+                    help="--lm-eval: an exported checkpoint (lowmem-sdpo export) instead of S + the run's adapters")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(handler=eval_command)
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from lowmem_sdpo.engine.reporting import Reporter
+    from lowmem_sdpo.eval.runmodels import open_run
+
+    if not args.data and not args.lm_eval:
+        raise InputError("eval: nothing to do; give --data SPEC and/or --lm-eval TASKS")
+    if args.checkpoint and not args.lm_eval:
+        raise InputError("--checkpoint is for --lm-eval (preference data use the run's own adapters)")
+    if args.checkpoint and not (Path(args.checkpoint) / "config.json").is_file():
+        raise InputError(f"--checkpoint {args.checkpoint}: no config.json (expected `lowmem-sdpo export` output)")
+    tasks = None
+    if args.lm_eval:
+        from lowmem_sdpo.eval.harness import harness_version, parse_tasks
+
+        harness_version()  # one line naming the extra to install, before anything slow
+        tasks = parse_tasks(args.lm_eval, args.num_fewshot)
+    reporter = Reporter(args.quiet)
+    models = open_run(Path(args.run), reporter)
+    try:
+        steps = models.steps(args.step)
+        written: list[Path] = []
+        if args.data:
+            from lowmem_sdpo.eval.preference import evaluate_preferences
+
+            written += evaluate_preferences(models, args.data, steps, args.against, reporter)
+        if tasks is not None:
+            written += _lm_eval(models, args, tasks, steps, reporter)
+    finally:
+        models.close()
+    for path in written:
+        reporter.note(f"wrote {path}")
+    return 0
+
+
+def _lm_eval(models: Any, args: argparse.Namespace, tasks: Any, steps: list[int], reporter: Any) -> list[Path]:
+    from lowmem_sdpo.atomic import write_json
+    from lowmem_sdpo.eval.harness import hflm, run_harness, task_manager
+    from lowmem_sdpo.eval.preference import slug
+
+    name, chosen = tasks
+    manager = task_manager(args.lm_eval_include, args.lm_eval_include_only)
+    targets: list[tuple[str, Any, int | None]] = (
+        [(Path(args.checkpoint).name, str(args.checkpoint), None)]
+        if args.checkpoint
+        else [(f"M{t}", None, t) for t in steps]
+    )
+    written = []
+    for label, checkpoint, t in targets:
+        model = checkpoint if checkpoint is not None else models.model(t)
+        reporter.note(f"lm-eval: {name} on {label if checkpoint else f'M_{t}'}")
+        lm = hflm(model, models.tokenizer, device=str(models.hw.device), batch_size=args.lm_eval_batch_size,
+                  dtype=models.hw.compute_dtype)
+        result = run_harness(lm, chosen, manager=manager, limit=args.limit, log_samples=args.lm_eval_samples)
+        result |= {"model": checkpoint or f"M_{t}", "step": t, "tasks": args.lm_eval, "limit": args.limit}
+        path = models.out / f"lm-eval-{slug(name)[:60]}-{slug(label)}.json"
+        write_json(path, result)
+        written.append(path)
+        rows = [(task, f"{s['value']:.4f} ({s['metric']}, {s['num_fewshot']}-shot)") for task, s in result["scores"].items()]
+        for run in result["calls"]:
+            for task, figures in (run.get("results") or {}).items():
+                rows += [(f"{task} {k.split(',')[0]}", f"{v:.4f}") for k, v in figures.items()
+                         if isinstance(v, float) and "stderr" not in k]
+        reporter.table(f"lm-eval: {label} (lm_eval {result['lm_eval_version']})", rows)
+    return written

@@ -1,0 +1,117 @@
+"""A finished run's models, as the run had them: Q(S) loaded once in 4 bit, and M_t = Q(S) + the adapters of
+steps 1..t as a frozen low-rank delta (engine/materialise.py's exact holder: swapping t swaps hooks only).
+A run trained in requantized mode is evaluated the same way: M_t exactly as trained, not requantised."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowmem_sdpo.data import load_tokenizer
+from lowmem_sdpo.engine.config import RunConfig
+from lowmem_sdpo.engine.hardware import Hardware, kernel_impl_for, resolve_hardware
+from lowmem_sdpo.engine.materialise import ExactHolder, load_for
+from lowmem_sdpo.engine.metrics import read_summary
+from lowmem_sdpo.engine.reporting import Reporter
+from lowmem_sdpo.engine.rundir import RUN_FILE, read_run_file, step_dir
+from lowmem_sdpo.errors import InputError
+from lowmem_sdpo.models import QuantSettings, model_fingerprint, resolve_model
+
+EVAL_DIR = "eval"  # RUN/eval/*.json
+
+
+@dataclass
+class RunModels:
+    run_dir: Path
+    config: RunConfig
+    model_dir: Path
+    model_fp: str
+    hw: Hardware
+    impl: str
+    quant: QuantSettings
+    tokenizer: Any
+    chains: dict[int, list[Path]]  # finished step t -> the adapters making M_t
+    holder: ExactHolder
+
+    @property
+    def finished(self) -> list[int]:
+        return sorted(self.chains)
+
+    def model(self, t: int) -> nn.Module:
+        """M_t (t = 0: S) in 4 bit, eval mode."""
+        return self.holder.model_for(self.chains.get(t, []))
+
+    def steps(self, step: int | None) -> list[int]:
+        """--step t, or every finished step."""
+        if step is None:
+            return self.finished
+        if step not in self.chains:
+            raise InputError(
+                f"--step {step}: not a finished step of {self.run_dir} "
+                f"(finished: {', '.join(map(str, self.finished)) or 'none'})"
+            )
+        return [step]
+
+    @property
+    def out(self) -> Path:
+        return self.run_dir / EVAL_DIR
+
+    def close(self) -> None:
+        self.holder.release()
+
+
+def open_run(run_dir: Path, reporter: Reporter) -> RunModels:
+    run_dir = Path(run_dir)
+    run = read_run_file(run_dir)
+    if run is None:
+        raise InputError(f"--run {run_dir}: no {RUN_FILE} (not a lowmem-sdpo run directory)")
+    known = {f.name for f in fields(RunConfig)}
+    config = RunConfig(**{k: v for k, v in run.get("config", {}).items() if k in known})
+    chains: dict[int, list[Path]] = {}
+    for t in range(1, len(run.get("data", [])) + 1):
+        summary = read_summary(step_dir(run_dir, t))
+        if summary is None:
+            break
+        chains[t] = [run_dir / c for c in summary["adapter_chain"]]
+    if not chains:
+        raise InputError(f"--run {run_dir}: no finished step yet (no step-1/summary.json)")
+    model_dir = Path(run.get("model_dir", ""))
+    if not (model_dir / "config.json").is_file():  # the run was moved to another machine: resolve again
+        model_dir = resolve_model(config.model, run.get("model_revision"))
+    hw = resolve_hardware(config)
+    quant = QuantSettings(double_quant=config.double_quant, compute_dtype=hw.compute_dtype)
+    try:
+        impl = _resolve_impl(config.logprob_impl, hw)
+    except ValueError as err:
+        raise InputError(f"{run_dir / RUN_FILE}: logprob_impl {config.logprob_impl}: {err}") from err
+    loader = load_for(model_dir, quant, hw.device, reporter.merge_progress())
+    return RunModels(
+        run_dir=run_dir,
+        config=config,
+        model_dir=model_dir,
+        model_fp=model_fingerprint(model_dir),
+        hw=hw,
+        impl=impl,
+        quant=quant,
+        tokenizer=load_tokenizer(str(model_dir)),
+        chains=chains,
+        holder=ExactHolder(_noting(loader, model_dir, reporter), quant, hw.device),
+    )
+
+
+def _resolve_impl(name: str, hw: Hardware) -> str:
+    from lowmem_sdpo_kernels import resolve_impl
+
+    return resolve_impl(kernel_impl_for(hw, name), torch.empty(0, device=hw.device))
+
+
+def _noting(loader: Any, model_dir: Path, reporter: Reporter) -> Any:
+    def load(adapters: Any, merge: str) -> nn.Module:
+        reporter.note(f"loading S in 4 bit from {model_dir}")
+        return loader(adapters, merge)
+
+    return load
