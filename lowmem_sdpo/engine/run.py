@@ -56,6 +56,7 @@ from lowmem_sdpo.engine.trainer import StepCallback, StepJob, train_step
 from lowmem_sdpo.engine.units import Unit, build_units
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.models import QuantSettings, add_lora, model_fingerprint, resolve_model
+from lowmem_sdpo.trackers import check_tracker, open_tracker
 from lowmem_sdpo_kernels import resolve_impl
 
 # Units of D_t on which the reference's drift from P_{t-1} and the step's own training shift are measured.
@@ -100,6 +101,7 @@ def run_sdpo(
     """Runs every step not yet done; returns the summaries of all steps."""
     reporter = reporter or Reporter(config.quiet)
     check_run_dir(config, resume)  # before anything slow is loaded
+    check_tracker(config.report_to)
     hw = resolve_hardware(config)
     if not hw.is_cuda:
         reporter.note_once("no CUDA device: running on CPU; 4-bit layers on CPU are slow beyond toy models")
@@ -142,6 +144,9 @@ def run_sdpo(
         heldout=heldout,
     )
     prepare_run_dir(session, resume)
+    tracker = open_tracker(config.report_to, session.out, config.to_dict())
+    if tracker is not None:
+        session.callbacks.append(tracker)
 
     summaries: list[dict[str, Any]] = []
     chain: list[Path] = []  # adapters whose sum with S gives M_{t-1}
@@ -157,6 +162,8 @@ def run_sdpo(
             chain = [session.out / c for c in summary["adapter_chain"]]
     finally:
         session.holder.release()
+        if tracker is not None:
+            tracker.close()
     return summaries
 
 
