@@ -60,7 +60,7 @@ HELP: dict[str, str] = {
     "eval_steps": "held-out pairs in the --steps grammar: one item for every step, or one item per step",
     "eval_every": "also evaluate the held-out pairs every N optimiser steps (0: at the end of each step only)",
     "report_to": "also send metrics.jsonl's rows to a tracker: none, tensorboard, wandb, trackio (if installed)",
-    "quiet": "no progress bars or tables",
+    "quiet": "no progress bars, notes or tables: one line per long phase",
 }
 BOOL_FIELDS = ("gradient_checkpointing", "double_quant", "diagnostics", "quiet")
 SKIP = ("loss", "loss_options")  # added by add_loss_arguments

@@ -187,7 +187,8 @@ def _quiet_loader(model_dir: Path, quant: QuantSettings, hw: Hardware, reporter:
         shown = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
-            return load(adapters, merge)
+            with reporter.phase(f"loading {what} (quantising to NF4 on load)"):
+                return load(adapters, merge)
         finally:
             if shown:
                 hf_logging.enable_progress_bar()
