@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from lowmem_sdpo.cli import main
+from lowmem_sdpo.report.rundata import read_run
 
 
 def test_demo_shows_the_papers_claims(tmp_path, capsys):
@@ -29,3 +30,8 @@ def test_demo_shows_the_papers_claims(tmp_path, capsys):
     assert "[ok] step 2: gamma_ref of M_1" in printed and "NOT MET" not in printed
     print(f"demo wall time {seconds:.1f} s")  # reported, not asserted: timings belong to benchmarks
     assert not Path(out / "step-1" / "checkpoint").exists()
+    # It ends with its report, whose Figure 2 shows M_1's log-ratios on D_2 right of S's.
+    assert printed.rstrip().splitlines()[-1] == f"report: {out / 'report' / 'report.md'}"
+    assert (out / "report" / "gamma_histograms.png").stat().st_size > 10_000
+    _, step2 = read_run(out).steps
+    assert float(step2.ratios_ref.mean()) > float(step2.ratios_s.mean())

@@ -113,6 +113,7 @@ def _clear_previous(out: Path) -> None:
 
 def demo_command(args: argparse.Namespace) -> int:
     from lowmem_sdpo.engine.reporting import Reporter
+    from lowmem_sdpo.report import build_report
 
     out = Path(args.output_dir)
     config = demo_config(str(out), quiet=args.quiet)
@@ -136,4 +137,5 @@ def demo_command(args: argparse.Namespace) -> int:
     checked = claims(summaries)
     for text, ok in checked:
         reporter.note(f"[{'ok' if ok else 'NOT MET'}] {text}")
+    print(f"report: {build_report(out)}")  # last: the path to open (Figure 2 of step 2 shows the first claim)
     return 0 if all(ok for _, ok in checked) else 1
