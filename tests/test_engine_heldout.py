@@ -105,11 +105,21 @@ def test_resume_refuses_other_held_out_pairs(finished, tmp_path):
         run(changed, resume=True)
 
 
-def test_resume_refuses_changed_eval_steps_content(tmp_path):
-    held = tmp_path / "held.jsonl"
-    held.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n')
-    config = small_config(tmp_path, n=8, eval_steps=str(held), epochs=0.1)
-    run(config)
-    held.write_text('{"prompt": "1+2=", "chosen": "3", "rejected": "4"}\n')
+def test_resume_refuses_other_held_out_content(finished, tmp_path):
+    """run.json keeps each step's held-out fingerprint; --resume over held-out pairs of other content (say, an
+    edited --eval-steps file under the same name) is refused before anything is loaded or written."""
+    import dataclasses
+
+    config, _ = finished
+    saved = json.loads((Path(config.output_dir) / "run.json").read_text())
+    held = load_steps(config.steps, seed=config.seed)
+    assert saved["eval_data"] == [
+        split_heldout(step, EVAL_SPLIT, config.seed, t)[1].fingerprint() for t, step in enumerate(held, start=1)
+    ]
+    saved["eval_data"][1] = "0" * 64
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "run.json").write_text(json.dumps(saved))
     with pytest.raises(InputError, match="held-out data"):
-        run(config, resume=True)
+        run(dataclasses.replace(config, output_dir=str(copy)), resume=True)
+    assert sorted(p.name for p in copy.iterdir()) == ["run.json"]

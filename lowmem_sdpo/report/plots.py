@@ -8,9 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lowmem_sdpo.report.rundata import RunData
 
 DPI = 100
+HIST_BINS = 30
+MARKERS_UP_TO = 40  # points per line drawn with markers
 GIB = 2**30
 S_COLOUR, REF_COLOUR, EVAL_COLOUR = "tab:blue", "tab:orange", "tab:green"
 
@@ -43,26 +47,28 @@ def gamma_histograms(data: RunData) -> Any:
     steps = [s for s in data.steps if s.ratios_s is not None or s.ratios_ref is not None]
     if not steps:
         return None
-    fig = _figure(4.2 * len(steps), 3.4)
+    fig = _figure(4.2 * len(steps), 3.8)
     axes = fig.subplots(1, len(steps), squeeze=False)[0]
     for ax, step in zip(axes, steps, strict=True):
         drawn = [("S", step.ratios_s, S_COLOUR)]
         if step.ratios_ref is not None:
             drawn.append((f"M_{step.t - 1}", step.ratios_ref, REF_COLOUR))
-        values = [v for _, v, _ in drawn if v is not None]
-        low = min(float(v.min()) for v in values)
-        high = max(float(v.max()) for v in values)
-        bins = [low + (high - low) * i / 30 for i in range(31)] if high > low else 10
+        values = torch.cat([v for _, v, _ in drawn if v is not None])
+        # The central 98% of the pairs: a few confident pairs far out would squeeze the bulk into two bins.
+        low, high = (float(q) for q in torch.quantile(values, torch.tensor([0.01, 0.99], dtype=values.dtype)))
+        bins = [low + (high - low) * i / HIST_BINS for i in range(HIST_BINS + 1)] if high > low else HIST_BINS
         for name, ratios, colour in drawn:
             if ratios is None:
                 continue
             mean = float(ratios.mean())
-            ax.hist(ratios.numpy(), bins=bins, alpha=0.5, color=colour, label=f"{name} (mean {mean:.3f})")
-            ax.axvline(mean, color=colour, linestyle="--", linewidth=1.5)
+            shown = ratios.clamp(low, high).numpy()  # the tails go into the edge bins, not out of the picture
+            ax.hist(shown, bins=bins, alpha=0.35, color=colour, label=f"{name} (mean {mean:.3f})")
+            ax.hist(shown, bins=bins, histtype="step", color=colour, linewidth=1.2)
+            ax.axvline(mean, color=colour, linestyle="--", linewidth=1.8)
         ax.set_title(f"step {step.t}: reference on D_{step.t}")
-        ax.set_xlabel("log-ratio  log p(chosen) - log p(rejected)")
+        ax.set_xlabel("log p(chosen) - log p(rejected)  (1st-99th percentile)")
         ax.set_ylabel("pairs")
-        ax.legend(fontsize="small", loc="upper left")
+        _legend_below(ax)
     return fig
 
 
@@ -88,7 +94,13 @@ def _plot_segments(ax: Any, segments: list[Points], key: str, colour: str, marke
         points = [(k, r[key]) for k, r in segment if key in r]
         if not points:
             continue
-        ax.plot(*zip(*points, strict=True), color=colour, marker=marker, label=label if first else None)
+        ax.plot(
+            *zip(*points, strict=True),
+            color=colour,
+            marker=marker if len(points) <= MARKERS_UP_TO else None,  # beyond that, markers hide the line
+            linewidth=1.2,
+            label=label if first else None,
+        )
         first = False
 
 
@@ -113,6 +125,10 @@ def training_curves(data: RunData) -> Any:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", loc="best")
+    for step, segment in zip(data.steps, segments, strict=True):
+        if segment:  # name each sDPO step above its stretch of the top panel
+            middle = (segment[0][0] + segment[-1][0]) / 2
+            axes[0].text(middle, 1.02, f"step {step.t}", transform=axes[0].get_xaxis_transform(), ha="center")
     axes[-1].set_xlabel("optimiser step (all sDPO steps; dotted: a new step begins)")
     return fig
 
