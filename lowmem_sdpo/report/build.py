@@ -19,8 +19,11 @@ HTML = "report.html"
 
 def _md_table(table: Table) -> str:
     header, rows = table
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    def cells(row: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"  # a | in a value is not a column
+
+    lines = [cells(header), "|" + "---|" * len(header)]
+    lines += [cells(row) for row in rows]
     return "\n".join(lines)
 
 
