@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +90,3 @@ def settings_table(run: dict[str, Any]) -> Table:
     rows = [[label, number(config.get(key))] for label, key in SETTINGS]
     rows.append(["device", str(run.get("device", "-"))])
     return ["setting", "value"], rows
-
-
-Render = Callable[[Table], str]
