@@ -76,6 +76,10 @@ RESUME_CHECKS: dict[str, tuple[str, Any]] = {
 
 def _resume_differences(saved: dict[str, Any], session: Any, data: list[dict[str, Any]]) -> list[str]:
     differ = resume_differences(saved.get("config", {}), session.config)
+    if "batch_size" in differ and _global_batch(saved.get("config", {}), saved) == _global_batch(
+        session.config.to_dict(), {"world_size": session.ranks.world}
+    ):
+        differ.remove("batch_size")  # another rank count with the same global micro-batch: the same schedule
     if [d["fingerprint"] for d in saved.get("data", [])] != [d["fingerprint"] for d in data]:
         differ.append("data (the content of --steps)")
     for key, (what, read) in RESUME_CHECKS.items():
@@ -85,6 +89,13 @@ def _resume_differences(saved: dict[str, Any], session: Any, data: list[dict[str
     return differ
 
 
+def _global_batch(config: dict[str, Any], run: dict[str, Any]) -> int | None:
+    """Units per global micro-batch: batch_size per rank x ranks (run.json of runs before data-parallel
+    training holds no world_size: one process)."""
+    batch = config.get("batch_size")
+    return None if batch is None else int(batch) * int(run.get("world_size", 1))
+
+
 def _short(value: Any) -> str:
     text = str(value)
     return text[:12] if len(text) == 64 else text  # sha256 digests: a prefix names them well enough
@@ -92,7 +103,8 @@ def _short(value: Any) -> str:
 
 def prepare_run_dir(session: Any, resume: bool) -> None:
     """Write run.json for a new run; for --resume, refuse when the configuration, data, model, tokenizer,
-    chat template or resolved device settings differ, naming each difference."""
+    chat template or resolved device settings differ, naming each difference. Every rank checks; rank 0
+    alone writes. A different number of ranks may resume a run when batch_size x ranks stays the same."""
     out = session.out
     data = [
         {"step": t, "label": s.label, "source": s.source, "schema": s.schema, "fingerprint": s.fingerprint()}
@@ -106,6 +118,8 @@ def prepare_run_dir(session: Any, resume: bool) -> None:
             raise InputError(
                 f"--resume {out}: this run was made with a different configuration: {', '.join(differ)}"
             )
+        return
+    if not session.ranks.is_main:
         return
     write_json(
         out / RUN_FILE,
@@ -123,6 +137,8 @@ def prepare_run_dir(session: Any, resume: bool) -> None:
             "versions": versions(),
             "commit": git_commit(),
             "seed": session.config.seed,
+            # ranks of data-parallel training; effective batch = batch_size x grad_accum x world_size
+            "world_size": session.ranks.world,
             "data": data,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
