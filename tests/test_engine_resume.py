@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_fixtures import adapter_tensors, run, small_config
+from engine_fixtures import adapter_tensors, cli_flags, run, small_config
 
 from lowmem_sdpo.engine import RunInterrupted
 from lowmem_sdpo.errors import InputError
@@ -94,20 +94,6 @@ def test_existing_run_without_resume_is_refused(uninterrupted):
         run(full)
 
 
-def _flags(config) -> list[str]:
-    """The command line that makes `config` (every option spelled out)."""
-    args: list[str] = []
-    for key, value in config.to_dict().items():
-        if key == "loss_options" or value is None:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + key.replace("_", "-"))
-        else:
-            args += [flag, str(value)]
-    return args
-
-
 def test_sigterm_to_a_real_process_then_cli_resume_matches(tmp_path):
     import subprocess
     import sys
@@ -116,7 +102,7 @@ def test_sigterm_to_a_real_process_then_cli_resume_matches(tmp_path):
     reference = small_config(tmp_path, "inprocess", n=48, epochs=2.0, save_every=1000)
     run(reference)
     config = small_config(tmp_path, "killed", n=48, epochs=2.0, save_every=1000)
-    command = [sys.executable, "-m", "lowmem_sdpo", "run", *_flags(config)]
+    command = [sys.executable, "-m", "lowmem_sdpo", "run", *cli_flags(config)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = Path(config.output_dir) / "step-1" / "metrics.jsonl"
     deadline = time.monotonic() + 300

@@ -46,6 +46,7 @@ def launch(argv: Sequence[str], num_processes: int) -> int:
         from accelerate.commands.launch import launch_command, launch_command_parser
     except ImportError as err:
         raise InputError(f"{NUM_PROCESSES_FLAG}: needs accelerate (pip install accelerate): {err}") from err
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     port = os.environ.get("MASTER_PORT") or str(free_port())
@@ -73,4 +74,8 @@ def launch(argv: Sequence[str], num_processes: int) -> int:
         codes = [f.exitcode for f in err.failures.values()]
         # A rank killed by a signal has a negative code; the shell's convention is 128 + the signal.
         return next((c if c > 0 else 128 - c for c in codes if c), 1)
+    except SignalException as err:
+        # SIGINT / SIGTERM to the launcher: torchrun has passed it on to the ranks (which stop together at
+        # the next optimiser-step boundary, with a checkpoint) and waited for them.
+        return 128 + int(err.sigval)
     return 0

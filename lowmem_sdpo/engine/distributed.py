@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from lowmem_sdpo.errors import InputError
+
 # The seed of rank r's RNG stream (dropout) is seed + r * RANK_SEED_STRIDE: rank 0 keeps the one-process
 # stream, the others draw their own masks.
 RANK_SEED_STRIDE = 1_000_003
@@ -120,6 +122,28 @@ class Ranks:
 SINGLE = Ranks()
 
 
+# Launcher modes that shard the model, which this engine does not do: each rank holds all of Q(S). Running on
+# under them would replicate the model on every card (out of memory where FSDP was meant to make it fit), so
+# they are refused. Variable accelerate sets -> why.
+SHARDING_LAUNCHERS: dict[str, str] = {
+    "ACCELERATE_USE_FSDP": (
+        "an FSDP accelerate config: the engine runs data-parallel replicas (every rank holds the whole 4-bit "
+        "model) and does not shard it with FSDP yet; launch without the FSDP config (README, multi-GPU)"
+    ),
+    "ACCELERATE_USE_DEEPSPEED": (
+        "a DeepSpeed accelerate config: the engine runs data-parallel replicas and does not use DeepSpeed; "
+        "launch without it (README, multi-GPU)"
+    ),
+}
+
+
+def check_launcher() -> None:
+    """InputError for a launcher mode the engine cannot honour (see SHARDING_LAUNCHERS)."""
+    for variable, why in SHARDING_LAUNCHERS.items():
+        if os.environ.get(variable, "").lower() in ("true", "1", "yes"):
+            raise InputError(f"launched with {why}")
+
+
 def launched_world() -> int:
     """The number of ranks the launcher started (1 without one)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -133,6 +157,7 @@ def launched_rank() -> int:
 def process_group() -> Iterator[Ranks]:
     """SINGLE in one process; under a launcher, joins (or reuses) the process group for the block. Each rank
     on a CUDA machine takes the card of its LOCAL_RANK before anything allocates on one."""
+    check_launcher()
     if launched_world() <= 1:
         yield SINGLE
         return

@@ -76,10 +76,12 @@ RESUME_CHECKS: dict[str, tuple[str, Any]] = {
 
 def _resume_differences(saved: dict[str, Any], session: Any, data: list[dict[str, Any]]) -> list[str]:
     differ = resume_differences(saved.get("config", {}), session.config)
-    if "batch_size" in differ and _global_batch(saved.get("config", {}), saved) == _global_batch(
+    if _effective_batch(saved.get("config", {}), saved) == _effective_batch(
         session.config.to_dict(), {"world_size": session.ranks.world}
     ):
-        differ.remove("batch_size")  # another rank count with the same global micro-batch: the same schedule
+        # Another split of the same effective batch (another rank count, micro-batch size or accumulation):
+        # every optimiser step still sees the same units, only cut into other micro-batches.
+        differ = [d for d in differ if d not in BATCH_SPLIT]
     if [d["fingerprint"] for d in saved.get("data", [])] != [d["fingerprint"] for d in data]:
         differ.append("data (the content of --steps)")
     for key, (what, read) in RESUME_CHECKS.items():
@@ -89,11 +91,16 @@ def _resume_differences(saved: dict[str, Any], session: Any, data: list[dict[str
     return differ
 
 
-def _global_batch(config: dict[str, Any], run: dict[str, Any]) -> int | None:
-    """Units per global micro-batch: batch_size per rank x ranks (run.json of runs before data-parallel
-    training holds no world_size: one process)."""
-    batch = config.get("batch_size")
-    return None if batch is None else int(batch) * int(run.get("world_size", 1))
+# The options that only split an optimiser step's units among micro-batches and ranks.
+BATCH_SPLIT = ("batch_size", "grad_accum")
+
+
+def _effective_batch(config: dict[str, Any], run: dict[str, Any]) -> int | None:
+    """Units per optimiser step: batch_size x grad_accum x ranks (the run.json of a run from before
+    data-parallel training holds no world_size: one process)."""
+    if any(config.get(k) is None for k in BATCH_SPLIT):
+        return None
+    return int(config["batch_size"]) * int(config["grad_accum"]) * int(run.get("world_size", 1))
 
 
 def _short(value: Any) -> str:
@@ -104,7 +111,9 @@ def _short(value: Any) -> str:
 def prepare_run_dir(session: Any, resume: bool) -> None:
     """Write run.json for a new run; for --resume, refuse when the configuration, data, model, tokenizer,
     chat template or resolved device settings differ, naming each difference. Every rank checks; rank 0
-    alone writes. A different number of ranks may resume a run when batch_size x ranks stays the same."""
+    alone writes. Another number of ranks (or micro-batch size, or accumulation) may resume a run when the
+    effective batch, batch_size x grad_accum x ranks, stays the same: the schedule's optimiser steps are the
+    seeded order cut into windows of that many units, whatever the split."""
     out = session.out
     data = [
         {"step": t, "label": s.label, "source": s.source, "schema": s.schema, "fingerprint": s.fingerprint()}
