@@ -8,10 +8,12 @@ across ranks, and rank 0 saves them for the test to compare with one process run
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +100,18 @@ def window_grads(tmp: Path, setup, loss: str, options: dict, micro: list[list[in
     ranks.sum_grads_(params)
     grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
     return grads, row
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the block, as each rank runs (torchrun sets OMP_NUM_THREADS=1): on a busy
+    two-core machine a second OpenMP thread mostly waits for the other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def free_port() -> int:

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_fixtures import CASES, one_process_micro, start_ranks, window_grads, window_setup
+from distributed_fixtures import CASES, one_process_micro, one_thread, start_ranks, window_grads, window_setup
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 WORKER = __file__.replace("test_engine_distributed_grads.py", "distributed_fixtures.py")
 

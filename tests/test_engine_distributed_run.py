@@ -1,6 +1,7 @@
-"""Data-parallel runs on 2 gloo processes (`lowmem-sdpo run --num-processes 2`, accelerate's launcher): the same
-adapters and reference caches as one process with the same global batch, and a SIGKILL of both ranks followed
-by --resume (on 2 ranks, or on 1) ends with the adapters of the uninterrupted run."""
+"""Data-parallel runs on 2 gloo processes: the same adapters and reference cache as one process with the same
+global batch (`lowmem-sdpo run --num-processes 2`, through accelerate's launcher), and a SIGKILL of both ranks
+followed by --resume (on 2 ranks, or on 1) ends with the adapters of the uninterrupted run (ranks started
+directly with the launcher's environment: one process fewer to start on a busy machine)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,19 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
+from distributed_fixtures import one_thread, start_ranks
 from engine_fixtures import adapter_tensors, cli_flags, run, small_config
 from safetensors import safe_open
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 # An effective batch of 8 units, 24 pairs -> 3 optimiser steps per sDPO step: one process with 4 micro-batches
 # of 2, or 2 ranks each with 2 micro-batches of 2 (each rank's forwards are then the very forwards of the one
@@ -32,6 +39,15 @@ CACHE = "reference_logps.safetensors"
 
 def _command(config, *extra: str) -> list[str]:
     return [sys.executable, "-m", "lowmem_sdpo", "run", *cli_flags(config), "--num-processes", "2", *extra]
+
+
+def _ranks(config, *extra: str) -> list[subprocess.Popen]:
+    return start_ranks(["-m", "lowmem_sdpo", "run", *cli_flags(config), *extra])
+
+
+def _finish(procs: list[subprocess.Popen]) -> None:
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[-3000:] for o in outputs]
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +111,6 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(runs):
     assert not list(two.rglob(".*.tmp"))  # rank 0 alone wrote: no second writer's leftovers
 
 
-def _kill_all(process: subprocess.Popen) -> None:
-    """SIGKILL to the launcher and every rank (torchrun starts each rank in a session of its own)."""
-    parent = psutil.Process(process.pid)
-    for p in [*parent.children(recursive=True), parent]:
-        p.kill()
-    process.wait(timeout=60)
-
-
 def _opt_steps_saved(step_dir: Path) -> int:
     try:
         return json.loads((step_dir / "checkpoint" / "state.json").read_text())["opt_steps_done"]
@@ -114,22 +122,24 @@ def test_sigkill_of_two_ranks_then_resume_ends_with_the_same_adapters(runs):
     tmp, one, two = runs
     killed = small_config(tmp, "killed", **TWO)
     out = Path(killed.output_dir)
-    process = subprocess.Popen(_command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    procs = _ranks(killed)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
         if _opt_steps_saved(out / "step-1") >= 1:
             break
         time.sleep(0.02)
-    assert process.poll() is None, process.stderr.read()[-3000:]
-    _kill_all(process)
+    assert all(p.poll() is None for p in procs), [p.communicate()[0][-3000:] for p in procs]
+    for p in procs:
+        p.kill()  # SIGKILL: nothing is saved on the way out
+    for p in procs:
+        p.communicate(timeout=60)
     stopped = [p.parent.parent for p in out.glob("step-*/checkpoint/state.json")]
     assert len(stopped) == 1 and not (stopped[0] / "summary.json").exists()
     shutil.copytree(out, tmp / "killed-one")
     cache = tmp / "killed-one" / stopped[0].name / CACHE
     cache_mtime = cache.stat().st_mtime_ns
 
-    resumed = subprocess.run([*_command(killed), "--resume"], capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _finish(_ranks(killed, "--resume"))
     _close_adapters(two, out, exact=True)  # the same ranks: the uninterrupted run's adapters exactly
 
     # Another rank count at the same effective batch (1 process x 4 micro-batches) resumes it too.
