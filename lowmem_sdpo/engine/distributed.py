@@ -128,11 +128,11 @@ SINGLE = Ranks()
 SHARDING_LAUNCHERS: dict[str, str] = {
     "ACCELERATE_USE_FSDP": (
         "an FSDP accelerate config: the engine runs data-parallel replicas (every rank holds the whole 4-bit "
-        "model) and does not shard it with FSDP yet; launch without the FSDP config (README, multi-GPU)"
+        "model) and does not shard it with FSDP yet; launch without the FSDP config (README: Several GPUs)"
     ),
     "ACCELERATE_USE_DEEPSPEED": (
         "a DeepSpeed accelerate config: the engine runs data-parallel replicas and does not use DeepSpeed; "
-        "launch without it (README, multi-GPU)"
+        "launch without it (README: Several GPUs)"
     ),
 }
 
