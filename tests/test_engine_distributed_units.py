@@ -49,3 +49,12 @@ def test_bad_process_count_is_one_line_exit_2(tmp_path, capsys):
     assert code == 2
     assert "--num-processes must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_process_count_inside_a_launched_rank_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = main(
+        ["run", "--model", "tiny", "--steps", "x.jsonl", "--output-dir", str(tmp_path / "r"), "--num-processes", "2"]
+    )
+    assert code == 2
+    assert "already one rank" in capsys.readouterr().err
