@@ -131,3 +131,12 @@ def test_options_added_since_a_run_started_compare_as_their_defaults():
     older = {k: v for k, v in now.to_dict().items() if k not in ("reference", "reference_batch_size")}
     assert resume_differences(older, now) == []
     assert resume_differences(older, RunConfig(**{**now.to_dict(), "reference": "requantized"})) == ["reference"]
+
+
+def test_resume_takes_another_split_of_the_same_effective_batch_only(uninterrupted):
+    """batch_size x grad_accum (x ranks) units per optimiser step is what the schedule depends on: another split
+    of it resumes (here: the finished run, its steps skipped), another effective batch is refused."""
+    tmp, _ = uninterrupted
+    with pytest.raises(InputError, match=r"different configuration: batch_size$"):
+        run(small_config(tmp, "full", save_every=2, batch_size=2), resume=True)
+    assert len(run(small_config(tmp, "full", save_every=2, batch_size=8, grad_accum=1), resume=True)) == 2
