@@ -66,6 +66,20 @@ def run(config: RunConfig, **kwargs: Any) -> list[dict[str, Any]]:
     return run_sdpo(config, **kwargs)
 
 
+def cli_flags(config: RunConfig) -> list[str]:
+    """The `lowmem-sdpo run` command line that makes `config` (every option spelled out)."""
+    args: list[str] = []
+    for key, value in config.to_dict().items():
+        if key == "loss_options" or value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            args += [flag, str(value)]
+    return args
+
+
 def adapter_tensors(run_dir: Path, t: int) -> dict:
     from safetensors.torch import load_file
 

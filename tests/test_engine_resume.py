@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_fixtures import adapter_tensors, run, small_config
+from engine_fixtures import adapter_tensors, cli_flags, run, small_config
 
 from lowmem_sdpo.engine import RunInterrupted
 from lowmem_sdpo.errors import InputError
@@ -94,20 +94,6 @@ def test_existing_run_without_resume_is_refused(uninterrupted):
         run(full)
 
 
-def _flags(config) -> list[str]:
-    """The command line that makes `config` (every option spelled out)."""
-    args: list[str] = []
-    for key, value in config.to_dict().items():
-        if key == "loss_options" or value is None:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + key.replace("_", "-"))
-        else:
-            args += [flag, str(value)]
-    return args
-
-
 def test_sigterm_to_a_real_process_then_cli_resume_matches(tmp_path):
     import subprocess
     import sys
@@ -116,7 +102,7 @@ def test_sigterm_to_a_real_process_then_cli_resume_matches(tmp_path):
     reference = small_config(tmp_path, "inprocess", n=48, epochs=2.0, save_every=1000)
     run(reference)
     config = small_config(tmp_path, "killed", n=48, epochs=2.0, save_every=1000)
-    command = [sys.executable, "-m", "lowmem_sdpo", "run", *_flags(config)]
+    command = [sys.executable, "-m", "lowmem_sdpo", "run", *cli_flags(config)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = Path(config.output_dir) / "step-1" / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -145,3 +131,12 @@ def test_options_added_since_a_run_started_compare_as_their_defaults():
     older = {k: v for k, v in now.to_dict().items() if k not in ("reference", "reference_batch_size")}
     assert resume_differences(older, now) == []
     assert resume_differences(older, RunConfig(**{**now.to_dict(), "reference": "requantized"})) == ["reference"]
+
+
+def test_resume_takes_another_split_of_the_same_effective_batch_only(uninterrupted):
+    """batch_size x grad_accum (x ranks) units per optimiser step is what the schedule depends on: another split
+    of it resumes (here: the finished run, its steps skipped), another effective batch is refused."""
+    tmp, _ = uninterrupted
+    with pytest.raises(InputError, match=r"different configuration: batch_size$"):
+        run(small_config(tmp, "full", save_every=2, batch_size=2), resume=True)
+    assert len(run(small_config(tmp, "full", save_every=2, batch_size=8, grad_accum=1), resume=True)) == 2

@@ -48,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.debug = debug
+    args.argv = argv  # what `run --num-processes` hands to each rank
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2

@@ -9,7 +9,9 @@ from typing import Any
 
 from lowmem_sdpo.engine import RunConfig, build_config, read_config_file, run_sdpo
 from lowmem_sdpo.engine.config import check_run_dir
+from lowmem_sdpo.engine.distributed import launched_rank, launched_world
 from lowmem_sdpo.engine.failures import TrainingStopped
+from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.losses import add_loss_arguments, loss_options_from_args
 
 HELP: dict[str, str] = {
@@ -98,6 +100,15 @@ def register(subparsers: Any) -> None:
     run.add_argument(
         "--resume", action="store_true", help="continue the run in --output-dir (or its default, same flags)"
     )
+    run.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        help=(
+            "data-parallel ranks, started with accelerate's launcher (one per GPU; gloo on CPU); the effective "
+            "batch is batch-size x grad-accum x ranks (default 1: this process)"
+        ),
+    )
     run.set_defaults(handler=run_command)
 
 
@@ -123,7 +134,16 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def run_command(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     check_run_dir(config, resume=args.resume)  # before anything is loaded or written
-    if not config.quiet:
+    if args.num_processes < 1:
+        raise InputError(f"--num-processes must be at least 1, got {args.num_processes}")
+    if args.num_processes > 1 and launched_world() > 1:
+        raise InputError("--num-processes: this process is already one rank of a launched run; drop the flag")
+    if args.num_processes > 1:  # bad input has been refused above, once, before any rank starts
+        from lowmem_sdpo.cli.launch import launch
+
+        return launch([*getattr(args, "argv", []), *(["--debug"] if args.debug else [])], args.num_processes)
+    main_rank = launched_rank() == 0  # under a launcher only rank 0 speaks
+    if not config.quiet and main_rank:
         print(f"run directory: {config.output_dir}")
     try:
         summaries = run_sdpo(config, resume=args.resume)
@@ -132,7 +152,7 @@ def run_command(args: argparse.Namespace) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    if not config.quiet:
+    if not config.quiet and main_rank:
         print(
             f"done: {len(summaries)} step(s) in {config.output_dir}; export with "
             f"`lowmem-sdpo export --run {config.output_dir} --out DIR`"

@@ -3,7 +3,8 @@
 step-t/checkpoint/ (replaced atomically as a whole directory):
   adapter.safetensors  the LoRA factors being trained
   optimizer.pt         optimiser state;  scheduler.pt  the LR schedule's position
-  rng.pt               torch CPU (and CUDA) and Python RNG states at the optimiser-step boundary
+  rng.pt               torch CPU (and CUDA) and Python RNG states at the optimiser-step boundary (rank 0's;
+                       a data-parallel run adds the other ranks' under "other_ranks")
   scaler.pt            fp16 only: the GradScaler's scale and growth tracker
   state.json           optimiser steps done (which fixes the data position and the metrics lines kept) and
                        the optimiser's class (another class cannot load this state: refused on resume)
@@ -43,6 +44,13 @@ class RngState:
             torch.cuda.set_rng_state_all(self.torch_cuda)
         random.setstate(self.python)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"torch_cpu": self.torch_cpu, "torch_cuda": self.torch_cuda, "python": self.python}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> RngState:
+        return cls(saved["torch_cpu"], saved["torch_cuda"], saved["python"])
+
 
 @dataclass
 class TrainState:
@@ -58,6 +66,14 @@ class LoadedCheckpoint:
     rng: RngState
     state: TrainState
     scaler: dict | None = None
+    other_ranks: list[RngState] | None = None  # ranks 1.. of a data-parallel run, in rank order
+
+    def rng_for(self, rank: int) -> RngState | None:
+        """Rank `rank`'s saved RNG state; None for a rank the saving run did not have."""
+        if rank == 0:
+            return self.rng
+        others = self.other_ranks or []
+        return others[rank - 1] if rank - 1 < len(others) else None
 
 
 def save_checkpoint(
@@ -69,6 +85,7 @@ def save_checkpoint(
     rng: RngState,
     state: TrainState,
     scaler: Any = None,
+    other_ranks: list[RngState] | None = None,
 ) -> None:
     from safetensors.torch import save_file
 
@@ -79,9 +96,10 @@ def save_checkpoint(
         )
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(
-            {"torch_cpu": rng.torch_cpu, "torch_cuda": rng.torch_cuda, "python": rng.python}, tmp / "rng.pt"
-        )
+        saved_rng = rng.to_dict()
+        if other_ranks:
+            saved_rng["other_ranks"] = [r.to_dict() for r in other_ranks]
+        torch.save(saved_rng, tmp / "rng.pt")
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "state.json").write_text(json.dumps(state.__dict__, indent=2) + "\n")
@@ -100,6 +118,7 @@ def load_checkpoint(step_dir: Path) -> LoadedCheckpoint | None:
     rng = torch.load(path / "rng.pt", weights_only=False)
     state = TrainState(**json.loads((path / "state.json").read_text()))
     scaler = torch.load(path / "scaler.pt", weights_only=False) if (path / "scaler.pt").is_file() else None
+    others = [RngState.from_dict(r) for r in rng.get("other_ranks", [])]
     return LoadedCheckpoint(
-        adapter, optimizer, scheduler, RngState(rng["torch_cpu"], rng["torch_cuda"], rng["python"]), state, scaler
+        adapter, optimizer, scheduler, RngState.from_dict(rng), state, scaler, other_ranks=others or None
     )

@@ -18,19 +18,24 @@ class MetricsLog:
     """Appends one JSON line per optimiser step (flushed, so a crash loses at most the line being written).
 
     On resume the file is cut back (atomically) to the lines of the checkpoint's optimiser steps, so the
-    log matches the state training continues from.
+    log matches the state training continues from. With `write` False (ranks other than 0 of a data-parallel
+    run) it only reads the file and keeps the rows in memory.
     """
 
-    def __init__(self, path: Path, keep_lines: int) -> None:
+    def __init__(self, path: Path, keep_lines: int, write: bool = True) -> None:
         self.path = path
+        self.write = write
         self.rows: list[dict[str, Any]] = []
         if path.is_file():
             for line in path.read_text().splitlines()[:keep_lines]:
                 self.rows.append(json.loads(line))
-        write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
+        if write:
+            write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
+        if not self.write:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
             f.flush()

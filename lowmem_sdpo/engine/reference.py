@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lowmem_sdpo.atomic import atomic_path
+from lowmem_sdpo.engine.distributed import SINGLE, Ranks
 from lowmem_sdpo.engine.hardware import Hardware
 from lowmem_sdpo.engine.logprobs import batch_logprobs
 from lowmem_sdpo.engine.reporting import Reporter
@@ -147,20 +148,29 @@ def _score_rows(
     hw: Hardware,
     impl: str,
     advance: Callable[..., None],
+    ranks: Ranks = SINGLE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first-side, second-side) summed log-probs [len(units)] fp32 on CPU, in the units' own order."""
+    """(first-side, second-side) summed log-probs [len(units)] fp32 on CPU, in the units' own order.
+
+    Over several ranks each takes every world-th batch of the one plan (the very batches, padded alike, that
+    one process would run: the table is the same bit for bit on any number of ranks), and the sum over ranks
+    of the tables, zero where a rank did not score, gathers them exactly (x + 0 is x)."""
     rows = ROW_KINDS[kind]
     lengths = [rows.length(units, i) for i in range(len(units))]
-    first = torch.empty(len(units), dtype=torch.float32)
-    second = torch.empty(len(units), dtype=torch.float32)
-    for indices in plan_batches(lengths, batch_size):
+    scored = torch.zeros(2, len(units), dtype=torch.float32)
+    first, second = scored[0], scored[1]
+    mine = 0
+    for indices in plan_batches(lengths, batch_size)[ranks.rank :: ranks.world]:
         logp, _ = batch_logprobs(model, rows.collate(units, indices, pad_id), hw=hw, impl=impl)
         logp = logp.float().cpu()
         where = torch.tensor(indices)
         first[where] = logp[: len(indices)]  # back to the units' order
         second[where] = logp[len(indices) :]
         advance(len(indices))
-    return first, second
+        mine += len(indices)
+    ranks.sum_(scored)
+    advance(len(units) - mine)  # the other ranks' share, gathered
+    return scored[0].clone(), scored[1].clone()
 
 
 @torch.no_grad()
@@ -175,10 +185,12 @@ def compute_logps(
     with_kl: bool,
     reporter: Reporter,
     description: str,
+    ranks: Ranks = SINGLE,
 ) -> LogpTable:
     """No-grad pass in eval mode (no dropout) over all units, `batch_size` units per forward (the reference
     batch size, engine.config.reference_batch_size), in length-sorted batches; the table is in the units'
-    order. With `with_kl` the KL rows go through a second pass, sorted by their own lengths."""
+    order. With `with_kl` the KL rows go through a second pass, sorted by their own lengths. Every rank of
+    `ranks` calls it; each scores its share of the batches and all get the whole table."""
     was_training = model.training
     model.eval()
     kinds = ["answers", "kl"] if with_kl else ["answers"]
@@ -195,6 +207,7 @@ def compute_logps(
                     hw=hw,
                     impl=impl,
                     advance=advance,
+                    ranks=ranks,
                 )
     finally:
         model.train(was_training)

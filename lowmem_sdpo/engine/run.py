@@ -4,6 +4,10 @@ Per step: materialise M_{t-1} (by default Q(S), loaded once per run, plus the fi
 frozen low-rank delta: engine/materialise.py), compute or reuse the cached reference log-probs of D_t, put a
 fresh LoRA on M_{t-1} (or on S with --target-init base), train, save the adapter and summary. runs/NAME/
 holds run.json and step-t/ directories; a step is done when its summary.json exists.
+
+Under a launcher (`accelerate launch`, torchrun) every rank runs this same pipeline data-parallel
+(engine/distributed.py): the reference pass and training are shared out, rank 0 alone writes files, and all
+ranks wait at the end of each step until rank 0 has written its adapter and summary.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from lowmem_sdpo.atomic import atomic_dir, write_json
 from lowmem_sdpo.data import StepData, TokenizedStep, load_steps, load_tokenizer, parse_columns, tokenize_step
 from lowmem_sdpo.engine.config import RunConfig, check_run_dir, reference_batch_size
+from lowmem_sdpo.engine.distributed import Ranks, process_group
 from lowmem_sdpo.engine.failures import OutOfMemory, is_cuda_oom, out_of_memory_message
 from lowmem_sdpo.engine.hardware import (
     Hardware,
@@ -80,6 +85,7 @@ class Session:
     objective: Objective
     reporter: Reporter
     holder: Holder
+    ranks: Ranks
     callbacks: list[StepCallback] = field(default_factory=list)
     heldout: list[StepData | None] = field(default_factory=list)  # each step's held-out pairs (engine/heldout.py)
 
@@ -98,10 +104,24 @@ def run_sdpo(
     reporter: Reporter | None = None,
     callbacks: list[StepCallback] | None = None,
 ) -> list[dict[str, Any]]:
-    """Runs every step not yet done; returns the summaries of all steps."""
-    reporter = reporter or Reporter(config.quiet)
+    """Runs every step not yet done; returns the summaries of all steps. Under a launcher, on every rank."""
+    with process_group() as ranks:
+        return _run_all(config, ranks, resume=resume, reporter=reporter, callbacks=callbacks)
+
+
+def _run_all(
+    config: RunConfig,
+    ranks: Ranks,
+    *,
+    resume: bool,
+    reporter: Reporter | None,
+    callbacks: list[StepCallback] | None,
+) -> list[dict[str, Any]]:
+    # Ranks other than 0 show nothing: one progress bar and one table per run.
+    reporter = reporter if ranks.is_main and reporter is not None else Reporter(config.quiet or not ranks.is_main)
     check_run_dir(config, resume)  # before anything slow is loaded
     check_tracker(config.report_to)
+    ranks.barrier()  # every rank has checked the directory before rank 0 writes run.json into it
     hw = resolve_hardware(config)
     if not hw.is_cuda:
         reporter.note_once("no CUDA device: running on CPU; 4-bit layers on CPU are slow beyond toy models")
@@ -140,11 +160,13 @@ def run_sdpo(
             quant=quant,
             device=hw.device,
         ),
+        ranks=ranks,
         callbacks=list(callbacks or []),
         heldout=heldout,
     )
     prepare_run_dir(session, resume)
-    tracker = open_tracker(config.report_to, session.out, config.to_dict())
+    # one tracker per run: rank 0 feeds it (every rank holds the same rows)
+    tracker = open_tracker(config.report_to, session.out, config.to_dict()) if ranks.is_main else None
     if tracker is not None:
         session.callbacks.append(tracker)
 
@@ -234,13 +256,14 @@ def _logps(
     """Cached or computed log-probs of the model S + chain on the units."""
     with_kl = session.objective.needs_kl
     parts = _cache_parts(session, chain, step, units, with_kl)
-    key = cache_key(parts)
+    key = cache_key(parts)  # nothing in it depends on the number of ranks: any rank count reuses the cache
     cached = load_cache(path, key, need_kl=with_kl)
-    if cached is not None:
+    if session.ranks.all_(cached is not None):  # computed together unless every rank can read it
         session.reporter.note(f"{description}: reusing cache {path.name}")
         return cached
     table = _table(session, session.holder.model_for(chain), units, description, with_kl=with_kl)
-    save_cache(path, key, parts, table)
+    if session.ranks.is_main:
+        save_cache(path, key, parts, table)
     return table
 
 
@@ -257,6 +280,7 @@ def _table(
         with_kl=with_kl,
         reporter=session.reporter,
         description=description,
+        ranks=session.ranks,
     )
 
 
@@ -356,8 +380,13 @@ def _train_phase(
     )
     if cfg.gradient_checkpointing:
         _enable_checkpointing(policy.get_base_model())
+    # The global schedule: micro-batches of batch_size x ranks units, each rank running its part.
     schedule = build_schedule(
-        len(units), epochs=cfg.epochs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=step_seed
+        len(units),
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size * session.ranks.world,
+        grad_accum=cfg.grad_accum,
+        seed=step_seed,
     )
     job = StepJob(
         t=t,
@@ -375,6 +404,7 @@ def _train_phase(
         callbacks=session.callbacks,
         evaluate=evaluate,
         eval_every=cfg.eval_every,
+        ranks=session.ranks,
     )
     return policy, train_step(policy, job, resume=resume)
 
@@ -402,7 +432,8 @@ def _run_step_inner(
 ) -> dict[str, Any]:
     cfg, reporter = session.config, session.reporter
     sdir = step_dir(session.out, t)
-    sdir.mkdir(parents=True, exist_ok=True)
+    if session.ranks.is_main:
+        sdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tokenized: TokenizedStep = tokenize_step(step, session.tokenizer, **session.token_settings())
     units, kind = build_units(tokenized, seed=cfg.seed, label=step.label)
@@ -421,8 +452,9 @@ def _run_step_inner(
     with peaks.phase("save"):
         trained = _table(session, policy, [units[i] for i in sample], f"step {t}: P_{t} on the drift sample")
         training_shift = _mean_abs_diff(_ratios(trained), refs.sample_ratios)
-        with atomic_dir(sdir / ADAPTER_DIR) as tmp:
-            policy.save_pretrained(str(tmp), safe_serialization=True)
+        if session.ranks.is_main:
+            with atomic_dir(sdir / ADAPTER_DIR) as tmp:
+                policy.save_pretrained(str(tmp), safe_serialization=True)
         unwrap_policy(policy)  # the holder's model, plain again, for step t+1
         del policy
         release_memory()
@@ -454,7 +486,9 @@ def _run_step_inner(
         "target_init": cfg.target_init,
         "eval": heldout_summary(rows, heldout.reference if heldout else None),
     }
-    write_json(sdir / SUMMARY_FILE, summary)
-    shutil.rmtree(sdir / "checkpoint", ignore_errors=True)  # the step is done; its summary marks it
+    if session.ranks.is_main:
+        write_json(sdir / SUMMARY_FILE, summary)
+        shutil.rmtree(sdir / "checkpoint", ignore_errors=True)  # the step is done; its summary marks it
+    session.ranks.barrier()  # the next step loads this step's adapter: every rank waits for rank 0's files
     print_step_summary(reporter, summary)
     return summary

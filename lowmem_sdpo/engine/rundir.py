@@ -85,6 +85,12 @@ def eval_fingerprints(session: Any) -> list[str | None] | None:
 
 def _resume_differences(saved: dict[str, Any], session: Any, data: list[dict[str, Any]]) -> list[str]:
     differ = resume_differences(saved.get("config", {}), session.config)
+    if _effective_batch(saved.get("config", {}), saved) == _effective_batch(
+        session.config.to_dict(), {"world_size": session.ranks.world}
+    ):
+        # Another split of the same effective batch (another rank count, micro-batch size or accumulation):
+        # every optimiser step still sees the same units, only cut into other micro-batches.
+        differ = [d for d in differ if d not in BATCH_SPLIT]
     if [d["fingerprint"] for d in saved.get("data", [])] != [d["fingerprint"] for d in data]:
         differ.append("data (the content of --steps)")
     for key, (what, read) in RESUME_CHECKS.items():
@@ -94,6 +100,18 @@ def _resume_differences(saved: dict[str, Any], session: Any, data: list[dict[str
     return differ
 
 
+# The options that only split an optimiser step's units among micro-batches and ranks.
+BATCH_SPLIT = ("batch_size", "grad_accum")
+
+
+def _effective_batch(config: dict[str, Any], run: dict[str, Any]) -> int | None:
+    """Units per optimiser step: batch_size x grad_accum x ranks (the run.json of a run from before
+    data-parallel training holds no world_size: one process)."""
+    if any(config.get(k) is None for k in BATCH_SPLIT):
+        return None
+    return int(config["batch_size"]) * int(config["grad_accum"]) * int(run.get("world_size", 1))
+
+
 def _short(value: Any) -> str:
     text = str(value)
     return text[:12] if len(text) == 64 else text  # sha256 digests: a prefix names them well enough
@@ -101,7 +119,10 @@ def _short(value: Any) -> str:
 
 def prepare_run_dir(session: Any, resume: bool) -> None:
     """Write run.json for a new run; for --resume, refuse when the configuration, data, model, tokenizer,
-    chat template or resolved device settings differ, naming each difference."""
+    chat template or resolved device settings differ, naming each difference. Every rank checks; rank 0
+    alone writes. Another number of ranks (or micro-batch size, or accumulation) may resume a run when the
+    effective batch, batch_size x grad_accum x ranks, stays the same: the schedule's optimiser steps are the
+    seeded order cut into windows of that many units, whatever the split."""
     out = session.out
     data = [
         {"step": t, "label": s.label, "source": s.source, "schema": s.schema, "fingerprint": s.fingerprint()}
@@ -115,6 +136,8 @@ def prepare_run_dir(session: Any, resume: bool) -> None:
             raise InputError(
                 f"--resume {out}: this run was made with a different configuration: {', '.join(differ)}"
             )
+        return
+    if not session.ranks.is_main:
         return
     write_json(
         out / RUN_FILE,
@@ -132,6 +155,8 @@ def prepare_run_dir(session: Any, resume: bool) -> None:
             "versions": versions(),
             "commit": git_commit(),
             "seed": session.config.seed,
+            # ranks of data-parallel training; effective batch = batch_size x grad_accum x world_size
+            "world_size": session.ranks.world,
             "data": data,
             "eval_data": eval_fingerprints(session),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

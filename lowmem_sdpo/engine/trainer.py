@@ -9,6 +9,11 @@ of a batch (AOT sorts them) are computed over the whole optimiser step's window 
      whose parameter gradient is exactly the window loss's by the chain rule.
 For the hard sort g is each unit's cost derivative against its same-rank partner, treated as a constant:
 the sort spans micro-batches x accumulation steps, not one micro-batch of one or two pairs.
+
+Data-parallel (engine/distributed.py): the schedule is global, each rank runs its part of every global
+micro-batch; a coupled window's pass-1 log-probs are gathered from every rank, so the sort spans all ranks,
+and each rank backpropagates its own units' weights. KTO's KL reference point is the mean over the global
+micro-batch's mismatched rows, gathered likewise. The gradients are summed across ranks before clipping.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import nn
 
 from lowmem_sdpo.engine.checkpoint import RngState, TrainState, load_checkpoint, save_checkpoint
 from lowmem_sdpo.engine.config import RunConfig
+from lowmem_sdpo.engine.distributed import SINGLE, Ranks
 from lowmem_sdpo.engine.failures import NonFiniteLoss, RunInterrupted
 from lowmem_sdpo.engine.hardware import Hardware, current_memory_bytes, peak_memory_bytes
 from lowmem_sdpo.engine.heldout import due
@@ -65,13 +71,23 @@ class StepJob:
     # training stream (and resume's bit-for-bit promise) is the same with it or without.
     evaluate: Callable[[nn.Module], dict[str, Any]] | None = None
     eval_every: int = 0
+    ranks: Ranks = SINGLE
 
 
 class _StopFlag:
-    """Set by SIGINT/SIGTERM; the loop checks it after every micro-batch. A second SIGINT aborts at once."""
+    """Set by SIGINT/SIGTERM; the loop checks it after every micro-batch. A second SIGINT aborts at once.
+
+    Over several ranks a signal may reach one rank only, or each at another micro-batch: there the ranks agree
+    on it at each optimiser-step boundary (one collective per step) and stop together after that step."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
+
+    def mid_window(self, ranks: Ranks) -> bool:
+        return self.signal is not None and not ranks.is_distributed
+
+    def at_boundary(self, ranks: Ranks) -> bool:
+        return ranks.any_(self.signal is not None)
 
     @contextmanager
     def installed(self) -> Iterator[_StopFlag]:
@@ -137,18 +153,27 @@ def train_step(model: nn.Module, job: StepJob, *, resume: bool) -> list[dict[str
         scheduler.load_state_dict(checkpoint.scheduler)
         if scaler is not None and checkpoint.scaler is not None:
             scaler.load_state_dict(checkpoint.scaler)
-        checkpoint.rng.restore()
+        rng = checkpoint.rng_for(job.ranks.rank)
+        if rng is not None:
+            rng.restore()
+        else:  # resumed on more ranks than saved it: this rank's stream starts afresh
+            torch.manual_seed(job.ranks.seed(job.seed + checkpoint.state.opt_steps_done))
         start = checkpoint.state.opt_steps_done
         job.reporter.note(f"step {job.t}: resuming at optimiser step {start + 1}/{len(job.schedule)}")
     else:
-        torch.manual_seed(job.seed)  # dropout and everything random in the loop start from the step's seed
-    log = MetricsLog(job.step_dir / METRICS_FILE, keep_lines=start)
+        # dropout and everything random in the loop start from the step's seed (rank 0: the one-process one)
+        torch.manual_seed(job.ranks.seed(job.seed))
+    job.ranks.broadcast_(params)  # replicas start equal
+    log = MetricsLog(job.step_dir / METRICS_FILE, keep_lines=start, write=job.ranks.is_main)
 
     model.train()
     stop = _StopFlag()
     total = len(job.schedule)
 
     def checkpoint_now(done: int, rng: RngState) -> None:
+        every = job.ranks.objects(rng)  # each rank's stream; rank 0 writes them all
+        if not job.ranks.is_main:
+            return
         save_checkpoint(
             job.step_dir,
             adapter_state=trainable_state(model),
@@ -157,11 +182,12 @@ def train_step(model: nn.Module, job: StepJob, *, resume: bool) -> list[dict[str
             rng=rng,
             state=TrainState(opt_steps_done=done, optimizer=type(optimizer).__name__),
             scaler=scaler,
+            other_ranks=every[1:],
         )
 
     def interrupted(when: str, step: int) -> RunInterrupted:
         return RunInterrupted(
-            f"{stop.signal}: step {job.t} stopped {when} optimiser step {step}/{total}; "
+            f"{stop.signal or 'a signal to another rank'}: step {job.t} stopped {when} optimiser step {step}/{total}; "
             f"checkpoint saved in {job.step_dir / 'checkpoint'}; continue with --resume"
         )
 
@@ -175,6 +201,7 @@ def train_step(model: nn.Module, job: StepJob, *, resume: bool) -> list[dict[str
                 checkpoint_now(k, boundary)
                 raise interrupted("before", k + 1) from None
             row["lr"] = optimizer.param_groups[0]["lr"]
+            job.ranks.sum_grads_(params)  # each rank's loss was already scaled by the global window
             if scaler is None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
@@ -203,7 +230,7 @@ def train_step(model: nn.Module, job: StepJob, *, resume: bool) -> list[dict[str
                 checkpoint_now(done, RngState.capture())
             for callback in job.callbacks:
                 callback(row)
-            if stop.signal is not None and done < total:
+            if stop.at_boundary(job.ranks) and done < total:
                 if not saved:
                     checkpoint_now(done, RngState.capture())
                 raise interrupted("after", done)
@@ -284,11 +311,16 @@ class _FiniteWatch:
         self._where.append((m, indices, loss.detach()))
 
     def check(self, job: StepJob, k: int) -> None:
-        if not self._flags:
-            return
-        for good, (m, indices, loss) in zip(torch.stack(self._flags).tolist(), self._where, strict=True):
+        flags = torch.stack(self._flags).tolist() if self._flags else []
+        every_rank_good = job.ranks.all_(all(flags))  # first: all ranks stop together, or the others wait
+        for good, (m, indices, loss) in zip(flags, self._where, strict=True):
             if not good:
                 _check_finite(loss, job, k, m, indices)
+        if not every_rank_good:
+            raise NonFiniteLoss(
+                f"non-finite loss on another rank at step {job.t}, optimiser step {k + 1}; the optimiser step "
+                f"was not taken; the last checkpoint in {job.step_dir / 'checkpoint'} (if any) is the last good state"
+            )
 
 
 Scale = Callable[[torch.Tensor], torch.Tensor]
@@ -318,45 +350,81 @@ def accumulate_window(
     model: nn.Module, job: StepJob, k: int, micro: list[list[int]], stop: _StopFlag, scale: Scale | None = None
 ) -> dict[str, Any]:
     """Accumulates optimiser step k's gradients over its micro-batches; returns its metrics row.
+    `micro` is the global window; this rank runs its part of each micro-batch (all of it in one process).
     `scale` multiplies each backward's root (fp16's GradScaler); identity by default."""
     started = time.perf_counter()
     pass_fn = _coupled_window if job.objective.batch_coupled else _independent_micro_batches
-    tokens, pieces = pass_fn(model, job, k, micro, stop, scale or _identity)
+    window = Window(micro, [job.ranks.shard(mb) for mb in micro])
+    tokens, pieces = pass_fn(model, job, k, window, stop, scale or _identity)
 
     losses = torch.cat([p[0] for p in pieces]).float()
     cr = torch.cat([p[1] for p in pieces]).float()
     rr = torch.cat([p[2] for p in pieces]).float()
     pc = torch.cat([p[3].policy_chosen.detach() for p in pieces]).float()
     pr = torch.cat([p[3].policy_rejected.detach() for p in pieces]).float()
-    # One device->host copy for the whole row.
-    figures = torch.stack(
-        [losses.mean(), cr.mean(), rr.mean(), (cr > rr).float().mean(), (cr - rr).mean(), pc.mean(), pr.mean()]
-    ).tolist()
+    # Sums and counts over this rank's share, summed over ranks, then one device->host copy for the row.
+    sums = torch.stack(
+        [
+            losses.sum(),
+            cr.sum(),
+            rr.sum(),
+            (cr > rr).float().sum(),
+            (cr - rr).sum(),
+            pc.sum(),
+            pr.sum(),
+            torch.tensor(float(losses.numel()), device=losses.device),
+            torch.tensor(float(cr.numel()), device=losses.device),
+            torch.tensor(float(tokens), device=losses.device),
+        ]
+    ).double()
+    totals = job.ranks.sum_(sums).tolist()
+    n_losses, n_units, all_tokens = totals[7], totals[8], int(totals[9])
+    figures = [totals[0] / n_losses] + [x / n_units for x in totals[1:7]]
     seconds = time.perf_counter() - started
     return {
         "step": job.t,
         "opt_step": k + 1,
-        "units": sum(len(mb) for mb in micro),
+        "units": window.size,
         **dict(zip(ROW_FIGURES, figures, strict=True)),
-        "tokens": tokens,
-        "tokens_per_second": tokens / max(seconds, 1e-9),
+        "tokens": all_tokens,
+        "tokens_per_second": all_tokens / max(seconds, 1e-9),
         "seconds": seconds,
         "memory_bytes": current_memory_bytes(job.hw),
         "peak_memory_bytes": peak_memory_bytes(job.hw),
     }
 
 
+@dataclass(frozen=True)
+class Window:
+    """An optimiser step's micro-batches: the global ones (every rank's units) and this rank's parts."""
+
+    micro: list[list[int]]
+    mine: list[list[int]]
+
+    @property
+    def size(self) -> int:
+        """Units in the global window: every rank scales its loss by it, so the summed gradient is the mean's."""
+        return sum(len(mb) for mb in self.micro)
+
+
+# Columns of a coupled window's gathered log-probs, one row per unit.
+GATHERED = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected", "chosen_tokens", "rejected_tokens")
+
+
 def _coupled_window(
-    model: nn.Module, job: StepJob, k: int, micro: list[list[int]], stop: _StopFlag, scale: Scale
+    model: nn.Module, job: StepJob, k: int, window: Window, stop: _StopFlag, scale: Scale
 ) -> tuple[int, list[Piece]]:
     """Losses that sort the window (AOT): the three passes of the module docstring.
 
     Pass 1 runs in training mode, like pass 3, and each micro-batch's forward in pass 3 starts from the RNG
     state its pass-1 forward started from: both passes see the same dropout masks, so the ranking, the
     per-unit weights and the gradients all belong to one and the same stochastic forward.
+    Over several ranks pass 1's per-unit log-probs are gathered from all of them (in rank order) before the
+    sort, every rank differentiates the same global window loss, and pass 3 backpropagates this rank's units.
     """
     tokens = 0
-    window = [i for mb in micro for i in mb]
+    micro = [mb for mb in window.mine if mb]
+    mine = [i for mb in micro for i in mb]
     # 1. rank the whole window without grad, recording each micro-batch's RNG state
     starts: list[RngState] = []
     with torch.no_grad():
@@ -367,22 +435,16 @@ def _coupled_window(
             tokens += used
             parts.append(_logp_batch(job, mb, logp, n, None))
     after = RngState.capture()
-    pc = torch.cat([p.policy_chosen for p in parts]).detach().requires_grad_(True)
-    pr = torch.cat([p.policy_rejected for p in parts]).detach().requires_grad_(True)
-    whole = LogpBatch(
-        pc,
-        pr,
-        torch.cat([p.ref_chosen for p in parts]),
-        torch.cat([p.ref_rejected for p in parts]),
-        torch.cat([p.chosen_tokens for p in parts]),
-        torch.cat([p.rejected_tokens for p in parts]),
-    )
+    whole, first = _gather_window(job, _cat_batches(parts, job.reference.chosen.device))
+    pc = whole.policy_chosen.detach().requires_grad_(True)
+    pr = whole.policy_rejected.detach().requires_grad_(True)
+    whole = dataclasses.replace(whole, policy_chosen=pc, policy_rejected=pr)
     losses, cr, rr = job.objective(whole)
-    _check_finite(losses, job, k, 0, window)
+    _check_finite(losses, job, k, 0, mine)
     # 2. d(window loss) / d(per-unit policy log-probs)
     g_c, g_r = torch.autograd.grad(losses.mean(), [pc, pr])
     # 3. per micro-batch backward of the linear surrogate, replaying pass 1's dropout masks
-    offset = 0
+    offset = first
     watch = _FiniteWatch()
     for m, mb in enumerate(micro):
         starts[m].restore()
@@ -393,22 +455,50 @@ def _coupled_window(
         watch.add(surrogate, m, mb)
         scale(surrogate).backward()
         offset += b
-        if stop.signal is not None:
+        if stop.mid_window(job.ranks):
             raise _Stop
     watch.check(job, k)
     after.restore()  # the stream continues as if the window had been drawn once
-    return tokens, [(losses.detach(), cr.detach(), rr.detach(), whole)]
+    # This rank's share of the window's figures: its slice of the rank-k loss terms and of the units (the
+    # slices of all ranks partition the window, so the row's sums over ranks are the window's).
+    share = slice(first, first + len(mine))
+    local_batch = LogpBatch(*(getattr(whole, f)[share].detach() for f in GATHERED))
+    return tokens, [(losses[share].detach(), cr[share].detach(), rr[share].detach(), local_batch)]
+
+
+def _cat_batches(parts: list[LogpBatch], device: torch.device) -> LogpBatch:
+    """One LogpBatch of the parts' units, in order (empty tensors for a rank with no units this window)."""
+    if not parts:
+        return LogpBatch(*(torch.zeros(0, device=device) for _ in GATHERED))
+    return LogpBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in GATHERED))
+
+
+def _gather_window(job: StepJob, local: LogpBatch) -> tuple[LogpBatch, int]:
+    """(the window of every rank's units, in rank order; where this rank's units start in it). One collective:
+    the six per-unit columns travel as one [units, 6] fp32 tensor (token counts are exact in fp32)."""
+    if not job.ranks.is_distributed:
+        return local, 0
+    device = job.reference.chosen.device
+    columns = torch.stack([getattr(local, f).to(device).float() for f in GATHERED], dim=1)
+    gathered, lengths = job.ranks.gather_cat(columns)
+    like = [getattr(local, f) for f in GATHERED]
+    whole = LogpBatch(*(gathered[:, i].to(like[i].dtype) for i in range(len(GATHERED))))
+    return whole, sum(lengths[: job.ranks.rank])
 
 
 def _independent_micro_batches(
-    model: nn.Module, job: StepJob, k: int, micro: list[list[int]], stop: _StopFlag, scale: Scale
+    model: nn.Module, job: StepJob, k: int, window: Window, stop: _StopFlag, scale: Scale
 ) -> tuple[int, list[Piece]]:
-    """Losses of one example at a time: each micro-batch's loss, scaled to the window mean, backpropagated."""
+    """Losses of one example at a time: each micro-batch's loss, scaled to the global window mean,
+    backpropagated. KTO's KL reference point spans the global micro-batch (every rank's KL rows)."""
     tokens = 0
-    window_units = sum(len(mb) for mb in micro)
     pieces: list[Piece] = []
     watch = _FiniteWatch()
-    for m, mb in enumerate(micro):
+    for m, mb in enumerate(window.mine):
+        if not mb:  # a short last micro-batch left this rank nothing; it still joins the KL gather
+            if job.objective.needs_kl:
+                _global_kl(job, None)
+            continue
         logp, n, used = _units_logps(model, job, mb)
         tokens += used
         kl = None
@@ -416,13 +506,36 @@ def _independent_micro_batches(
             kl, kl_used = _kl_logps(model, job, mb)
             tokens += kl_used
         batch = _logp_batch(job, mb, logp, n, kl)
+        if job.objective.needs_kl:
+            batch = _global_kl(job, batch)
         losses, cr, rr = job.objective(batch)
         watch.add(losses, m, mb)
         # Mean over the window's loss terms (a term per unit, or per example for KTO).
         terms_per_unit = len(losses) / len(mb)
-        scale(losses.sum() / (terms_per_unit * window_units)).backward()
+        scale(losses.sum() / (terms_per_unit * window.size)).backward()
         pieces.append((losses.detach(), cr.detach(), rr.detach(), batch))
-        if stop.signal is not None:
+        if stop.mid_window(job.ranks):
             raise _Stop
     watch.check(job, k)
+    if not pieces:
+        empty = torch.zeros(0, device=job.reference.chosen.device)
+        pieces.append((empty, empty, empty, LogpBatch(*[empty] * len(GATHERED))))
     return tokens, pieces
+
+
+def _global_kl(job: StepJob, batch: LogpBatch | None) -> LogpBatch | None:
+    """`batch` with the KL rows of every rank's part of this micro-batch (KTO's z0 is their mean, detached:
+    the gathered values need no gradient); None in, None out for a rank with no part. A no-op in one process."""
+    if not job.ranks.is_distributed:
+        return batch
+    local = torch.zeros(0, 2, device=job.reference.chosen.device)
+    if batch is not None and batch.policy_kl is not None and batch.ref_kl is not None:
+        local = torch.stack([batch.policy_kl.float(), batch.ref_kl.to(batch.policy_kl.device).float()], dim=1)
+    gathered, _ = job.ranks.gather_cat(local)
+    if batch is None or batch.policy_kl is None or batch.ref_kl is None:
+        return batch
+    return dataclasses.replace(
+        batch,
+        policy_kl=gathered[:, 0].to(batch.policy_kl.dtype),
+        ref_kl=gathered[:, 1].to(batch.ref_kl.dtype),
+    )

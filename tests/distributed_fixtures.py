@@ -1,0 +1,152 @@
+"""Two-rank gloo runs for the data-parallel tests: starting ranks, and the cross-rank window-gradient worker.
+
+`python tests/distributed_fixtures.py OUT_DIR` is one rank of the window-gradient check (the launcher's
+environment, RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, says which): every rank builds the same policy and
+reference, runs its part of each case's global window through `accumulate_window`, the gradients are summed
+across ranks, and rank 0 saves them for the test to compare with one process running the whole window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from engine_fixtures import small_config, toy_slice
+
+from lowmem_sdpo.data import load_steps, load_tokenizer, tokenize_step
+from lowmem_sdpo.engine.distributed import SINGLE, Ranks, process_group
+from lowmem_sdpo.engine.hardware import Hardware
+from lowmem_sdpo.engine.objective import Objective
+from lowmem_sdpo.engine.reference import compute_logps
+from lowmem_sdpo.engine.reporting import Reporter
+from lowmem_sdpo.engine.trainer import StepJob, _StopFlag, accumulate_window
+from lowmem_sdpo.engine.units import build_units
+from lowmem_sdpo.models import QuantSettings, add_lora, load_quantized, resolve_model
+
+CPU = Hardware(torch.device("cpu"), "float32")
+# (loss, options, the global micro-batches of the window). AOT: 3 micro-batches whose parts differ in size,
+# one leaving rank 1 nothing; compared with one micro-batch of the whole window in one process. KTO: its KL
+# point is per micro-batch, so one process runs the same global micro-batches.
+CASES: list[tuple[str, dict[str, Any], list[list[int]]]] = [
+    ("aot", {}, [[0, 1, 2], [3], [4, 5, 6, 7]]),
+    ("aot_unpaired", {}, [[0, 1, 2], [3], [4, 5, 6, 7]]),
+    ("aot", {"aot_sort": "soft", "aot_temperature": 0.05}, [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    ("kto", {}, [[0, 1, 2, 3], [4, 5, 6, 7]]),
+]
+
+
+def one_process_micro(loss: str, micro: list[list[int]]) -> list[list[int]]:
+    """What one process runs for a case: AOT the whole window at once, KTO the same micro-batches."""
+    return [[i for mb in micro for i in mb]] if loss.startswith("aot") else micro
+
+
+def window_setup(tmp: Path, ranks: Ranks = SINGLE):
+    """(tokenizer, units, reference table with KL rows, policy away from the reference): the same on every rank."""
+    model_dir = resolve_model("tiny")
+    tokenizer = load_tokenizer(str(model_dir))
+    step = load_steps(str(toy_slice(tmp / f"w{ranks.rank}.jsonl", 2, 8)))[0]
+    units, _ = build_units(tokenize_step(step, tokenizer, max_length=32, max_prompt_length=24), seed=0, label="w")
+    model = load_quantized(model_dir, quant=QuantSettings(compute_dtype="float32"))
+    reference = compute_logps(
+        model,
+        units,
+        pad_id=tokenizer.pad_token_id,
+        batch_size=2,
+        hw=CPU,
+        impl="torch",
+        with_kl=True,
+        reporter=Reporter(True),
+        description="reference",
+        ranks=ranks,
+    )
+    policy = add_lora(model, r=4, alpha=8, dropout=0.0, seed=0)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:  # a policy away from the reference, so the sort is not of ties
+                p.copy_(torch.randn(p.shape, generator=generator) * 2.0)
+    return tokenizer, units, reference, policy
+
+
+def window_grads(tmp: Path, setup, loss: str, options: dict, micro: list[list[int]], ranks: Ranks = SINGLE):
+    """The gradients of one window, summed over ranks (what the optimiser step sees)."""
+    tokenizer, units, reference, policy = setup
+    job = StepJob(
+        t=1,
+        step_dir=tmp,
+        units=units,
+        reference=reference,
+        schedule=[],
+        objective=Objective(loss, 0.5, options),
+        config=small_config(tmp),
+        hw=CPU,
+        impl="torch",
+        pad_id=tokenizer.pad_token_id,
+        reporter=Reporter(True),
+        seed=0,
+        ranks=ranks,
+    )
+    policy.zero_grad(set_to_none=True)
+    policy.train()
+    row = accumulate_window(policy, job, 0, micro, _StopFlag())
+    params = [p for p in policy.parameters() if p.requires_grad]
+    ranks.sum_grads_(params)
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+    return grads, row
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the block, as each rank runs (torchrun sets OMP_NUM_THREADS=1): on a busy
+    two-core machine a second OpenMP thread mostly waits for the other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_ranks(argv: list[str], world: int = 2) -> list[subprocess.Popen]:
+    """`python argv...` once per rank, joined through env:// on a free port (what a launcher sets up)."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    return procs
+
+
+def main(out: Path) -> None:
+    with process_group() as ranks:
+        setup = window_setup(out, ranks)
+        results = [window_grads(out, setup, loss, options, micro, ranks) for loss, options, micro in CASES]
+        if ranks.is_main:
+            torch.save({"results": results, "reference": setup[2]}, out / "grads.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
