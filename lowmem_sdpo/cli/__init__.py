@@ -15,7 +15,17 @@ from lowmem_sdpo import __version__
 from lowmem_sdpo.errors import InputError
 
 # Module names under lowmem_sdpo.cli, in the order `--help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("run_cmd", "export_cmd", "demo_cmd", "data_cmd", "losses_cmd", "plan_cmd")
+COMMAND_MODULES: tuple[str, ...] = (
+    "run_cmd",
+    "export_cmd",
+    "demo_cmd",
+    "data_cmd",
+    "losses_cmd",
+    "plan_cmd",
+    "sft_cmd",
+    "generate_cmd",
+    "selfreward_cmd",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

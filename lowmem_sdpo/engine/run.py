@@ -91,10 +91,12 @@ def run_sdpo(
     config: RunConfig,
     *,
     resume: bool = False,
+    extend: bool = False,
     reporter: Reporter | None = None,
     callbacks: list[StepCallback] | None = None,
 ) -> list[dict[str, Any]]:
-    """Runs every step not yet done; returns the summaries of all steps."""
+    """Runs every step not yet done; returns the summaries of all steps. `extend` (with `resume`): the run
+    may list steps after those it was started with (self-rewarding sDPO appends D_t per iteration)."""
     reporter = reporter or Reporter(config.quiet)
     check_run_dir(config, resume)  # before anything slow is loaded
     hw = resolve_hardware(config)
@@ -136,7 +138,7 @@ def run_sdpo(
         ),
         callbacks=list(callbacks or []),
     )
-    prepare_run_dir(session, resume)
+    prepare_run_dir(session, resume, extend)
 
     summaries: list[dict[str, Any]] = []
     chain: list[Path] = []  # adapters whose sum with S gives M_{t-1}
