@@ -17,7 +17,10 @@ from lowmem_sdpo.data import StepData, UnpairedExample, collate_unpaired, load_t
 from lowmem_sdpo.data.tokenizer import find_answer_end
 from lowmem_sdpo.selfreward.generation import SampleSettings, generate_batch, stop_token_ids
 
-FAMILY_ARCH = {"solar": "llama", "chatml": "qwen2", "gemma": "gemma2"}
+# The architecture matters less than the tokenizer here; Gemma-2's soft-capped head (see real_models) learns
+# too slowly for a few dozen steps, so the Gemma tokenizer drives a Mistral model.
+FAMILY_ARCH = {"solar": "llama", "chatml": "qwen2", "gemma": "mistral"}
+STEPS = 120  # enough for every family's model to write both answers and the marker after them
 CONVERSATIONS = [
     ("What is the capital of France?", "Hello! Paris."),
     ("And of Italy?", "The capital of Italy is Rome."),  # a shorter prompt: left padding in the batch
@@ -41,9 +44,9 @@ def _taught_model(arch_name: str, tokenizer, tokenized) -> torch.nn.Module:
     torch.manual_seed(0)
     model = getattr(transformers, arch.model_class)(config).float()
     batch = collate_unpaired(tokenized, tokenizer.pad_token_id)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
     model.train()
-    for _ in range(60):
+    for _ in range(STEPS):
         out = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
         )

@@ -47,7 +47,7 @@ DEMO_TRAIN: dict[str, Any] = {
     "max_prompt_length": 24,
     "beta": 0.1,
     "learning_rate": 1e-3,
-    "epochs": 3.0,
+    "epochs": 2.0,
     "batch_size": 16,
     "grad_accum": 1,
     "warmup_ratio": 0.1,
