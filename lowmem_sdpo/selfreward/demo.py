@@ -27,9 +27,8 @@ from lowmem_sdpo.selfreward.toy import JUDGE_SPEC, conversation, exact_match, sp
 RUN_SUBDIR = "run"
 PROMPTS_FILE = "prompts.jsonl"
 HELD_OUT = 30  # of the 100 single-digit sums; the other 70 are the self-rewarding prompts
-PROMPT_REPEATS = (
-    3  # each training prompt three times: more candidates per problem, as a larger prompt set would
-)
+# Each training prompt once; more repeats give more candidates per problem, as a larger prompt set would.
+PROMPT_REPEATS = 1
 # Sampling as the paper (T 0.7, top-p 0.9) finds too few right answers in a tiny model's 4 samples to pair;
 # wider sampling (8 candidates, T 1.0, no nucleus cut) gives the judge something to prefer.
 DEMO_SAMPLING: dict[str, Any] = {
