@@ -30,13 +30,13 @@ HELD_OUT = 30  # of the 100 single-digit sums; the other 70 are the self-rewardi
 # Each training prompt once; more repeats give more candidates per problem, as a larger prompt set would.
 PROMPT_REPEATS = 1
 # Sampling as the paper (T 0.7, top-p 0.9) finds too few right answers in a tiny model's 4 samples to pair;
-# wider sampling (8 candidates, T 1.0, no nucleus cut) gives the judge something to prefer.
+# wider sampling (6 candidates, T 1.0, no nucleus cut) gives the judge something to prefer.
 DEMO_SAMPLING: dict[str, Any] = {
     "iterations": 2,
-    "candidates": 8,
+    "candidates": 6,
     "temperature": 1.0,
     "top_p": 1.0,
-    "max_new_tokens": 6,
+    "max_new_tokens": 4,  # a sum is at most 2 digits + EOS; one more token lets the length penalty bite
     "judge": JUDGE_SPEC,
     "judge_samples": 1,  # the judge is deterministic: one judgement is the mean of any number
     "batch_size": 64,
