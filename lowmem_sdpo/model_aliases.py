@@ -4,16 +4,19 @@
 SOLAR-10.7B-Instruct-v1.0, which its model card says was SFT'd and then DPO-trained on Intel/orca_dpo_pairs
 and allenai/ultrafeedback_binarized_cleaned: the very data of the paper's two sDPO steps, so it is an
 already-aligned model, not the paper's starting point. `solar-10.7b-sft` names that starting point, the
-paper's S (SOLAR-10.7B-v1.0 after SFT); it was never released and this toolkit cannot build it yet, so the
-alias exists to say so and to point at the alternatives rather than let another model silently stand in.
+paper's S (SOLAR-10.7B-v1.0 after SFT); it was never released, so the alias resolves to the local output of
+`lowmem-sdpo sft --recipe solar-10.7b-sft` and, until that exists, refuses naming the command that builds it
+and the alternatives, rather than let another model silently stand in.
 `tiny` is the embedded demo model (built locally, see lowmem_sdpo.models.tiny).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from lowmem_sdpo.errors import InputError
+from lowmem_sdpo.sft.recipes import SOLAR_SFT_MODEL_DIR
 
 
 @dataclass(frozen=True)
@@ -24,10 +27,17 @@ class ModelAlias:
     # Set when the alias names a model that cannot be used (yet): the rest of the one-line error, which
     # says why and what to use instead. Resolution raises it, so no code path needs its own special case.
     unavailable_reason: str | None = None
+    # A model a recipe of this toolkit builds locally: the alias stands for that directory once it holds a
+    # checkpoint, and is unavailable (with unavailable_reason) until then.
+    built_at: str | None = None
+
+    @property
+    def built(self) -> bool:
+        return self.built_at is not None and (Path(self.built_at) / "config.json").is_file()
 
     @property
     def available(self) -> bool:
-        return self.unavailable_reason is None
+        return self.built or self.unavailable_reason is None
 
 
 MODEL_ALIASES: dict[str, ModelAlias] = {
@@ -49,10 +59,12 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
             None,
             "the paper's S: SOLAR-10.7B-v1.0 after SFT (unreleased)",
             unavailable_reason=(
-                "is the paper's S (SOLAR-10.7B-v1.0 after SFT), which is not public and which lowmem-sdpo "
-                "cannot build yet; use --model solar-10.7b-instruct (already DPO-aligned on the paper's data), "
+                "is the paper's S (SOLAR-10.7B-v1.0 after SFT), which is not public and not built here yet: "
+                f"build it with `lowmem-sdpo sft --recipe solar-10.7b-sft` (writes {SOLAR_SFT_MODEL_DIR}); "
+                "or use --model solar-10.7b-instruct (already DPO-aligned on the paper's data), "
                 "a local SFT checkpoint directory, or --model solar-10.7b (the base, not instruction-tuned)"
             ),
+            built_at=SOLAR_SFT_MODEL_DIR,
         ),
         ModelAlias("tiny", "builtin:tiny", "embedded few-million-parameter Llama for the CPU demo"),
     )
@@ -68,6 +80,8 @@ def resolve_model_alias(name: str) -> str:
     alias = MODEL_ALIASES.get(name)
     if alias is None:
         return name
+    if alias.built:
+        return str(Path(alias.built_at or "").resolve())
     if alias.unavailable_reason is not None or alias.target is None:
         raise InputError(f"model '{name}' {alias.unavailable_reason or 'is not available'}")
     return alias.target

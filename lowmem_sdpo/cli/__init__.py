@@ -24,6 +24,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "plan_cmd",
     "eval_cmd",
     "report_cmd",
+    "sft_cmd",
+    "generate_cmd",
+    "selfreward_cmd",
 )
 
 

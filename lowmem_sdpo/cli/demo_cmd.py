@@ -73,8 +73,14 @@ def register(subparsers: Any) -> None:
     demo = subparsers.add_parser(
         "demo", help="two sDPO steps of the tiny model on the toy data (CPU)", description=__doc__
     )
-    demo.add_argument("--output-dir", default="runs/demo", help="run directory (default runs/demo; replaced)")
+    demo.add_argument("--output-dir", default=None, help="run directory (default runs/demo; replaced)")
     demo.add_argument("--quiet", action="store_true")
+    demo.add_argument(
+        "--self-reward",
+        action="store_true",
+        help="instead: two self-rewarding iterations on toy addition with a programmatic judge "
+        "(default --output-dir runs/demo-self-reward)",
+    )
     demo.set_defaults(handler=demo_command)
 
 
@@ -115,7 +121,11 @@ def demo_command(args: argparse.Namespace) -> int:
     from lowmem_sdpo.engine.reporting import Reporter
     from lowmem_sdpo.report import build_report
 
-    out = Path(args.output_dir)
+    if args.self_reward:
+        from lowmem_sdpo.selfreward.demo import run_selfreward_demo
+
+        return run_selfreward_demo(args.output_dir or "runs/demo-self-reward", quiet=args.quiet)
+    out = Path(args.output_dir or "runs/demo")
     config = demo_config(str(out), quiet=args.quiet)
     _clear_previous(out)
     reporter = Reporter(args.quiet)

@@ -17,7 +17,7 @@ from lowmem_sdpo.losses import add_loss_arguments, loss_options_from_args
 HELP: dict[str, str] = {
     "model": (
         "hub id, local HF directory, or alias: solar-10.7b (base), solar-10.7b-instruct (SFT + DPO on the "
-        "paper's data), tiny; solar-10.7b-sft (the paper's S) is not available yet"
+        "paper's data), tiny; solar-10.7b-sft (the paper's S: the output of `lowmem-sdpo sft --recipe solar-10.7b-sft`)"
     ),
     "steps": "comma-separated step items: aliases (openorca, ultrafeedback, ...), hub ids[:split], local files",
     "output_dir": "run directory (run.json, step-t/...); default runs/<model>-<steps>",
@@ -68,10 +68,19 @@ BOOL_FIELDS = ("gradient_checkpointing", "double_quant", "diagnostics", "quiet")
 SKIP = ("loss", "loss_options")  # added by add_loss_arguments
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = RunConfig()
+def add_run_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    skip: tuple[str, ...] = (),
+    defaults: RunConfig | None = None,
+    with_loss: bool = True,
+    with_config: bool = True,
+) -> None:
+    """One flag per RunConfig field (less `skip`); `defaults` are what the help text shows (commands that
+    train with other defaults, sft and self-reward, pass theirs)."""
+    defaults = defaults or RunConfig()
     for f in fields(RunConfig):
-        if f.name in SKIP:
+        if f.name in SKIP or f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
@@ -87,8 +96,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             kind: Any = {int: int, float: float}.get(type(default), str)
             parser.add_argument(flag, dest=f.name, type=kind, default=None, help=text)
+    if not with_loss:
+        return
     add_loss_arguments(parser)
     parser.set_defaults(loss=None)  # so that a --config file's loss is not overridden by the flag default
+    if not with_config:
+        return
     parser.add_argument(
         "--config", help="YAML file of options (keys as the flags, - or _); flags override it"
     )

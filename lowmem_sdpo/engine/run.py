@@ -101,12 +101,15 @@ def run_sdpo(
     config: RunConfig,
     *,
     resume: bool = False,
+    extend: bool = False,
     reporter: Reporter | None = None,
     callbacks: list[StepCallback] | None = None,
 ) -> list[dict[str, Any]]:
-    """Runs every step not yet done; returns the summaries of all steps. Under a launcher, on every rank."""
+    """Runs every step not yet done; returns the summaries of all steps. Under a launcher, on every rank.
+    `extend` (with `resume`): the run may list steps after those it was started with (self-rewarding sDPO
+    appends D_t per iteration)."""
     with process_group() as ranks:
-        return _run_all(config, ranks, resume=resume, reporter=reporter, callbacks=callbacks)
+        return _run_all(config, ranks, resume=resume, extend=extend, reporter=reporter, callbacks=callbacks)
 
 
 def _run_all(
@@ -114,6 +117,7 @@ def _run_all(
     ranks: Ranks,
     *,
     resume: bool,
+    extend: bool,
     reporter: Reporter | None,
     callbacks: list[StepCallback] | None,
 ) -> list[dict[str, Any]]:
@@ -164,7 +168,7 @@ def _run_all(
         callbacks=list(callbacks or []),
         heldout=heldout,
     )
-    prepare_run_dir(session, resume)
+    prepare_run_dir(session, resume, extend)
     # one tracker per run: rank 0 feeds it (every rank holds the same rows)
     tracker = open_tracker(config.report_to, session.out, config.to_dict()) if ranks.is_main else None
     if tracker is not None:

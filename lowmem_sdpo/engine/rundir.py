@@ -83,7 +83,9 @@ def eval_fingerprints(session: Any) -> list[str | None] | None:
     return [h.fingerprint() if h is not None else None for h in held] if any(held) else None
 
 
-def _resume_differences(saved: dict[str, Any], session: Any, data: list[dict[str, Any]]) -> list[str]:
+def _resume_differences(
+    saved: dict[str, Any], session: Any, data: list[dict[str, Any]], extend: bool = False
+) -> list[str]:
     differ = resume_differences(saved.get("config", {}), session.config)
     if _effective_batch(saved.get("config", {}), saved) == _effective_batch(
         session.config.to_dict(), {"world_size": session.ranks.world}
@@ -91,7 +93,14 @@ def _resume_differences(saved: dict[str, Any], session: Any, data: list[dict[str
         # Another split of the same effective batch (another rank count, micro-batch size or accumulation):
         # every optimiser step still sees the same units, only cut into other micro-batches.
         differ = [d for d in differ if d not in BATCH_SPLIT]
-    if [d["fingerprint"] for d in saved.get("data", [])] != [d["fingerprint"] for d in data]:
+    was = [d["fingerprint"] for d in saved.get("data", [])]
+    now = [d["fingerprint"] for d in data]
+    if extend:
+        # Steps may be appended (self-rewarding writes D_t after step t-1); the finished ones must not change.
+        differ = [k for k in differ if k != "steps"]
+        if now[: len(was)] != was:
+            differ.append("data (the content of the steps already in the run)")
+    elif was != now:
         differ.append("data (the content of --steps)")
     for key, (what, read) in RESUME_CHECKS.items():
         was, now = saved.get(key), read(session)
@@ -117,12 +126,13 @@ def _short(value: Any) -> str:
     return text[:12] if len(text) == 64 else text  # sha256 digests: a prefix names them well enough
 
 
-def prepare_run_dir(session: Any, resume: bool) -> None:
+def prepare_run_dir(session: Any, resume: bool, extend: bool = False) -> None:
     """Write run.json for a new run; for --resume, refuse when the configuration, data, model, tokenizer,
     chat template or resolved device settings differ, naming each difference. Every rank checks; rank 0
     alone writes. Another number of ranks (or micro-batch size, or accumulation) may resume a run when the
     effective batch, batch_size x grad_accum x ranks, stays the same: the schedule's optimiser steps are the
-    seeded order cut into windows of that many units, whatever the split."""
+    seeded order cut into windows of that many units, whatever the split. With `extend`, a resumed run may
+    gain steps after its own (run.json is then rewritten to list them)."""
     out = session.out
     data = [
         {"step": t, "label": s.label, "source": s.source, "schema": s.schema, "fingerprint": s.fingerprint()}
@@ -131,11 +141,14 @@ def prepare_run_dir(session: Any, resume: bool) -> None:
     # run_sdpo has already checked (engine.config.check_run_dir) that there is a run to resume, or an
     # empty place for a new one.
     if resume:
-        differ = _resume_differences(read_run_file(out) or {}, session, data)
+        differ = _resume_differences(read_run_file(out) or {}, session, data, extend)
         if differ:
             raise InputError(
                 f"--resume {out}: this run was made with a different configuration: {', '.join(differ)}"
             )
+        saved = read_run_file(out) or {}
+        if extend and session.ranks.is_main and len(data) > len(saved.get("data", [])):
+            write_json(out / RUN_FILE, {**saved, "config": session.config.to_dict(), "data": data})
         return
     if not session.ranks.is_main:
         return

@@ -1,0 +1,86 @@
+"""`lowmem-sdpo sft`: QLoRA SFT of a base model into S, exported as a bf16 checkpoint `--model` accepts.
+
+Rows: prompt/completion, conversational (messages ending with the answer), alpaca, OpenOrca, or the chosen
+side of any preference file `run` reads. `--recipe solar-10.7b-sft` builds the paper's S (see
+lowmem_sdpo/sft/recipes.py for its data and sizes); `--model solar-10.7b-sft` then resolves to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields, replace
+from typing import Any
+
+from lowmem_sdpo.engine.config import RunConfig, validate
+from lowmem_sdpo.errors import InputError
+
+# The DPO-only options sft has no use for.
+NOT_SFT = (
+    "steps",
+    "columns",
+    "desirable_threshold",
+    "beta",
+    "reference_batch_size",
+    "target_init",
+    "reference",
+    "merge",
+    "diagnostics",
+)
+# QLoRA SFT defaults (the alignment-handbook's Zephyr SFT QLoRA recipe: lr 2e-4, cosine, 10% warm-up).
+SFT_DEFAULTS = replace(RunConfig(), learning_rate=2e-4, save_every=100)
+
+
+def register(subparsers: Any) -> None:
+    from lowmem_sdpo.cli.run_cmd import add_run_arguments
+    from lowmem_sdpo.sft.recipes import SFT_RECIPES
+
+    sft = subparsers.add_parser(
+        "sft", help="QLoRA SFT of a base model into S (the paper's starting point)", description=__doc__
+    )
+    add_run_arguments(sft, skip=NOT_SFT, defaults=SFT_DEFAULTS, with_loss=False)
+    sft.add_argument(
+        "--data", help="comma-separated SFT data items: local files, dataset directories, hub ids[:split]"
+    )
+    sft.add_argument(
+        "--recipe", choices=sorted(SFT_RECIPES), help="a documented recipe (model, data, sizes, settings)"
+    )
+    sft.add_argument("--export-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    sft.add_argument("--resume", action="store_true", help="continue the SFT run in --output-dir")
+    sft.set_defaults(handler=sft_command)
+
+
+def sft_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, int]]:
+    """recipe (if any) < flags; SFT_DEFAULTS under both."""
+    from lowmem_sdpo.sft.recipes import SFT_RECIPES
+
+    values: dict[str, Any] = {}
+    limits: dict[str, int] = {}
+    if args.recipe:
+        recipe = SFT_RECIPES[args.recipe]
+        values |= {
+            "model": recipe.model,
+            "steps": recipe.data,
+            "output_dir": recipe.output_dir,
+            **recipe.settings,
+        }
+        limits = dict(recipe.limits)
+    flags = {f.name: getattr(args, f.name, None) for f in fields(RunConfig) if f.name not in NOT_SFT}
+    values |= {k: v for k, v in flags.items() if v is not None}
+    if args.data:
+        values["steps"] = args.data
+        limits = {}
+    if not values.get("steps"):
+        raise InputError("--data is required (SFT rows), or --recipe")
+    if not values.get("output_dir"):
+        raise InputError("--output-dir is required (the SFT run directory; S is written to OUTPUT_DIR/model)")
+    config = replace(SFT_DEFAULTS, **values)
+    validate(config)
+    return config, limits
+
+
+def sft_command(args: argparse.Namespace) -> int:
+    from lowmem_sdpo.sft.train import run_sft
+
+    config, limits = sft_config(args)
+    run_sft(config, resume=args.resume, limits=limits, export_dtype=args.export_dtype)
+    return 0

@@ -1,0 +1,61 @@
+"""The sampling model: S in 4 bit (loaded once) with an adapter chain attached as a frozen delta, the
+engine's ExactHolder, so M_{t-1} samples exactly as step t-1 trained it, with no merge."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lowmem_sdpo.data import load_tokenizer
+from lowmem_sdpo.engine.config import RunConfig
+from lowmem_sdpo.engine.hardware import Hardware, resolve_hardware
+from lowmem_sdpo.engine.materialise import ExactHolder, load_for
+from lowmem_sdpo.engine.reporting import Reporter
+from lowmem_sdpo.models import QuantSettings, resolve_model
+
+
+@dataclass
+class Sampler:
+    model_dir: Path
+    tokenizer: Any
+    hw: Hardware
+    holder: ExactHolder
+
+    def model_for(self, chain: list[Path]) -> Any:
+        return self.holder.model_for(chain)
+
+    def release(self) -> None:
+        self.holder.release()
+
+
+@contextlib.contextmanager
+def hf_bars_off() -> Iterator[None]:
+    """transformers' own per-load "Loading weights" bar off while a model loads (our notes say more)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def open_sampler(model: str, config: RunConfig, reporter: Reporter, revision: str | None = None) -> Sampler:
+    """`config` supplies the device, compute dtype and double quantisation (the run's own settings)."""
+    hw = resolve_hardware(config)
+    model_dir = resolve_model(model, revision)
+    tokenizer = load_tokenizer(str(model_dir))
+    quant = QuantSettings(double_quant=config.double_quant, compute_dtype=hw.compute_dtype)
+    load = load_for(model_dir, quant, hw.device, reporter.merge_progress())
+
+    def quiet_load(adapters: Sequence[Path], merge: str) -> Any:
+        reporter.note(f"loading {model_dir} in 4 bit for sampling")
+        with hf_bars_off():
+            return load(adapters, merge)
+
+    return Sampler(model_dir, tokenizer, hw, ExactHolder(quiet_load, quant, hw.device))
