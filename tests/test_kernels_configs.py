@@ -125,3 +125,24 @@ def test_half_default_does_not_spill_on_sm90(tmp_path: Path) -> None:
     for row in rows:
         assert row["spill_stack_bytes"] == 0, row
         assert row["shared_bytes"] <= min(SM90, shared_memory_bytes(cfg, torch.bfloat16)), row
+
+
+def test_autotune_skips_only_configs_that_do_not_fit() -> None:
+    # time_configs is the tuner's loop: OutOfResources (the compiler could not fit registers / shared
+    # memory) drops that config; any other error, e.g. a CUDA fault inside a launch, must propagate.
+    from triton.runtime.errors import OutOfResources
+
+    a, b, c = (TritonConfig(16, 16, 16, 1, 1, group_m=g) for g in (1, 2, 3))
+
+    def bench(cfg: TritonConfig) -> float:
+        if cfg == b:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        return float(cfg.group_m)
+
+    assert triton_logprobs.time_configs((a, b, c), bench) == {a: 1.0, c: 3.0}
+
+    def faulty(cfg: TritonConfig) -> float:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        triton_logprobs.time_configs((a, b), faulty)
