@@ -10,7 +10,9 @@ Memory arithmetic (why no N x V tensor exists anywhere):
     log-sum-exp) is O(N).
   * triton impl: a logits tile lives in registers (BLOCK_M x BLOCK_V fp32); global memory holds
     per-row partial (max, sum, target logit) for each vocabulary split, 3 * n_splits * N * 4 bytes,
-    with n_splits <= MAX_VOCAB_SPLITS, i.e. O(N).
+    with n_splits <= MAX_VOCAB_SPLITS, i.e. O(N). The backward's only large buffers are the
+    gradients themselves: dH [N, D] (fp32, or the input dtype under grad_accum="input": at N 16384,
+    D 4096 268 MB / 134 MB) and, only for a trained lm head, dW [V, D] (524 MB fp32 at V 32000).
 """
 
 from __future__ import annotations
@@ -140,12 +142,16 @@ AUTOTUNE_TRITON_CONFIGS: tuple[TritonConfig, ...] = (
 # block's work is spread over SMs even when N is small (N=4096 -> 64 row blocks of 64).
 MAX_VOCAB_SPLITS = 16
 
-# Gradient filtering (backward only). filter_eps is a per-row budget of dropped softmax mass: a
-# vocabulary tile (chunk) of width w is skipped only when, for every row in the tile, the tile's
-# total softmax mass is below filter_eps / n_tiles and no row's target lies in it. Summed over the
-# skipped tiles a row therefore loses at most filter_eps of probability mass, so the error of its
-# hidden-state gradient is at most |grad_out| * filter_eps * max_v |weight[v]|, and of a weight row
-# at most filter_eps * |grad_out| * |hidden| summed over rows. "auto" picks the dtype's machine
+# Gradient filtering (backward only), filter="bound". filter_eps is a per-row budget of dropped
+# softmax mass: a vocabulary tile (chunk) of width w is skipped only when, for every row in the tile,
+# the tile's total softmax mass is below filter_eps / n_tiles and no row's target lies in it. Summed
+# over the skipped tiles a row therefore loses at most filter_eps of probability mass, so the error
+# of its hidden-state gradient is at most |grad_out| * filter_eps * max_v |weight[v]|. The Triton
+# kernel tests the dW product of a tile apart (issue 13): skipped when every vocabulary column's
+# mass summed over the tile's rows is below filter_eps / n_row_blocks, so a weight row loses at most
+# filter_eps of summed mass and errs by at most filter_eps * max|grad_out| * max|hidden|. (The torch
+# impl skips both products of a chunk on the row test; its weight rows then err by at most
+# filter_eps * |grad_out| * |hidden| summed over rows.) "auto" picks the dtype's machine
 # epsilon, the size of one rounding of the result, and turns filtering off for fp32/fp64.
 # With a head transform (logit_transform.py) the mass bound is still on p = softmax(z) of the final
 # logits; the dropped d logp / d x entries are g * scale * (1 - tanh^2) * p, so both error bounds

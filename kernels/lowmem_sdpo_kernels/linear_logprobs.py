@@ -201,8 +201,8 @@ def linear_logprobs(
     else:
         _check_rows(rows, n_rows, hidden.device)
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    if name in ROW_INDEXED:
-        return triton_linear_logprobs(hidden, weight, bias, targets, options, rows)
+    if name in ROW_INDEXED:  # nothing ignored (a size check, no sync): no index to read
+        return triton_linear_logprobs(hidden, weight, bias, targets, options, None if rows.numel() == n_rows else rows)
     if rows.numel() == n_rows:  # nothing ignored: no compaction copy
         return IMPLS[name](hidden, weight, bias, targets, options).to(out_dtype)
     # Compaction: only valid rows reach the matmuls. index_select's backward scatters grad back.

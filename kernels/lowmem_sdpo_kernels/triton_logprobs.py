@@ -16,11 +16,21 @@ to exactly the kernel that existed before). _head_logits is shared by forward an
 Backward: program (row block i, vocabulary tile j) recomputes its logits tile with the same
 helpers and tile shape as the forward (same reduction order over D: identical values), forms
 dz = g * (onehot(target) - softmax) * (1 - tanh^2) * scale in registers, and adds dz @ W_tile into
-an fp32 [M, D] gradient buffer, dz^T @ H_block into an fp32 [V, D] buffer and the column sums of
-dz into an fp32 [V] bias-gradient buffer with atomics (the latter two only when the weight / bias
-requires grad). These buffers are the gradients themselves at fp32; they are cast to the input
-dtype once at the end. A tile whose softmax mass is below filter_eps / n_tiles for
-every row, and that holds no row's target, skips both products (gradient filtering).
+an [N, D] gradient buffer, dz^T @ H_block into a [V, D] buffer (fp32 by default, the input dtype
+with grad_accum="input") and the column sums of dz into an fp32 [V] bias-gradient buffer with
+atomics; each product only when its input requires grad (constexpr: a frozen lm head compiles the
+dW product out and allocates no dW buffer). The buffers are cast to the input dtype once at the end.
+Filters (configs.py for the error bounds) skip the dH and the dW product of a target-free tile
+separately: FILTER 1 when every row's (dH) / column's (dW) softmax mass in the tile is under its
+share of filter_eps, FILTER 2 when every softmax entry is under filter_eps (CCE's rule).
+
+Launch order (issue 13): both grids are 1-D and numbered by _grouped_tile, so GROUP_M row blocks
+walk the vocabulary together and a wave of resident programs shares their hidden / dH rows and a
+few weight tiles in L2 (benchmarks/README.md, "HBM traffic", has the arithmetic).
+
+Ignored rows: with a valid-row index ROWS (HAS_ROWS), program row k is physical row ROWS[k] of
+hidden, targets, grad and dH; partials and lse are per logical row. Nothing is compacted or
+scattered, and offsets are int64 (row * stride never wraps).
 """
 
 from __future__ import annotations
