@@ -150,8 +150,13 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     if args.json is not None:
+        import triton
+
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                                capture_output=True, text=True).stdout.strip() or None
+        meta = {"triton": triton.__version__, "commit": commit, "tool": "cuobjdump -res-usage (REG, STACK)"}
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     return 0
 
 
