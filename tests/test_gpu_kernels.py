@@ -107,3 +107,17 @@ def test_compiled_kernel_autotune_picks_a_config() -> None:
     check_half_precision(_triton(triton_config="autotune", filter_eps=None), hidden, weight, targets, grad_out,
                          "autotuned")
     assert got[0].isfinite().all()
+
+
+def test_compiled_kernel_torch_impl_makes_no_sync_per_chunk() -> None:
+    # Issue 13 item 7: on CUDA the torch impl never reads a chunk's mass on the host (its filter is off
+    # there), so with rows= given a forward + backward issues no syncing op at all, filter "auto" or not.
+    from test_kernels_api import _SyncOps
+
+    hidden, weight, targets, grad_out = make_inputs(4096, 256, 20000, torch.bfloat16, ignore_frac=0.3, seed=38,
+                                                    device="cuda")
+    rows = valid_rows(targets.cpu(), 20000).cuda()
+    fn = lambda h, w, t: linear_logprobs(h, w, t, impl="torch", rows=rows)  # noqa: E731
+    with _SyncOps() as probe:
+        value_and_grads(fn, hidden, weight, targets, grad_out)
+    assert probe.seen == []
