@@ -210,10 +210,30 @@ BASELINES = {"vs_cce": "apple-cce", "vs_liger": "liger-flce"}
 # ---- measurement ----
 
 
-# Logit kinds: the hidden scale gives the logits' standard deviation (weight rows have norm ~1); "lm"
-# draws each target from the softmax of its own sharp row, as a trained LM's next tokens are mostly
-# among its likely ones, and most of each row's softmax sits on a few entries (where filters fire).
-LOGITS: dict[str, float] = {"normal": 1.0, "lm": 8.0}
+def _normal_logits(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    """hidden ~ N(0, 1), weight ~ N(0, 1/D): logits of std ~1, a flat softmax (as drawn)."""
+
+
+ZIPF_EXPONENT = 1.5
+LM_SPREAD = 2.0
+
+
+def _lm_logits(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    """In place: logits z_nv = (std-2 noise) - 1.5 ln(v + 1). The shared term is a Zipf-like token
+    frequency (token ids in frequency order, as BPE vocabularies roughly are), carried by the first
+    coordinate: hidden[:, 0] = 1, weight[v, 0] = -1.5 ln(v + 1). So most of a row's softmax sits on its
+    few likely tokens and rare tokens are negligible in every row, as in a trained LM's output, which is
+    where gradient filters can skip whole tiles."""
+    hidden.mul_(LM_SPREAD)
+    hidden[:, 0] = 1.0
+    ranks = torch.arange(weight.shape[0], device=weight.device, dtype=torch.float32)
+    weight[:, 0] = -ZIPF_EXPONENT * torch.log1p(ranks)
+
+
+# Logit kinds: name -> in-place shaping of fp32 hidden [N, D] ~ N(0, 1) and weight [V, D] ~ N(0, 1/D).
+# "lm" also draws each target from its row's own softmax (a trained LM's next token is mostly among its
+# likely ones); "normal" draws targets uniformly.
+LOGITS: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] = {"normal": _normal_logits, "lm": _lm_logits}
 
 
 def _sample_targets(hidden: torch.Tensor, weight: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -226,8 +246,10 @@ def _sample_targets(hidden: torch.Tensor, weight: torch.Tensor, gen: torch.Gener
 
 def make_inputs(case: Case, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator(device=device).manual_seed(0)
-    hidden = (torch.randn(case.n, case.d, generator=gen, device=device) * LOGITS[case.logits]).to(case.dtype)
-    weight = (torch.randn(case.v, case.d, generator=gen, device=device) / case.d**0.5).to(case.dtype)
+    hidden = torch.randn(case.n, case.d, generator=gen, device=device)
+    weight = torch.randn(case.v, case.d, generator=gen, device=device) / case.d**0.5
+    LOGITS[case.logits](hidden, weight)
+    hidden, weight = hidden.to(case.dtype), weight.to(case.dtype)
     if case.logits == "lm":
         targets = _sample_targets(hidden, weight, gen)
     else:
@@ -338,6 +360,48 @@ def run_one(name: str, case: Case, device: str, args: argparse.Namespace) -> dic
         if device == "cuda":
             torch.cuda.empty_cache()
     return row
+
+
+def filter_skip_fractions(case: Case, device: str) -> dict[str, Any]:
+    """Which share of our Triton backward's tiles each gradient filter would skip on this case's inputs,
+    at the tile the dtype gets on this device and the filters' "auto" thresholds (configs.py): the mass
+    bound's dH test (every row's tile mass < eps / n_tiles), its dW test (every column's mass summed over
+    the tile's rows < eps / n_row_blocks), and the per-element rule (every p < 2**-12). A tile holding a
+    target is never skipped. Computed here from fp32 softmax rows, 1024 at a time (no [N, V] tensor)."""
+    kernels = _kernels()
+    configs = kernels.configs
+    limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin if device == "cuda" else None
+    cfg = configs.select_triton_config(case.dtype, limit)
+    h, w, t = make_inputs(case, device)
+    h, w = h.detach(), w.detach()
+    valid = t != -100
+    h, t = h[valid], t[valid]  # the kernels' logical rows: only rows with a target
+    bm, bv = cfg.block_m, cfg.block_v
+    n_blocks, n_tiles = -(-h.shape[0] // bm), -(-case.v // bv)
+    eps_bound = configs.resolve_filter_eps("auto", case.dtype, "bound")
+    eps_element = configs.resolve_filter_eps("auto", case.dtype, "element")
+    counts = {"bound_dh": 0, "bound_dw": 0, "element": 0}
+    chunk = 1024 - 1024 % bm or bm
+    for r0 in range(0, h.shape[0], chunk):
+        hc, tc = h[r0:r0 + chunk], t[r0:r0 + chunk]
+        rows = -(-hc.shape[0] // bm) * bm
+        p = torch.zeros(rows, n_tiles * bv, device=device)
+        p[: hc.shape[0], : case.v] = torch.softmax(hc.float() @ w.float().T, dim=1)
+        tiles = p.view(rows // bm, bm, n_tiles, bv)
+        has_target = torch.zeros(rows // bm, n_tiles, dtype=torch.bool, device=device)
+        has_target[torch.arange(hc.shape[0], device=device) // bm, tc // bv] = True
+        free = ~has_target
+        if eps_bound is not None:
+            counts["bound_dh"] += int((free & (tiles.sum(dim=3).amax(dim=1) < eps_bound / n_tiles)).sum())
+            counts["bound_dw"] += int((free & (tiles.sum(dim=1).amax(dim=2) < eps_bound / n_blocks)).sum())
+        if eps_element is not None:
+            counts["element"] += int((free & (tiles.amax(dim=(1, 3)) < eps_element)).sum())
+    total = max(n_blocks * n_tiles, 1)
+    return {
+        "N": case.n, "V": case.v, "dtype": str(case.dtype).removeprefix("torch."), "logits": case.logits,
+        "ignored_frac": case.ignored_frac, "tile": [bm, bv], "eps_bound": eps_bound, "eps_element": eps_element,
+        **{key: value / total for key, value in counts.items()},
+    }
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -453,8 +517,14 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "matmul_tflops": {str(k).removeprefix("torch."): v for k, v in args.matmul_tflops.items()},
         "rows": [],
+        "filter_skip": [],
     }
+    seen_inputs = set()
     for case in cases:
+        inputs = (case.n, case.v, case.dtype, case.logits, case.ignored_frac)
+        if inputs not in seen_inputs:  # frozen and trained weight share their inputs
+            seen_inputs.add(inputs)
+            payload["filter_skip"].append(filter_skip_fractions(case, device))
         for name in [*args.impls, *args.variants]:
             payload["rows"].append(run_one(name, case, device, args))
             add_ratios(payload["rows"])

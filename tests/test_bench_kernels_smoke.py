@@ -54,6 +54,12 @@ def test_smoke_run_writes_schema(tmp_path: Path) -> None:
     # Ratios to CCE / Liger exist only where those ran (CUDA); the second case has LM-like logits.
     assert all(r["vs_cce"] is None and r["vs_liger"] is None for r in rows if data["device"].startswith("cpu"))
     assert [r["logits"] for r in rows if r["impl"] == "ours-torch"] == ["normal", "lm"]
+    # Filter skip shares, once per input set: fractions of tiles. fp32 has no "auto" filter (eps null, 0 skipped).
+    skips = data["filter_skip"]
+    assert [(s["logits"], s["ignored_frac"]) for s in skips] == [("normal", 0.5), ("lm", 0.0)]
+    for s in skips:
+        assert s["eps_bound"] is None and s["eps_element"] is None
+        assert s["bound_dh"] == s["bound_dw"] == s["element"] == 0.0
 
 
 def test_variants_are_reachable_and_run() -> None:
