@@ -365,9 +365,10 @@ def run_one(name: str, case: Case, device: str, args: argparse.Namespace) -> dic
 def filter_skip_fractions(case: Case, device: str) -> dict[str, Any]:
     """Which share of our Triton backward's tiles each gradient filter would skip on this case's inputs,
     at the tile the dtype gets on this device and the filters' "auto" thresholds (configs.py): the mass
-    bound's dH test (every row's tile mass < eps / n_tiles), its dW test (every column's mass summed over
-    the tile's rows < eps / n_row_blocks), and the per-element rule (every p < 2**-12). A tile holding a
-    target is never skipped. Computed here from fp32 softmax rows, 1024 at a time (no [N, V] tensor)."""
+    bound's dH test (every row's tile mass < eps / (2 n_tiles), or its forward split's mass <= eps /
+    (2 n_splits)), its dW test (every column's mass summed over the tile's rows < eps / n_row_blocks),
+    and the per-element rule (every p < 2**-12). A tile holding a target is never skipped. Computed here
+    from fp32 softmax rows, 1024 at a time (no [N, V] tensor)."""
     kernels = _kernels()
     configs = kernels.configs
     limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin if device == "cuda" else None
@@ -378,6 +379,7 @@ def filter_skip_fractions(case: Case, device: str) -> dict[str, Any]:
     h, t = h[valid], t[valid]  # the kernels' logical rows: only rows with a target
     bm, bv = cfg.block_m, cfg.block_v
     n_blocks, n_tiles = -(-h.shape[0] // bm), -(-case.v // bv)
+    n_splits, per_split = importlib.import_module("lowmem_sdpo_kernels.triton_logprobs")._vocab_splits(case.v, bv)
     eps_bound = configs.resolve_filter_eps("auto", case.dtype, "bound")
     eps_element = configs.resolve_filter_eps("auto", case.dtype, "element")
     counts = {"bound_dh": 0, "bound_dw": 0, "element": 0}
@@ -392,7 +394,13 @@ def filter_skip_fractions(case: Case, device: str) -> dict[str, Any]:
         has_target[torch.arange(hc.shape[0], device=device) // bm, tc // bv] = True
         free = ~has_target
         if eps_bound is not None:
-            counts["bound_dh"] += int((free & (tiles.sum(dim=3).amax(dim=1) < eps_bound / n_tiles)).sum())
+            tile_mass = tiles.sum(dim=3)  # [blocks, bm, n_tiles]
+            padded = torch.zeros(*tile_mass.shape[:2], n_splits * per_split, device=device)
+            padded[..., :n_tiles] = tile_mass
+            split_mass = padded.view(*tile_mass.shape[:2], n_splits, per_split).sum(dim=3)
+            split_of_tile = split_mass.repeat_interleave(per_split, dim=2)[..., :n_tiles]
+            needs = (tile_mass >= eps_bound / (2 * n_tiles)) & (split_of_tile > eps_bound / (2 * n_splits))
+            counts["bound_dh"] += int((free & ~needs.any(dim=1)).sum())
             counts["bound_dw"] += int((free & (tiles.sum(dim=1).amax(dim=2) < eps_bound / n_blocks)).sum())
         if eps_element is not None:
             counts["element"] += int((free & (tiles.amax(dim=(1, 3)) < eps_element)).sum())

@@ -35,7 +35,7 @@ BACKWARD_VARIANTS: dict[str, tuple[bool, int]] = {
 }
 ELEMENT = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 SCALARS_I32 = {"M", "V", "D", "n_splits", "tiles_per_split"}
-SCALARS_F32 = {"thr_dh", "thr_dw", "scale", "softcap", "inv_softcap"}
+SCALARS_F32 = {"thr_dh", "thr_split", "thr_dw", "scale", "softcap", "inv_softcap"}
 
 
 def _signature(kernel: Any, elt: str) -> dict[str, str]:

@@ -91,6 +91,31 @@ def test_mass_bound_filters_dh_and_dw_separately() -> None:
     assert err_h.max() > 1e-4 and err_w.max() > 1e-4, "both products must be skipped somewhere"
 
 
+def test_mass_bound_skips_whole_splits_a_row_does_not_need() -> None:
+    # The dH test also skips a tile for a row whose whole forward split holds at most eps / (2 n_splits) of
+    # its mass (half the budget); tiles under eps / (2 n_tiles) take the other half. Here (16 rows, V 2048:
+    # 64 tiles of 32 in 16 splits of 4) the tile rule alone would skip 44 tiles and both rules 48, and the
+    # kernel's gradient must equal the exact one minus exactly those 48 tiles' terms, computed in float64.
+    eps = 2.0**-7
+    hidden, weight, targets, grad_out = lm_like_inputs(16, 16, 2048, sharpness=10.0, seed=5)
+    exact = value_and_grads(IMPLS["triton"](filter_eps=None), hidden, weight, targets, grad_out, weight_grad=False)
+    filtered = value_and_grads(IMPLS["triton"](filter_eps=eps), hidden, weight, targets, grad_out, weight_grad=False)
+    n_tiles, n_splits = 64, 16
+    p = torch.softmax(hidden.double() @ weight.double().T, dim=1)
+    tile_mass = p.view(16, n_tiles, 32).sum(dim=2)
+    split_mass = tile_mass.view(16, n_splits, 4).sum(dim=2).repeat_interleave(4, dim=1)
+    has_target = torch.zeros(n_tiles, dtype=torch.bool, device=DEVICE)
+    has_target[targets // 32] = True
+    needs = (tile_mass >= eps / (2 * n_tiles)) & (split_mass > eps / (2 * n_splits))
+    tile_only = ~(tile_mass >= eps / (2 * n_tiles)).any(dim=0) & ~has_target
+    skipped = ~needs.any(dim=0) & ~has_target
+    assert int(tile_only.sum()) == 44 and int(skipped.sum()) == 48
+    dropped = p * skipped.repeat_interleave(32)[None, :]  # the skipped tiles' p (no targets there)
+    expected = exact[1] + grad_out[:, None] * (dropped @ weight.double())  # dz = -g p on those entries
+    torch.testing.assert_close(filtered[1], expected, rtol=0, atol=1e-6)
+    assert (filtered[1] - exact[1]).abs().max() <= eps * grad_out.abs().max() * weight.double().abs().max()
+
+
 @pytest.mark.parametrize("impl", sorted(IMPLS))
 def test_weight_only_gradients(impl: str) -> None:
     # Hidden frozen, weight trained (COMPUTE_DH off in the kernel): d weight against float64, and no

@@ -147,7 +147,10 @@ MAX_VOCAB_SPLITS = 16
 # the tile's total softmax mass is below filter_eps / n_tiles and no row's target lies in it. Summed
 # over the skipped tiles a row therefore loses at most filter_eps of probability mass, so the error
 # of its hidden-state gradient is at most |grad_out| * filter_eps * max_v |weight[v]|. The Triton
-# kernel tests the dW product of a tile apart (issue 13): skipped when every vocabulary column's
+# kernel splits that budget in two halves (issue 13): a row may skip a tile whose mass is under
+# filter_eps / (2 n_tiles), and every tile of a vocabulary split whose whole mass (known per row and
+# split from the forward's partials) is at most filter_eps / (2 n_splits); summed, at most
+# filter_eps again, so the same bound holds. It tests the dW product of a tile apart: skipped when every vocabulary column's
 # mass summed over the tile's rows is below filter_eps / n_row_blocks, so a weight row loses at most
 # filter_eps of summed mass and errs by at most filter_eps * max|grad_out| * max|hidden|. (The torch
 # impl skips both products of a chunk on the row test; its weight rows then err by at most

@@ -21,8 +21,9 @@ with grad_accum="input") and the column sums of dz into an fp32 [V] bias-gradien
 atomics; each product only when its input requires grad (constexpr: a frozen lm head compiles the
 dW product out and allocates no dW buffer). The buffers are cast to the input dtype once at the end.
 Filters (configs.py for the error bounds) skip the dH and the dW product of a target-free tile
-separately: FILTER 1 when every row's (dH) / column's (dW) softmax mass in the tile is under its
-share of filter_eps, FILTER 2 when every softmax entry is under filter_eps (CCE's rule).
+separately: FILTER 1 when every row's (dH: or its whole forward split's) / column's (dW) softmax
+mass in the tile is under its share of filter_eps, FILTER 2 when every softmax entry is under
+filter_eps (CCE's rule).
 
 Launch order (issue 13): both grids are 1-D and numbered by _grouped_tile, so GROUP_M row blocks
 walk the vocabulary together and a wave of resident programs shares their hidden / dH rows and a
@@ -181,8 +182,8 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    H, W, B, T, ROWS, LSE, G, DH, DW, DB,
-    M, V, D, thr_dh, thr_dw, scale, softcap, inv_softcap,
+    H, W, B, T, ROWS, LSE, G, DH, DW, DB, SPLIT_MASS,
+    M, V, D, tiles_per_split, thr_dh, thr_split, thr_dw, scale, softcap, inv_softcap,
     stride_hm, stride_hd, stride_wv, stride_wd, stride_t, stride_g,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr,
@@ -191,9 +192,10 @@ def _backward_kernel(
 ):
     """One [BLOCK_M, BLOCK_V] tile: recompute z, form dz, add dz @ W_tile into DH and dz^T @ H_block
     into DW (atomics, in DH's / DW's dtype: fp32 by default). FILTER: 0 none; 1 the mass bound (dH
-    product skipped when every row's tile mass < thr_dh, dW product when every column's mass <
-    thr_dw); 2 the per-element rule (both skipped when every p < thr_dh). Tiles holding a target are
-    always kept. The two products are tested separately: each has its own error budget."""
+    product skipped when every row's tile mass < thr_dh or its whole forward split's mass
+    SPLIT_MASS[split, row] <= thr_split; dW product when every column's mass < thr_dw); 2 the
+    per-element rule (both skipped when every p < thr_dh). Tiles holding a target are always kept.
+    The two products are tested separately: each has its own error budget (configs.py)."""
     n_m = tl.cdiv(M, BLOCK_M)
     pid_m, pid_v = _grouped_tile(tl.program_id(0), n_m, tl.cdiv(V, BLOCK_V), GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -218,7 +220,12 @@ def _backward_kernel(
         v_lo = pid_v.to(tl.int64) * BLOCK_V
         has_target = tl.sum(((tgt >= v_lo) & (tgt < v_lo + BLOCK_V)).to(tl.int32), axis=0) > 0
         if FILTER == 1:
-            keep_dh = has_target | (tl.max(tl.sum(p, axis=1), axis=0) >= thr_dh)
+            # A row needs this tile's dH product unless its mass here is under its per-tile share, or
+            # the mass of the whole vocabulary split holding the tile (from the forward) is under its
+            # per-split share: then every tile of that split may go for the row.
+            split_mass = tl.load(SPLIT_MASS + (pid_v // tiles_per_split) * M + offs_m, mask=mask_m, other=0.0)
+            row_needs = (tl.sum(p, axis=1) >= thr_dh) & (split_mass > thr_split)
+            keep_dh = has_target | (tl.max(row_needs.to(tl.int32), axis=0) > 0)
             if COMPUTE_DW:
                 keep_dw = has_target | (tl.max(tl.sum(p, axis=0), axis=0) >= thr_dw)
         else:
@@ -298,14 +305,16 @@ def _head_args(transform: LogitTransform, bias: torch.Tensor | None) -> dict:
 
 def _launch_forward(
     hidden, weight, bias, targets, rows, transform: LogitTransform, cfg: TritonConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (logp [K] fp32, lse [K] fp32) over the K logical rows (rows[k], or k when rows is None)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (logp [K] fp32, lse [K] fp32, split_mass [n_splits, K] fp32) over the K logical rows (rows[k],
+    or k when rows is None). split_mass: each row's softmax mass in each vocabulary split, from the
+    partials (sum of exp(z - max) * exp(max - lse)), for the backward's mass-bound filter."""
     m_rows = hidden.shape[0] if rows is None else rows.shape[0]
     dim = hidden.shape[1]
     vocab = weight.shape[0]
     if m_rows == 0:  # every row ignored: an empty grid is not launchable
         empty = torch.empty(0, dtype=torch.float32, device=hidden.device)
-        return empty, empty
+        return empty, empty, empty.view(0, 0)
     n_splits, tiles_per_split = _vocab_splits(vocab, cfg.block_v)
     parts = torch.empty((3, n_splits, m_rows), dtype=torch.float32, device=hidden.device)
     grid = (triton.cdiv(m_rows, cfg.block_m) * n_splits,)
@@ -323,24 +332,26 @@ def _launch_forward(
     part_max, part_sum, part_tgt = parts[0], parts[1], parts[2]
     gmax = part_max.amax(dim=0)
     lse = gmax + torch.log((part_sum * torch.exp(part_max - gmax)).sum(dim=0))
-    return part_tgt.sum(dim=0) - lse, lse
+    return part_tgt.sum(dim=0) - lse, lse, part_sum * torch.exp(part_max - lse)
 
 
-def _filter_args(options: OpOptions, n_row_blocks: int, n_tiles: int) -> dict:
-    """FILTER code and the two thresholds the backward compares tile statistics with (configs.py).
-    bound: a row may lose filter_eps of mass over its n_tiles vocabulary tiles (dH), a vocabulary
-    entry filter_eps over its n_row_blocks row blocks (dW); element: every p below filter_eps."""
+def _filter_args(options: OpOptions, n_row_blocks: int, n_tiles: int, n_splits: int) -> dict:
+    """FILTER code and the thresholds the backward compares tile statistics with (configs.py).
+    bound: a row may drop half of filter_eps in tiles under eps / (2 n_tiles) each and half in whole
+    splits under eps / (2 n_splits) each (dH); a vocabulary entry filter_eps over its n_row_blocks
+    row blocks (dW). element: every p below filter_eps."""
     eps = options.filter_eps
     if eps is None:
-        return {"FILTER": 0, "thr_dh": 0.0, "thr_dw": 0.0}
+        return {"FILTER": 0, "thr_dh": 0.0, "thr_split": 0.0, "thr_dw": 0.0}
     code = FILTER_MODES[options.filter_mode][0]
     if code == 1:
-        return {"FILTER": 1, "thr_dh": eps / n_tiles, "thr_dw": eps / n_row_blocks}
-    return {"FILTER": code, "thr_dh": eps, "thr_dw": eps}
+        return {"FILTER": 1, "thr_dh": eps / (2 * n_tiles), "thr_split": eps / (2 * n_splits),
+                "thr_dw": eps / n_row_blocks}
+    return {"FILTER": code, "thr_dh": eps, "thr_split": 0.0, "thr_dw": eps}
 
 
 def _launch_backward(
-    hidden, weight, bias, targets, rows, lse, grad_out, cfg: TritonConfig,
+    hidden, weight, bias, targets, rows, lse, split_mass, grad_out, cfg: TritonConfig,
     needs: tuple[bool, bool, bool], options: OpOptions,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """needs = (hidden, weight, bias) gradients wanted -> those gradients (None where not).
@@ -368,8 +379,8 @@ def _launch_backward(
     _backward_kernel[(n_row_blocks * n_tiles,)](
         hidden, weight, bias if bias is not None else dummy, targets, rows if rows is not None else targets,
         lse, grad, dh if dh is not None else dummy, dw if dw is not None else dummy,
-        db if db is not None else dummy,
-        m_rows, vocab, dim,
+        db if db is not None else dummy, split_mass,
+        m_rows, vocab, dim, _vocab_splits(vocab, cfg.block_v)[1],
         stride_hm=hidden.stride(0), stride_hd=hidden.stride(1),
         stride_wv=weight.stride(0), stride_wd=weight.stride(1), stride_t=targets.stride(0),
         stride_g=grad.stride(0),
@@ -377,7 +388,7 @@ def _launch_backward(
         DOT_PRECISION=_dot_precision(hidden.dtype), HAS_ROWS=rows is not None,
         COMPUTE_DH=need_hidden, COMPUTE_DW=need_weight, COMPUTE_DB=need_bias,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **_filter_args(options, n_row_blocks, n_tiles),
+        **_filter_args(options, n_row_blocks, n_tiles, split_mass.shape[0]),
         **_head_args(options.transform, bias),
     )
     return cast(dh, hidden), cast(dw, weight), cast(db, bias)
@@ -389,20 +400,20 @@ class TritonLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, rows, options, cfg):  # type: ignore[override]
-        logp, lse = _launch_forward(hidden, weight, bias, targets, rows, options.transform, cfg)
+        logp, lse, split_mass = _launch_forward(hidden, weight, bias, targets, rows, options.transform, cfg)
         if rows is not None:  # a device-side scatter of K floats: no host sync, no [N, D] copy
             logp = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_copy_(0, rows, logp)
-        ctx.save_for_backward(hidden, weight, bias, targets, rows, lse)
+        ctx.save_for_backward(hidden, weight, bias, targets, rows, lse, split_mass)
         ctx.options, ctx.cfg = options, cfg
         return logp
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        hidden, weight, bias, targets, rows, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, rows, lse, split_mass = ctx.saved_tensors
         # A frozen weight (or bias) compiles COMPUTE_DW (COMPUTE_DB) out: no dW (db) work at all.
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         grad_h, grad_w, grad_b = _launch_backward(
-            hidden, weight, bias, targets, rows, lse, grad_out, ctx.cfg, needs, ctx.options
+            hidden, weight, bias, targets, rows, lse, split_mass, grad_out, ctx.cfg, needs, ctx.options
         )
         return grad_h, grad_w, grad_b, None, None, None, None
 
@@ -465,8 +476,8 @@ def autotune_config(
 
     def bench(cfg: TritonConfig) -> float:
         def run() -> None:
-            _, lse = _launch_forward(hidden, weight, bias, targets, rows, options.transform, cfg)
-            _launch_backward(hidden, weight, bias, targets, rows, lse, grad, cfg, needs, options)
+            _, lse, split_mass = _launch_forward(hidden, weight, bias, targets, rows, options.transform, cfg)
+            _launch_backward(hidden, weight, bias, targets, rows, lse, split_mass, grad, cfg, needs, options)
         return do_bench(run, warmup=5, rep=20)
 
     with torch.no_grad():
