@@ -60,8 +60,8 @@ DEFAULT_TRITON_CONFIG = TritonConfig()
 # kernel_resources.py compiles every config on a CPU and reads the cubin's register and stack use):
 # at 8 warps the [128, 128] fp32 logits accumulator alone is 64 of a thread's 255 registers; the
 # backward adds p, the bf16 dz tile kept across the D loop, the [128, BLOCK_D] products and the
-# K-step operands. With BLOCK_D = 64 that spills (672 B of stack per thread on sm90, 360 B with a
-# frozen weight); with BLOCK_D = 32 the frozen-weight (sDPO) backward and the forward use 254
+# K-step operands. With BLOCK_D = 64 that spills (672 B of stack per thread on sm90, 312 B with a
+# frozen weight, filter off); with BLOCK_D = 32 the frozen-weight (sDPO) backward and the forward use 254
 # registers and no stack, and the trained-weight backward with the filter 160 B. 128 x 256 tiles
 # spill at any warp count tried (8 or 16): offered to the autotuner only. Shared memory at 32-wide
 # K steps: 3 * (128*32 + 32*128) * 2 + 128*128*2 = 81,920 B, which fits sm80, sm86/89 and sm90.
