@@ -4,15 +4,18 @@
 #   bash benchmarks/gpu_pass.sh PART [PART ...] [--dry-run]
 #
 # Parts:
-#   kernels                   the gpu-marked kernel tests (compiled Triton, bf16 / fp16 / fp32 against float64) and
-#                             benchmarks/bench_kernels.py at every shape of its grid, one (N, V) slice per command
+#   kernels                   the gpu-marked kernel tests (tests/test_gpu.py's and tests/test_gpu_kernels.py's: compiled
+#                             Triton, bf16 / fp16 / fp32 against float64) and benchmarks/bench_kernels.py at every
+#                             shape of its grid, one (N, V) slice per command, issue 13's N 16384 first
+#   kernels-variants          bench_kernels.py --variants (each design choice of issue 13 switched) at N 16384 beside
+#                             ours-triton, CCE and Liger
 #   engine                    the other gpu-marked tests (4-bit load, a 2-step run, resume across devices on CUDA),
 #                             the demo (which forces the CPU) and the demo's settings run on CUDA through `run`
 #   e2e-SHAPE-ours            benchmarks/bench_e2e.py --device cuda, ours and ours-naive, and `lowmem-sdpo plan`
 #                             for the same shape as JSON beside it (plan_SHAPE.json), for the plan-vs-measured check
 #   e2e-SHAPE-trl             bench_e2e.py's TRL systems on that shape
 #                             SHAPE: solar-2048, solar-4096, llama3-8b-2048 (bench_e2e.py's CUDA shapes)
-#   e2e                       every e2e part;   all: kernels, engine, e2e
+#   e2e                       every e2e part;   all: kernels, kernels-variants, engine, e2e
 # --dry-run (works on CPU) prints each command, one per line, and runs nothing.
 #
 # Each part has GPU_PASS_PART_SECONDS (default 540) of wall time: every command runs under `timeout` with what is
@@ -50,7 +53,7 @@ DEMO_RUN_ARGS="--model tiny --steps examples/data/toy_step1.jsonl,examples/data/
 WHEELS_INSTALL="$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl"
 
 usage() {
-  echo "usage: bash benchmarks/gpu_pass.sh kernels|engine|e2e|e2e-SHAPE-ours|e2e-SHAPE-trl|all ... [--dry-run]" >&2
+  echo "usage: bash benchmarks/gpu_pass.sh kernels|kernels-variants|engine|e2e|e2e-SHAPE-ours|e2e-SHAPE-trl|all ... [--dry-run]" >&2
   echo "  SHAPE: ${SHAPES[*]}" >&2
   exit 2
 }
@@ -62,12 +65,21 @@ part_commands() {  # PART -> its commands on stdout, one per line (shell words, 
   r=$(printf %q "$RESULTS")
   case $part in
     kernels)
-      echo "LOWMEM_SDPO_TEST_CUDA=1 $PY -m pytest -m gpu tests/test_gpu.py -k kernel --junitxml=$r/pytest_kernels.xml"
-      # bench_kernels.py's full grid (N x V at D 4096), a slice per command so that a slow slice costs only itself.
-      for n in 4096 16384; do
+      echo "LOWMEM_SDPO_TEST_CUDA=1 $PY -m pytest -m gpu tests/test_gpu.py tests/test_gpu_kernels.py -k kernel --junitxml=$r/pytest_kernels.xml"
+      # bench_kernels.py's full grid (N x V at D 4096), a slice per command so that a slow slice costs only itself;
+      # issue 13's targets are at N 16384, so those slices come first.
+      for n in 16384 4096; do
         for v in 32000 128256; do
           echo "$PY benchmarks/bench_kernels.py --n $n --v $v --out $r/bench_kernels_n${n}_v${v}.json"
         done
+      done
+      ;;
+    kernels-variants)
+      # Quoted: the variant names hold brackets, which bash -c would otherwise try as globs.
+      local variants="'ours-triton[group1]' 'ours-triton[no-filter]' 'ours-triton[element-filter]'"
+      variants+=" 'ours-triton[input-atomics]' 'ours-triton[rows]' 'ours-torch[deterministic]'"
+      for v in 32000 128256; do
+        echo "$PY benchmarks/bench_kernels.py --n 16384 --v $v --impls ours-triton apple-cce liger-flce --variants $variants --out $r/bench_kernels_variants_n16384_v${v}.json"
       done
       ;;
     engine)
@@ -93,7 +105,7 @@ expand_parts() {  # the named parts -> the parts to run, in order
   local p s
   for p in "$@"; do
     case $p in
-      all) expand_parts kernels engine e2e ;;
+      all) expand_parts kernels kernels-variants engine e2e ;;
       e2e) for s in "${SHAPES[@]}"; do echo "e2e-$s-ours"; echo "e2e-$s-trl"; done ;;
       *) echo "$p" ;;
     esac

@@ -6,11 +6,12 @@ sm80 (A100) 166,912 B, sm86 / sm89 (RTX 30xx / 40xx) 101,376 B, sm90 (H100) 232,
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
-import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from test_kernels_common import make_inputs
 import lowmem_sdpo_kernels.triton_logprobs as triton_logprobs
 from lowmem_sdpo_kernels import DEFAULT_TRITON_CONFIG, TritonConfig, linear_logprobs
 from lowmem_sdpo_kernels.configs import (
+    HALF_TRITON_CONFIG,
     TRITON_CONFIGS_BY_DTYPE,
     select_triton_config,
     shared_memory_bytes,
@@ -27,17 +29,18 @@ from lowmem_sdpo_kernels.configs import (
 SM80, SM86, SM90 = 166_912, 101_376, 232_448
 
 # What each card gets, written out by hand from the bound (configs.py): fp32 at the default 64 x 128 x 64 x 3
-# stages needs 3 * (64*64 + 64*128) * 4 + 64*128*4 = 180,224 B, bf16/fp16 90,112 B.
+# stages needs 3 * (64*64 + 64*128) * 4 + 64*128*4 = 180,224 B, bf16/fp16 90,112 B. The half-precision
+# first choice 128 x 128 x 32 x 3 stages needs 3 * (128*32 + 32*128) * 2 + 128*128*2 = 81,920 B: all three.
 EXPECTED = {
     (torch.float32, SM80): TritonConfig(64, 128, 64, 8, 2),  # 2 * 12,288 * 4 + 32,768 = 131,072
     (torch.float32, SM86): TritonConfig(64, 128, 32, 8, 2),  # 2 * 6,144 * 4 + 32,768 = 81,920
     (torch.float32, SM90): DEFAULT_TRITON_CONFIG,  # 180,224
-    (torch.float16, SM80): DEFAULT_TRITON_CONFIG,  # 90,112 fits all three
-    (torch.float16, SM86): DEFAULT_TRITON_CONFIG,
-    (torch.float16, SM90): DEFAULT_TRITON_CONFIG,
-    (torch.bfloat16, SM80): DEFAULT_TRITON_CONFIG,
-    (torch.bfloat16, SM86): DEFAULT_TRITON_CONFIG,
-    (torch.bfloat16, SM90): DEFAULT_TRITON_CONFIG,
+    (torch.float16, SM80): HALF_TRITON_CONFIG,  # 81,920
+    (torch.float16, SM86): HALF_TRITON_CONFIG,
+    (torch.float16, SM90): HALF_TRITON_CONFIG,
+    (torch.bfloat16, SM80): HALF_TRITON_CONFIG,
+    (torch.bfloat16, SM86): HALF_TRITON_CONFIG,
+    (torch.bfloat16, SM90): HALF_TRITON_CONFIG,
 }
 
 
@@ -46,6 +49,7 @@ def test_shared_memory_bound_arithmetic() -> None:
     assert shared_memory_bytes(DEFAULT_TRITON_CONFIG, torch.float32) == 180_224
     assert shared_memory_bytes(DEFAULT_TRITON_CONFIG, torch.bfloat16) == 90_112
     assert shared_memory_bytes(DEFAULT_TRITON_CONFIG, torch.float16) == 90_112
+    assert shared_memory_bytes(HALF_TRITON_CONFIG, torch.bfloat16) == 81_920
 
 
 @pytest.mark.parametrize("limit", [SM80, SM86, SM90], ids=["sm80", "sm86", "sm90"])
@@ -82,43 +86,63 @@ def test_no_fitting_config_falls_back_to_torch_with_one_warning(monkeypatch) -> 
         assert torch.equal(out, linear_logprobs(hidden, weight, targets, impl="torch"))
 
 
-# Compiles for an RTX 30xx target in a fresh interpreter (the test session's kernels are interpreted
-# functions, which the compiler cannot take), and prints the compiler's own shared-memory count.
-_COMPILE_SM86 = textwrap.dedent(
-    """
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from lowmem_sdpo_kernels.configs import select_triton_config
-    from lowmem_sdpo_kernels.triton_logprobs import _backward_kernel as k
-    cfg = select_triton_config(torch.float32, 101_376)
-    ptrs = ["H", "W", "B", "LSE", "G", "DH", "DW", "DB"]
-    sig = {n: ("*fp32" if n in ptrs else "*i64" if n == "T" else "fp32") for n in k.arg_names[:16]}
-    sig.update({n: "i32" for n in ("M", "V", "D", "stride_hm", "stride_hd", "stride_wv", "stride_wd")})
-    const = dict(BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, DOT_PRECISION="ieee",
-                 COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=True, FILTER=True,
-                 HAS_BIAS=True, HAS_SCALE=True, HAS_SOFTCAP=True)
-    sig.update({n: "constexpr" for n in const})
-    src = ASTSource(k, sig, {(k.arg_names.index(n),): v for n, v in const.items()})
-    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    print(triton.compile(src, target=GPUTarget("cuda", 86, 32), options=opts).metadata.shared)
-    """
-)
+# Compiles for a GPU target in a fresh interpreter (the test session's kernels are interpreted functions,
+# which the compiler cannot take) through benchmarks/kernel_resources.py, which reads the compiler's own
+# shared-memory count and ptxas's register / spill-stack use. Needs Triton's NVIDIA backend (ptxas and
+# cuobjdump ship with the wheel), not a GPU.
+RESOURCES = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
 
 
-def test_fp32_choice_for_sm86_fits_by_the_compilers_own_count() -> None:
-    # The issue's failure: fp32 on an RTX 30xx/40xx. The installed Triton compiles the chosen config's
-    # backward (every option on: dW, db, filter, head transform) for sm86 and must stay within both the
-    # card's limit and our bound. Needs Triton's NVIDIA backend (ptxas ships with the wheel), not a GPU.
+def _compiled_resources(tmp_path: Path, arch: int, dtype: str, cfg: TritonConfig, kernels: list[str]) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SM86], capture_output=True, text=True, env=env, timeout=300
-    )
+    spec = ",".join(str(x) for x in (cfg.block_m, cfg.block_v, cfg.block_d, cfg.num_warps, cfg.num_stages, cfg.group_m))
+    out = tmp_path / "resources.json"
+    cmd = [sys.executable, str(RESOURCES), "--arch", str(arch), "--dtype", dtype, "--config", spec,
+           "--kernels", *kernels, "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     if proc.returncode != 0 and ("ptxas" in proc.stderr or "backend" in proc.stderr.lower()):
         pytest.skip(f"Triton cannot compile for CUDA here: {proc.stderr.strip().splitlines()[-1]}")
-    assert proc.returncode == 0, proc.stderr
-    shared = int(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())["rows"]
+
+
+def test_fp32_choice_for_sm86_fits_by_the_compilers_own_count(tmp_path: Path) -> None:
+    # The issue's failure: fp32 on an RTX 30xx/40xx. The chosen config's backward (dW and the filter on)
+    # compiled for sm86 must stay within both the card's limit and our bound.
     cfg = select_triton_config(torch.float32, SM86)
-    assert shared <= SM86
-    assert shared <= shared_memory_bytes(cfg, torch.float32)
+    (row,) = _compiled_resources(tmp_path, 86, "fp32", cfg, ["backward-dW-bound"])
+    assert row["shared_bytes"] <= SM86
+    assert row["shared_bytes"] <= shared_memory_bytes(cfg, torch.float32)
+
+
+def test_half_default_does_not_spill_on_sm90(tmp_path: Path) -> None:
+    # Issue 13: the bf16 tile must fit Hopper's registers. The forward and the frozen-weight backward (the
+    # sDPO case, filter on as "auto" turns it on for bf16) compiled for sm90: no spill stack, and the
+    # shared memory within the bound and the card.
+    cfg = select_triton_config(torch.bfloat16, SM90)
+    rows = _compiled_resources(tmp_path, 90, "bf16", cfg, ["forward", "backward-frozen-bound"])
+    for row in rows:
+        assert row["spill_stack_bytes"] == 0, row
+        assert row["shared_bytes"] <= min(SM90, shared_memory_bytes(cfg, torch.bfloat16)), row
+
+
+def test_autotune_skips_only_configs_that_do_not_fit() -> None:
+    # time_configs is the tuner's loop: OutOfResources (the compiler could not fit registers / shared
+    # memory) drops that config; any other error, e.g. a CUDA fault inside a launch, must propagate.
+    from triton.runtime.errors import OutOfResources
+
+    a, b, c = (TritonConfig(16, 16, 16, 1, 1, group_m=g) for g in (1, 2, 3))
+
+    def bench(cfg: TritonConfig) -> float:
+        if cfg == b:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        return float(cfg.group_m)
+
+    assert triton_logprobs.time_configs((a, b, c), bench) == {a: 1.0, c: 3.0}
+
+    def faulty(cfg: TritonConfig) -> float:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        triton_logprobs.time_configs((a, b), faulty)

@@ -10,7 +10,9 @@ Memory arithmetic (why no N x V tensor exists anywhere):
     log-sum-exp) is O(N).
   * triton impl: a logits tile lives in registers (BLOCK_M x BLOCK_V fp32); global memory holds
     per-row partial (max, sum, target logit) for each vocabulary split, 3 * n_splits * N * 4 bytes,
-    with n_splits <= MAX_VOCAB_SPLITS, i.e. O(N).
+    with n_splits <= MAX_VOCAB_SPLITS, i.e. O(N). The backward's only large buffers are the
+    gradients themselves: dH [N, D] (fp32, or the input dtype under grad_accum="input": at N 16384,
+    D 4096 268 MB / 134 MB) and, only for a trained lm head, dW [V, D] (524 MB fp32 at V 32000).
 """
 
 from __future__ import annotations
@@ -43,11 +45,27 @@ class TritonConfig:
     block_d: int = 64
     num_warps: int = 8
     num_stages: int = 3
+    # Row blocks that walk the vocabulary together (launch order, triton_logprobs._grouped_tile). It
+    # changes which tiles share the L2, never a value: every tile's arithmetic is the same.
+    group_m: int = 8
 
 
-# First choice for every dtype (no autotuning stall). 64 x 128 tiles with 64-wide K steps fit the
-# register file at fp32 accumulation for bf16/fp16 on sm80+ (64*128*4 B = 32 KiB of accumulator).
+# First choice for fp32 (no autotuning stall), and the interpreter's tile. 64 x 128 tiles with 64-wide
+# K steps: 64*128*4 B = 32 KiB of fp32 accumulator.
 DEFAULT_TRITON_CONFIG = TritonConfig()
+
+# First choice for bf16/fp16 (issue 13): 128-row blocks halve how often each weight tile is read
+# (N / BLOCK_M times) and give 2*128*128 / ((128 + 128) * 2) = 64 FLOP per byte loaded per K step,
+# against 43 for 64 x 128. Registers, as ptxas allocates them for sm90 and sm80 (benchmarks/
+# kernel_resources.py compiles every config on a CPU and reads the cubin's register and stack use):
+# at 8 warps the [128, 128] fp32 logits accumulator alone is 64 of a thread's 255 registers; the
+# backward adds p, the bf16 dz tile kept across the D loop, the [128, BLOCK_D] products and the
+# K-step operands. With BLOCK_D = 64 that spills (672 B of stack per thread on sm90, 312 B with a
+# frozen weight, filter off); with BLOCK_D = 32 the frozen-weight (sDPO) backward and the forward use 254
+# registers and no stack, and the trained-weight backward with the filter 160 B. 128 x 256 tiles
+# spill at any warp count tried (8 or 16): offered to the autotuner only. Shared memory at 32-wide
+# K steps: 3 * (128*32 + 32*128) * 2 + 128*128*2 = 81,920 B, which fits sm80, sm86/89 and sm90.
+HALF_TRITON_CONFIG = TritonConfig(128, 128, 32, 8, 3)
 
 # ---- Shared memory: which tile fits which card ----
 # Triton software-pipelines the K loop of the logits tile: each of num_stages stages buffers one
@@ -78,7 +96,8 @@ def shared_memory_bytes(cfg: TritonConfig, dtype: torch.dtype) -> int:
 
 # Per dtype, in order of preference: the first that fits the device's limit is used. Bounds:
 #   fp32: 180,224 (H100) > 131,072 (A100: 2 stages) > 81,920 (RTX 30xx/40xx: 32-wide K steps) > 32,768
-#   bf16/fp16: 90,112 (all three) > 53,248 > 16,384
+#   bf16/fp16: 81,920 (all three) > 53,248 > 16,384
+_HALF_CONFIGS = (HALF_TRITON_CONFIG, TritonConfig(64, 128, 32, 8, 3), TritonConfig(32, 64, 32, 4, 2))
 TRITON_CONFIGS_BY_DTYPE: dict[torch.dtype, tuple[TritonConfig, ...]] = {
     torch.float32: (
         DEFAULT_TRITON_CONFIG,
@@ -86,39 +105,56 @@ TRITON_CONFIGS_BY_DTYPE: dict[torch.dtype, tuple[TritonConfig, ...]] = {
         TritonConfig(64, 128, 32, 8, 2),
         TritonConfig(32, 64, 32, 4, 2),
     ),
-    torch.float16: (DEFAULT_TRITON_CONFIG, TritonConfig(64, 128, 32, 8, 3), TritonConfig(32, 64, 32, 4, 2)),
-    torch.bfloat16: (DEFAULT_TRITON_CONFIG, TritonConfig(64, 128, 32, 8, 3), TritonConfig(32, 64, 32, 4, 2)),
+    torch.float16: _HALF_CONFIGS,
+    torch.bfloat16: _HALF_CONFIGS,
 }
 
 
 def select_triton_config(dtype: torch.dtype, smem_limit: int | None) -> TritonConfig | None:
     """The first of TRITON_CONFIGS_BY_DTYPE[dtype] whose shared_memory_bytes fits smem_limit (bytes per
-    block); None if none does. smem_limit None (no CUDA device: the interpreter) takes the first."""
+    block); None if none does. smem_limit None (no CUDA device: the interpreter) takes
+    DEFAULT_TRITON_CONFIG, the tile the CPU tests were sized for."""
+    if smem_limit is None:
+        return DEFAULT_TRITON_CONFIG
     for cfg in TRITON_CONFIGS_BY_DTYPE[dtype]:
-        if smem_limit is None or shared_memory_bytes(cfg, dtype) <= smem_limit:
+        if shared_memory_bytes(cfg, dtype) <= smem_limit:
             return cfg
     return None
 
 # Tried only when triton_config="autotune" is requested (off by default): the benchmark script sweeps
 # these. Those whose shared_memory_bytes exceeds the device's limit are not even tried.
+# The K=64 and 128 x 256 tiles spill in the backward (above) but may still win where the spill is
+# cheap; 128 x 256 x 64 at bf16 needs 3 * (128*64 + 64*256) * 2 + 128*256*2 = 212,992 B: sm90 only.
+# Group sizes 1 (the old row-fastest order), 4 and 16 are there to measure the launch order.
 AUTOTUNE_TRITON_CONFIGS: tuple[TritonConfig, ...] = (
+    HALF_TRITON_CONFIG,
+    TritonConfig(128, 128, 32, 8, 3, group_m=1),
+    TritonConfig(128, 128, 32, 8, 3, group_m=4),
+    TritonConfig(128, 128, 32, 8, 3, group_m=16),
     TritonConfig(64, 128, 64, 8, 3),
     TritonConfig(128, 128, 64, 8, 3),
     TritonConfig(128, 64, 64, 4, 3),
-    TritonConfig(64, 256, 32, 8, 3),
-    TritonConfig(128, 256, 64, 8, 2),
+    TritonConfig(128, 256, 64, 16, 3),
+    TritonConfig(128, 256, 32, 16, 3),
 )
 
 # The forward splits the vocabulary across at most this many programs per row block, so a row
 # block's work is spread over SMs even when N is small (N=4096 -> 64 row blocks of 64).
 MAX_VOCAB_SPLITS = 16
 
-# Gradient filtering (backward only). filter_eps is a per-row budget of dropped softmax mass: a
-# vocabulary tile (chunk) of width w is skipped only when, for every row in the tile, the tile's
-# total softmax mass is below filter_eps / n_tiles and no row's target lies in it. Summed over the
-# skipped tiles a row therefore loses at most filter_eps of probability mass, so the error of its
-# hidden-state gradient is at most |grad_out| * filter_eps * max_v |weight[v]|, and of a weight row
-# at most filter_eps * |grad_out| * |hidden| summed over rows. "auto" picks the dtype's machine
+# Gradient filtering (backward only), filter="bound". filter_eps is a per-row budget of dropped
+# softmax mass: a vocabulary tile (chunk) of width w is skipped only when, for every row in the tile,
+# the tile's total softmax mass is below filter_eps / n_tiles and no row's target lies in it. Summed
+# over the skipped tiles a row therefore loses at most filter_eps of probability mass, so the error
+# of its hidden-state gradient is at most |grad_out| * filter_eps * max_v |weight[v]|. The Triton
+# kernel splits that budget in two halves (issue 13): a row may skip a tile whose mass is under
+# filter_eps / (2 n_tiles), and every tile of a vocabulary split whose whole mass (known per row and
+# split from the forward's partials) is at most filter_eps / (2 n_splits); summed, at most
+# filter_eps again, so the same bound holds. It tests the dW product of a tile apart: skipped when every vocabulary column's
+# mass summed over the tile's rows is below filter_eps / n_row_blocks, so a weight row loses at most
+# filter_eps of summed mass and errs by at most filter_eps * max|grad_out| * max|hidden|. (The torch
+# impl skips both products of a chunk on the row test; its weight rows then err by at most
+# filter_eps * |grad_out| * |hidden| summed over rows.) "auto" picks the dtype's machine
 # epsilon, the size of one rounding of the result, and turns filtering off for fp32/fp64.
 # With a head transform (logit_transform.py) the mass bound is still on p = softmax(z) of the final
 # logits; the dropped d logp / d x entries are g * scale * (1 - tanh^2) * p, so both error bounds
@@ -132,14 +168,44 @@ AUTO_FILTER_EPS: dict[torch.dtype, float | None] = {
 }
 
 
-def resolve_filter_eps(filter_eps: float | str | None, dtype: torch.dtype) -> float | None:
+# The opt-in per-element rule (filter="element", CCE's): a target-free tile's products are skipped when
+# every softmax entry p < filter_eps. Each dropped d logp / d z entry is then below |g_n| * filter_eps,
+# so the error of hidden row n is at most |g_n| * |scale| * sum over the dropped entries of p_nv *
+# |W_v|_inf (and of weight row v at most |scale| * sum_n |g_n| p_nv |h_n|_inf): no per-row budget, so
+# it can reach |g_n| * filter_eps * V * max|W| in the worst case, but on LM-like rows (a few tokens
+# hold the mass) it is the sum of what the rule dropped, which tests/test_kernels_filter.py checks
+# entry by entry against float64. "auto": 2**-12 for bf16/fp16 (CCE's default), off for fp32/fp64.
+AUTO_ELEMENT_EPS: dict[torch.dtype, float | None] = {
+    torch.bfloat16: 2.0**-12,
+    torch.float16: 2.0**-12,
+    torch.float32: None,
+    torch.float64: None,
+}
+
+# filter= name -> (kernel code, table of "auto" thresholds). 0 is "no filter" in the kernels.
+FILTER_MODES: dict[str, tuple[int, dict[torch.dtype, float | None]]] = {
+    "bound": (1, AUTO_FILTER_EPS),
+    "element": (2, AUTO_ELEMENT_EPS),
+}
+
+# grad_accum= name -> dtype of the backward's atomic accumulators (None: the input dtype). fp32 is
+# the default and the only choice the error rules assume; "input" (CCE's bf16 atomics) halves the
+# atomic traffic and the dH / dW buffers at the cost of a bf16 rounding per atomic add.
+GRAD_ACCUM: dict[str, torch.dtype | None] = {"fp32": torch.float32, "input": None}
+
+
+def resolve_filter_eps(
+    filter_eps: float | str | None, dtype: torch.dtype, mode: str = "bound"
+) -> float | None:
     """Turn the public filter_eps keyword into a number (or None = no filtering)."""
+    if mode not in FILTER_MODES:
+        raise ValueError(f"filter must be one of {sorted(FILTER_MODES)}, got {mode!r}")
     if filter_eps is None:
         return None
     if isinstance(filter_eps, str):
         if filter_eps != "auto":
             raise ValueError(f"filter_eps must be a float, None or 'auto', got {filter_eps!r}")
-        return AUTO_FILTER_EPS.get(dtype)
+        return FILTER_MODES[mode][1].get(dtype)
     value = float(filter_eps)
     if not value >= 0.0:
         raise ValueError(f"filter_eps must be >= 0, got {filter_eps!r}")
@@ -156,3 +222,5 @@ class OpOptions:
     triton_config: TritonConfig | str | None = None
     # Scale and softcap of the head (identity by default); the bias travels as a tensor argument.
     transform: LogitTransform = field(default_factory=LogitTransform)
+    filter_mode: str = "bound"  # a key of FILTER_MODES
+    grad_accum: str = "fp32"  # a key of GRAD_ACCUM (Triton only)

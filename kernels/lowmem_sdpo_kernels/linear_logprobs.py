@@ -1,14 +1,19 @@
 """Public op: per-row log-probability of a target under log_softmax(z), z = the lm head's logits
 softcap(scale * (hidden @ weight.T + bias)) (bias, scale and softcap optional; logit_transform.py).
 
-This is the thin top tier. It validates inputs, drops ignored rows before any matmul (only rows
-with a target cost work; index_select's backward scatters their gradient back), picks an
-implementation from a registry and resolves the gradient-filtering threshold and head transform.
+This is the thin top tier. It validates inputs, picks an implementation from a registry and
+resolves the gradient-filtering threshold and head transform. Only rows with a target cost work:
+the Triton kernels take the index of valid rows and read / write those rows in place (no copy of
+hidden, no scatter of its gradient); the torch and naive impls compact them with index_select.
 
 Host syncs: finding the valid rows (and checking their targets) on the device costs two
 device -> host syncs per call (an .any() and a nonzero(), whose output size the host must know).
 A caller that has the labels on the host computes them there once with valid_rows() before the
 forward and passes rows=...; the call then launches everything without waiting for the device.
+
+Determinism: the Triton backward adds tiles into dH / dW with atomics, whose order varies from run to
+run (fp32 sums then differ in the last bits). deterministic=True runs the torch impl instead, whose
+chunk loops add in a fixed order: bit-identical gradients run to run on one device and library build.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from .configs import ELEMENT_SIZE, OpOptions, TritonConfig, resolve_filter_eps
+from .configs import ELEMENT_SIZE, GRAD_ACCUM, OpOptions, TritonConfig, resolve_filter_eps
 from .logit_transform import check_bias, resolve_transform
 from .naive import naive_linear_logprobs
 from .torch_chunked import torch_linear_logprobs
@@ -33,6 +38,9 @@ IMPLS: dict[str, CoreFn] = {
     "torch": torch_linear_logprobs,  # chunked plain torch, bounded memory, any device
     "naive": naive_linear_logprobs,  # full [N, V] logits; tests and benchmarks only
 }
+
+# Impls whose core takes the valid-row index itself (rows=); the others get compacted rows.
+ROW_INDEXED = frozenset({"triton"})
 
 # "auto" is resolved per call from where the data lives, never at import time.
 AUTO_RULES: dict[bool, str] = {True: "triton", False: "torch"}  # key: hidden.is_cuda
@@ -129,6 +137,9 @@ def linear_logprobs(
     filter_eps: float | str | None = "auto",
     triton_config: TritonConfig | str | None = None,
     rows: torch.Tensor | None = None,
+    filter: str = "bound",
+    grad_accum: str = "fp32",
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """log_softmax(z)[n, targets[n]] for every row, z = softcap(logit_scale * (hidden @ weight.T + bias)),
     without N x V logits.
@@ -153,12 +164,22 @@ def linear_logprobs(
             ignore_index, all of those targets in [0, V): what valid_rows() returns. The caller
             vouches for it (it is not looked at on the device); in exchange the call makes no
             device -> host sync. None: found and checked here (two syncs on CUDA).
+        filter: "bound" (filter_eps is a per-row budget of dropped softmax mass: a rigorous bound) or
+            "element" (CCE's rule: a tile is skipped when every p < filter_eps; "auto" = 2**-12 for
+            bf16/fp16). Error bounds of both in configs.py.
+        grad_accum: impl="triton" only: "fp32" atomics into fp32 gradient buffers (default) or
+            "input" (atomics in the input dtype, CCE's bf16 option: half the traffic, less exact).
+        deterministic: run the ordered torch impl where the Triton one would run (see above).
     Returns:
         [N] float32 (float64 for float64 inputs), differentiable w.r.t. hidden, weight and bias.
     """
     _check_inputs(hidden, weight, targets)
     check_bias(bias, weight)
     name = resolve_impl(impl, hidden)
+    if deterministic and name == "triton":
+        name = "torch"
+    if grad_accum not in GRAD_ACCUM:
+        raise ValueError(f"grad_accum must be one of {sorted(GRAD_ACCUM)}, got {grad_accum!r}")
     if name == "triton" and hidden.dtype in ELEMENT_SIZE and not isinstance(triton_config, TritonConfig):
         # The tile is picked here, so that a card too small for every config falls back to the
         # chunked torch impl (one warning) instead of failing at the first launch.
@@ -169,7 +190,10 @@ def linear_logprobs(
         elif triton_config is None:
             triton_config = fitting
     transform = resolve_transform(logit_scale, softcap)
-    options = OpOptions(resolve_filter_eps(filter_eps, hidden.dtype), triton_config, transform)
+    options = OpOptions(
+        resolve_filter_eps(filter_eps, hidden.dtype, filter), triton_config, transform,
+        filter_mode=filter, grad_accum=grad_accum,
+    )
     targets = targets.long()
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     if rows is None:
@@ -177,6 +201,8 @@ def linear_logprobs(
     else:
         _check_rows(rows, n_rows, hidden.device)
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    if name in ROW_INDEXED:  # nothing ignored (a size check, no sync): no index to read
+        return triton_linear_logprobs(hidden, weight, bias, targets, options, None if rows.numel() == n_rows else rows)
     if rows.numel() == n_rows:  # nothing ignored: no compaction copy
         return IMPLS[name](hidden, weight, bias, targets, options).to(out_dtype)
     # Compaction: only valid rows reach the matmuls. index_select's backward scatters grad back.

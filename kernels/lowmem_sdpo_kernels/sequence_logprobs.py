@@ -21,6 +21,9 @@ def sequence_logprobs(
     filter_eps: float | str | None = "auto",
     triton_config: TritonConfig | str | None = None,
     rows: torch.Tensor | None = None,
+    filter: str = "bound",
+    grad_accum: str = "fp32",
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over t of log p(labels[b, t] | hidden[b, t]) and the number of labelled positions.
 
@@ -28,7 +31,7 @@ def sequence_logprobs(
         hidden: [B, T, D] final hidden states (before the lm head).
         weight: [V, D] lm-head weight; bias [V], logit_scale and softcap as in linear_logprobs.
         labels: [B, T], already aligned with hidden (the caller shifts); ignore_index = no target.
-        impl, filter_eps, triton_config: as in linear_logprobs.
+        impl, filter_eps, triton_config, filter, grad_accum, deterministic: as in linear_logprobs.
         rows: optional valid_rows(labels, V) (indices into the flattened [B * T] labels), moved to
             hidden's device: no device -> host sync. None: found on the device (as linear_logprobs).
     Returns:
@@ -53,6 +56,9 @@ def sequence_logprobs(
         filter_eps=filter_eps,
         triton_config=triton_config,
         rows=rows,
+        filter=filter,
+        grad_accum=grad_accum,
+        deterministic=deterministic,
     )
     logp_sum = logp.view(batch, length).sum(dim=1)
     n_tokens = (labels != ignore_index).sum(dim=1, dtype=torch.int64)

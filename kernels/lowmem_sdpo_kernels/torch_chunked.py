@@ -11,6 +11,13 @@ each logits chunk from the same slices with the same fp32 operations, so the val
 forward exactly. With a softcap the backward keeps a second [R, C] fp32 chunk, tanh(y / c), for
 the derivative 1 - tanh^2 (32 MiB at the default 2048 x 4096). Nothing has an M x V shape unless
 M <= R and V <= C, where it is the bounded chunk.
+
+On CUDA (issue 13): bf16/fp16 inputs are multiplied in their own dtype into fp32 outputs (torch.mm's
+out_dtype: fp32 accumulation, as the Triton kernel does), so no fp32 copies of hidden and weight chunks
+are made and the tensor cores run; fp32 inputs follow torch's own TF32 setting
+(torch.backends.cuda.matmul), i.e. TF32 where the caller allowed it. The backward's gradient filter
+needs the host to read a chunk's mass, a device -> host sync per chunk; on CUDA the chunks are
+therefore never skipped (the exact gradient satisfies every filter bound) and nothing syncs.
 """
 
 from __future__ import annotations
@@ -26,6 +33,32 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _half_on_cuda(t: torch.Tensor) -> bool:
+    return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
+
+
+def _operand(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """A chunk as a matmul operand: half-precision CUDA chunks stay as they are (_mm multiplies them
+    into fp32); everything else is upcast to the accumulation dtype."""
+    return t if _half_on_cuda(t) else t.to(acc)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32 (fp64 for fp64): half-precision CUDA operands through torch.mm's out_dtype."""
+    if _half_on_cuda(a) and _half_on_cuda(b):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a @ b
+
+
+def _add_mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b: in place (addmm_) off the half-precision CUDA path, whose fp32-output product
+    needs one temporary of out's shape."""
+    if _half_on_cuda(a) and _half_on_cuda(b):
+        out += torch.mm(a, b, out_dtype=torch.float32)
+    else:
+        out.addmm_(a, b)
+
+
 def _chunk_logits(
     h_acc: torch.Tensor,
     w_acc: torch.Tensor,
@@ -38,7 +71,7 @@ def _chunk_logits(
     the same elementwise operations (in place or not gives the same values), which is what makes
     the recomputation exact. Each transform runs only when present, so the identity head performs
     exactly the single matmul it always did."""
-    z = h_acc @ w_acc.T
+    z = _mm(h_acc, w_acc.T)
     if b_acc is not None:
         z.add_(b_acc)
     if transform.has_scale:
@@ -77,14 +110,14 @@ def _forward(
     logp = torch.empty(m_rows, dtype=acc, device=hidden.device)
     for r0 in range(0, m_rows, rows):
         r1 = min(r0 + rows, m_rows)
-        h_acc = hidden[r0:r1].to(acc)
+        h_acc = _operand(hidden[r0:r1], acc)
         t = targets[r0:r1]
         run_max = torch.full((r1 - r0,), float("-inf"), dtype=acc, device=hidden.device)
         run_sum = torch.zeros(r1 - r0, dtype=acc, device=hidden.device)
         tgt = torch.zeros(r1 - r0, dtype=acc, device=hidden.device)
         for v0 in range(0, vocab, cols):
             v1 = min(v0 + cols, vocab)
-            z, _ = _chunk_logits(h_acc, weight[v0:v1].to(acc), _slice(bias, v0, v1, acc), transform)
+            z, _ = _chunk_logits(h_acc, _operand(weight[v0:v1], acc), _slice(bias, v0, v1, acc), transform)
             inside, local = _target_in_chunk(t, v0, v1)
             tgt = tgt + torch.where(inside, z.gather(1, local[:, None]).squeeze(1), 0.0)
             new_max = torch.maximum(run_max, z.amax(dim=1))
@@ -122,34 +155,38 @@ def _backward(
     acc = _acc_dtype(hidden.dtype)
     rows, cols = chunks.rows, chunks.vocab
     n_chunks = -(-vocab // cols)
-    tile_budget = None if filter_eps is None else filter_eps / n_chunks
+    # The mass bound gives each chunk 1 / n_chunks of a row's budget; the element rule compares each p.
+    # On CUDA no chunk is skipped: the test would be a host sync per chunk (module docstring).
+    skip_test = None if filter_eps is None or hidden.is_cuda else _SKIP_TESTS[options.filter_mode]
+    threshold = None if filter_eps is None else filter_eps / n_chunks if options.filter_mode == "bound" else filter_eps
     grad_h = torch.empty_like(hidden) if need_hidden else None
     grad_w_acc = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
     grad_b_acc = torch.zeros(vocab, dtype=acc, device=weight.device) if need_bias else None
     g_all = grad_out.to(acc)
     for r0 in range(0, m_rows, rows):
         r1 = min(r0 + rows, m_rows)
-        h_acc = hidden[r0:r1].to(acc)
+        h_acc = _operand(hidden[r0:r1], acc)
         t, g, lse_r = targets[r0:r1], g_all[r0:r1], lse[r0:r1]
-        dh_acc = torch.zeros_like(h_acc) if need_hidden else None
+        dh_acc = torch.zeros(h_acc.shape, dtype=acc, device=hidden.device) if need_hidden else None
         for v0 in range(0, vocab, cols):
             v1 = min(v0 + cols, vocab)
-            w_acc = weight[v0:v1].to(acc)
+            w_acc = _operand(weight[v0:v1], acc)
             z, tanh = _chunk_logits(h_acc, w_acc, _slice(bias, v0, v1, acc), transform, keep_tanh=True)
             p = z.sub_(lse_r[:, None]).exp_()  # softmax chunk, in place
             inside, local = _target_in_chunk(t, v0, v1)
-            if tile_budget is not None and not bool(inside.any()) and float(p.sum(dim=1).max()) < tile_budget:
-                continue  # gradient filtering: this chunk's softmax mass is negligible for every row
+            if skip_test is not None and not bool(inside.any()) and skip_test(p, threshold):
+                continue  # gradient filtering: this chunk's softmax is negligible (configs.py's bounds)
             dz = p.mul_(-g[:, None])
             dz.scatter_add_(1, local[:, None], torch.where(inside, g, 0.0)[:, None])
             if tanh is not None:
                 dz.mul_(tanh.square_().neg_().add_(1.0))  # d softcap: 1 - tanh^2, in tanh's buffer
             if transform.has_scale:
                 dz.mul_(transform.scale)
+            dz_op = dz.to(hidden.dtype) if _half_on_cuda(w_acc) else dz  # the Triton kernel rounds dz so too
             if dh_acc is not None:
-                dh_acc.addmm_(dz, w_acc)
+                _add_mm_(dh_acc, dz_op, w_acc)
             if grad_w_acc is not None:
-                grad_w_acc[v0:v1].addmm_(dz.T, h_acc)
+                _add_mm_(grad_w_acc[v0:v1], dz_op.T, h_acc)
             if grad_b_acc is not None:
                 grad_b_acc[v0:v1] += dz.sum(dim=0)
         if grad_h is not None and dh_acc is not None:
@@ -157,6 +194,13 @@ def _backward(
     grad_w = grad_w_acc.to(weight.dtype) if grad_w_acc is not None else None
     grad_b = grad_b_acc.to(bias.dtype) if grad_b_acc is not None and bias is not None else None
     return grad_h, grad_w, grad_b
+
+
+# filter_mode -> (p [R, C], threshold) -> whether the chunk may be skipped (no target in it: checked apart)
+_SKIP_TESTS = {
+    "bound": lambda p, thr: float(p.sum(dim=1).max()) < thr,  # every row's chunk mass under its share
+    "element": lambda p, thr: float(p.max()) < thr,  # every entry under the threshold
+}
 
 
 class ChunkedLinearLogprobs(torch.autograd.Function):

@@ -16,16 +16,28 @@ to exactly the kernel that existed before). _head_logits is shared by forward an
 Backward: program (row block i, vocabulary tile j) recomputes its logits tile with the same
 helpers and tile shape as the forward (same reduction order over D: identical values), forms
 dz = g * (onehot(target) - softmax) * (1 - tanh^2) * scale in registers, and adds dz @ W_tile into
-an fp32 [M, D] gradient buffer, dz^T @ H_block into an fp32 [V, D] buffer and the column sums of
-dz into an fp32 [V] bias-gradient buffer with atomics (the latter two only when the weight / bias
-requires grad). These buffers are the gradients themselves at fp32; they are cast to the input
-dtype once at the end. A tile whose softmax mass is below filter_eps / n_tiles for
-every row, and that holds no row's target, skips both products (gradient filtering).
+an [N, D] gradient buffer, dz^T @ H_block into a [V, D] buffer (fp32 by default, the input dtype
+with grad_accum="input") and the column sums of dz into an fp32 [V] bias-gradient buffer with
+atomics; each product only when its input requires grad (constexpr: a frozen lm head compiles the
+dW product out and allocates no dW buffer). The buffers are cast to the input dtype once at the end.
+Filters (configs.py for the error bounds) skip the dH and the dW product of a target-free tile
+separately: FILTER 1 when every row's (dH: or its whole forward split's) / column's (dW) softmax
+mass in the tile is under its share of filter_eps, FILTER 2 when every softmax entry is under
+filter_eps (CCE's rule).
+
+Launch order (issue 13): both grids are 1-D and numbered by _grouped_tile, so GROUP_M row blocks
+walk the vocabulary together and a wave of resident programs shares their hidden / dH rows and a
+few weight tiles in L2 (benchmarks/README.md, "HBM traffic", has the arithmetic).
+
+Ignored rows: with a valid-row index ROWS (HAS_ROWS), program row k is physical row ROWS[k] of
+hidden, targets, grad and dH; partials and lse are per logical row. Nothing is compacted or
+scattered, and offsets are int64 (row * stride never wraps).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import triton
@@ -34,6 +46,8 @@ from triton.runtime.errors import OutOfResources
 
 from .configs import (
     AUTOTUNE_TRITON_CONFIGS,
+    FILTER_MODES,
+    GRAD_ACCUM,
     MAX_VOCAB_SPLITS,
     OpOptions,
     TritonConfig,
@@ -104,28 +118,54 @@ def _head_logits(
 
 
 @triton.jit
+def _grouped_tile(pid, n_m, n_v, GROUP_M: tl.constexpr):
+    """Program id -> (row block, vocabulary tile or split) in grouped order: GROUP_M row blocks walk
+    the vocabulary together, the row block varying fastest inside a group. A wave of resident
+    programs then covers GROUP_M row blocks (their hidden rows and dH rows: GROUP_M * BLOCK_M * D *
+    (2 + 4) B, 6 MiB at 8 x 128 x 4096 bf16) and a few vocabulary tiles, both L2-sized, instead of
+    every row block at once (the HBM arithmetic is in benchmarks/README.md). Mirrored on the host by
+    grouped_order() for the tests."""
+    per_group = GROUP_M * n_v
+    group = pid // per_group
+    first_m = group * GROUP_M
+    size = tl.minimum(n_m - first_m, GROUP_M)
+    local = pid % per_group
+    return first_m + local % size, local // size
+
+
+@triton.jit
+def _row_ids(ROWS, offs, mask, HAS_ROWS: tl.constexpr):
+    """Logical rows (0..K) -> physical rows of hidden / targets / grad: ROWS[offs] when a valid-row
+    index is given (ignored rows never reach a program, and nothing is compacted), else offs."""
+    if HAS_ROWS:
+        return tl.load(ROWS + offs, mask=mask, other=0).to(tl.int64)
+    return offs
+
+
+@triton.jit
 def _forward_kernel(
-    H, W, B, T, PART_MAX, PART_SUM, PART_TGT,
-    M, V, D, tiles_per_split, scale, softcap, inv_softcap,
-    stride_hm, stride_hd, stride_wv, stride_wd,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    H, W, B, T, ROWS, PART_MAX, PART_SUM, PART_TGT,
+    M, V, D, n_splits, tiles_per_split, scale, softcap, inv_softcap,
+    stride_hm, stride_hd, stride_wv, stride_wd, stride_t,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    pid_m, pid_s = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), n_splits, GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    tgt = tl.load(T + offs_m, mask=mask_m, other=-1)
+    rows = _row_ids(ROWS, offs_m, mask_m, HAS_ROWS)
+    tgt = tl.load(T + rows * stride_t, mask=mask_m, other=-1)
     run_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     tgt_logit = tl.zeros([BLOCK_M], dtype=tl.float32)
     for i in range(0, tiles_per_split):
         # The host picks n_splits so every split's first tile starts below V: run_max is finite
         # after it, and later all-padding tiles contribute exp(-inf) = 0 without NaNs.
-        offs_v = ((pid_s * tiles_per_split + i) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        offs_v = (pid_s * tiles_per_split + i).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
         z = _logits_tile(
-            H, W, offs_m, offs_v, mask_m, mask_v, D, stride_hm, stride_hd, stride_wv, stride_wd,
+            H, W, rows, offs_v, mask_m, mask_v, D, stride_hm, stride_hd, stride_wv, stride_wd,
             BLOCK_M, BLOCK_V, BLOCK_D, DOT_PRECISION,
         )
         z, _ = _head_logits(z, B, offs_v, mask_v, scale, softcap, inv_softcap, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP)
@@ -134,7 +174,7 @@ def _forward_kernel(
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
         run_max = new_max
         tgt_logit += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
-    out = pid_s * M + offs_m
+    out = pid_s * M + offs_m  # partials are indexed by logical row
     tl.store(PART_MAX + out, run_max, mask=mask_m)
     tl.store(PART_SUM + out, run_sum, mask=mask_m)
     tl.store(PART_TGT + out, tgt_logit, mask=mask_m)
@@ -142,65 +182,100 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    H, W, B, T, LSE, G, DH, DW, DB,
-    M, V, D, tile_budget, scale, softcap, inv_softcap,
-    stride_hm, stride_hd, stride_wv, stride_wd,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    H, W, B, T, ROWS, LSE, G, DH, DW, DB, SPLIT_MASS,
+    M, V, D, tiles_per_split, thr_dh, thr_split, thr_dw, scale, softcap, inv_softcap,
+    stride_hm, stride_hd, stride_wv, stride_wd, stride_t, stride_g,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    """One [BLOCK_M, BLOCK_V] tile: recompute z, form dz, add dz @ W_tile into DH and dz^T @ H_block
+    into DW (atomics, in DH's / DW's dtype: fp32 by default). FILTER: 0 none; 1 the mass bound (dH
+    product skipped when every row's tile mass < thr_dh or its whole forward split's mass
+    SPLIT_MASS[split, row] <= thr_split; dW product when every column's mass < thr_dw); 2 the
+    per-element rule (both skipped when every p < thr_dh). Tiles holding a target are always kept.
+    The two products are tested separately: each has its own error budget (configs.py)."""
+    n_m = tl.cdiv(M, BLOCK_M)
+    pid_m, pid_v = _grouped_tile(tl.program_id(0), n_m, tl.cdiv(V, BLOCK_V), GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_m = offs_m < M
     mask_v = offs_v < V
+    rows = _row_ids(ROWS, offs_m, mask_m, HAS_ROWS)
     z = _logits_tile(
-        H, W, offs_m, offs_v, mask_m, mask_v, D, stride_hm, stride_hd, stride_wv, stride_wd,
+        H, W, rows, offs_v, mask_m, mask_v, D, stride_hm, stride_hd, stride_wv, stride_wd,
         BLOCK_M, BLOCK_V, BLOCK_D, DOT_PRECISION,
     )
     z, t = _head_logits(z, B, offs_v, mask_v, scale, softcap, inv_softcap, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP)
-    lse = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
-    g = tl.load(G + offs_m, mask=mask_m, other=0.0)  # padded rows: g = 0 -> dz = 0
-    tgt = tl.load(T + offs_m, mask=mask_m, other=-1)
+    lse = tl.load(LSE + offs_m, mask=mask_m, other=0.0)  # LSE is per logical row
+    g = tl.load(G + rows * stride_g, mask=mask_m, other=0.0).to(tl.float32)  # padded rows: g = 0 -> dz = 0
+    tgt = tl.load(T + rows * stride_t, mask=mask_m, other=-1)
     p = tl.where(mask_m[:, None] & mask_v[None, :], tl.exp(z - lse[:, None]), 0.0)
-    is_tgt = offs_v[None, :] == tgt[:, None]
-    keep = True
-    if FILTER:
-        tile_mass = tl.max(tl.sum(p, axis=1), axis=0)
-        n_targets = tl.sum(tl.sum(is_tgt.to(tl.int32), axis=1), axis=0)
-        keep = (tile_mass >= tile_budget) | (n_targets > 0)
-    if keep:
-        dz = g[:, None] * (tl.where(is_tgt, 1.0, 0.0) - p)  # d / d z (padded rows and columns: 0)
+    keep_dh = True
+    keep_dw = True
+    if FILTER != 0:
+        # Whether a row's target lies in this tile, from the [BLOCK_M] targets alone: a 2-D one-hot
+        # kept alive across the filter's reductions costs registers (and spills, on sm90 at 128 x 128).
+        v_lo = pid_v.to(tl.int64) * BLOCK_V
+        has_target = tl.sum(((tgt >= v_lo) & (tgt < v_lo + BLOCK_V)).to(tl.int32), axis=0) > 0
+        if FILTER == 1:
+            # A row needs this tile's dH product unless its mass here is under its per-tile share, or
+            # the mass of the whole vocabulary split holding the tile (from the forward) is under its
+            # per-split share: then every tile of that split may go for the row.
+            split_mass = tl.load(SPLIT_MASS + (pid_v // tiles_per_split) * M + offs_m, mask=mask_m, other=0.0)
+            row_needs = (tl.sum(p, axis=1) >= thr_dh) & (split_mass > thr_split)
+            keep_dh = has_target | (tl.max(row_needs.to(tl.int32), axis=0) > 0)
+            if COMPUTE_DW:
+                keep_dw = has_target | (tl.max(tl.sum(p, axis=0), axis=0) >= thr_dw)
+        else:
+            keep_dh = has_target | (tl.max(tl.max(p, axis=1), axis=0) >= thr_dh)
+            keep_dw = keep_dh
+    if keep_dh | keep_dw | COMPUTE_DB:
+        # d / d z = g * (onehot(target) - p); padded rows (g = 0) and columns (p = 0) give 0
+        dz = tl.where(offs_v[None, :] == tgt[:, None], 1.0 - p, -p) * g[:, None]
         if HAS_SOFTCAP:
             dz = dz * (1.0 - t * t)  # d z / d y, from the very tanh the logits were built from
         if HAS_SCALE:
             dz = dz * scale  # d y / d x
-        if COMPUTE_DB:
+        if COMPUTE_DB:  # the bias gradient is one column sum: never filtered
             tl.atomic_add(DB + offs_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
         dz = dz.to(H.dtype.element_ty)
         offs_d = tl.arange(0, BLOCK_D)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + offs_d
             mask_d = dd < D
-            if COMPUTE_DH:
-                w = tl.load(
-                    W + offs_v[:, None] * stride_wv + dd[None, :] * stride_wd,
-                    mask=mask_v[:, None] & mask_d[None, :], other=0.0,
-                )
-                dh = tl.dot(dz, w, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_D] fp32
-                tl.atomic_add(
-                    DH + offs_m[:, None] * D + dd[None, :], dh, mask=mask_m[:, None] & mask_d[None, :], sem="relaxed"
-                )
-            if COMPUTE_DW:
-                h = tl.load(
-                    H + offs_m[:, None] * stride_hm + dd[None, :] * stride_hd,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0,
-                )
-                dw = tl.dot(tl.trans(dz), h, input_precision=DOT_PRECISION)  # [BLOCK_V, BLOCK_D] fp32
-                tl.atomic_add(
-                    DW + offs_v[:, None] * D + dd[None, :], dw, mask=mask_v[:, None] & mask_d[None, :], sem="relaxed"
-                )
+            if COMPUTE_DH:  # constexpr: a frozen hidden compiles this out
+                if keep_dh:
+                    w = tl.load(
+                        W + offs_v[:, None] * stride_wv + dd[None, :] * stride_wd,
+                        mask=mask_v[:, None] & mask_d[None, :], other=0.0,
+                    )
+                    dh = tl.dot(dz, w, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_D] fp32
+                    tl.atomic_add(
+                        DH + rows[:, None] * D + dd[None, :], dh.to(DH.dtype.element_ty),
+                        mask=mask_m[:, None] & mask_d[None, :], sem="relaxed",
+                    )
+            if COMPUTE_DW:  # constexpr: a frozen weight (the sDPO lm head) compiles this out
+                if keep_dw:
+                    h = tl.load(
+                        H + rows[:, None] * stride_hm + dd[None, :] * stride_hd,
+                        mask=mask_m[:, None] & mask_d[None, :], other=0.0,
+                    )
+                    dw = tl.dot(tl.trans(dz), h, input_precision=DOT_PRECISION)  # [BLOCK_V, BLOCK_D] fp32
+                    tl.atomic_add(
+                        DW + offs_v[:, None] * D + dd[None, :], dw.to(DW.dtype.element_ty),
+                        mask=mask_v[:, None] & mask_d[None, :], sem="relaxed",
+                    )
+
+
+def grouped_order(pid: int, n_m: int, n_v: int, group_m: int) -> tuple[int, int]:
+    """Host mirror of _grouped_tile (tests check it is a bijection and that the kernels use it)."""
+    per_group = group_m * n_v
+    first_m = (pid // per_group) * group_m
+    size = min(n_m - first_m, group_m)
+    local = pid % per_group
+    return first_m + local % size, local // size
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -229,88 +304,118 @@ def _head_args(transform: LogitTransform, bias: torch.Tensor | None) -> dict:
 
 
 def _launch_forward(
-    hidden, weight, bias, targets, transform: LogitTransform, cfg: TritonConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (logp [M] fp32, lse [M] fp32)."""
-    m_rows, dim = hidden.shape
+    hidden, weight, bias, targets, rows, transform: LogitTransform, cfg: TritonConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (logp [K] fp32, lse [K] fp32, split_mass [n_splits, K] fp32) over the K logical rows (rows[k],
+    or k when rows is None). split_mass: each row's softmax mass in each vocabulary split, from the
+    partials (sum of exp(z - max) * exp(max - lse)), for the backward's mass-bound filter."""
+    m_rows = hidden.shape[0] if rows is None else rows.shape[0]
+    dim = hidden.shape[1]
     vocab = weight.shape[0]
     if m_rows == 0:  # every row ignored: an empty grid is not launchable
         empty = torch.empty(0, dtype=torch.float32, device=hidden.device)
-        return empty, empty
+        return empty, empty, empty.view(0, 0)
     n_splits, tiles_per_split = _vocab_splits(vocab, cfg.block_v)
     parts = torch.empty((3, n_splits, m_rows), dtype=torch.float32, device=hidden.device)
-    grid = (triton.cdiv(m_rows, cfg.block_m), n_splits)
+    grid = (triton.cdiv(m_rows, cfg.block_m) * n_splits,)
     _forward_kernel[grid](
-        hidden, weight, bias if bias is not None else parts, targets, parts[0], parts[1], parts[2],
-        m_rows, vocab, dim, tiles_per_split,
+        hidden, weight, bias if bias is not None else parts, targets, rows if rows is not None else targets,
+        parts[0], parts[1], parts[2],
+        m_rows, vocab, dim, n_splits, tiles_per_split,
         stride_hm=hidden.stride(0), stride_hd=hidden.stride(1),
-        stride_wv=weight.stride(0), stride_wd=weight.stride(1),
-        BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-        DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        stride_wv=weight.stride(0), stride_wd=weight.stride(1), stride_t=targets.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_M=cfg.group_m,
+        DOT_PRECISION=_dot_precision(hidden.dtype), HAS_ROWS=rows is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **_head_args(transform, bias),
     )
     part_max, part_sum, part_tgt = parts[0], parts[1], parts[2]
     gmax = part_max.amax(dim=0)
     lse = gmax + torch.log((part_sum * torch.exp(part_max - gmax)).sum(dim=0))
-    return part_tgt.sum(dim=0) - lse, lse
+    return part_tgt.sum(dim=0) - lse, lse, part_sum * torch.exp(part_max - lse)
+
+
+def _filter_args(options: OpOptions, n_row_blocks: int, n_tiles: int, n_splits: int) -> dict:
+    """FILTER code and the thresholds the backward compares tile statistics with (configs.py).
+    bound: a row may drop half of filter_eps in tiles under eps / (2 n_tiles) each and half in whole
+    splits under eps / (2 n_splits) each (dH); a vocabulary entry filter_eps over its n_row_blocks
+    row blocks (dW). element: every p below filter_eps."""
+    eps = options.filter_eps
+    if eps is None:
+        return {"FILTER": 0, "thr_dh": 0.0, "thr_split": 0.0, "thr_dw": 0.0}
+    code = FILTER_MODES[options.filter_mode][0]
+    if code == 1:
+        return {"FILTER": 1, "thr_dh": eps / (2 * n_tiles), "thr_split": eps / (2 * n_splits),
+                "thr_dw": eps / n_row_blocks}
+    return {"FILTER": code, "thr_dh": eps, "thr_split": 0.0, "thr_dw": eps}
 
 
 def _launch_backward(
-    hidden, weight, bias, targets, lse, grad_out, cfg: TritonConfig,
+    hidden, weight, bias, targets, rows, lse, split_mass, grad_out, cfg: TritonConfig,
     needs: tuple[bool, bool, bool], options: OpOptions,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """needs = (hidden, weight, bias) gradients wanted -> those gradients (None where not)."""
+    """needs = (hidden, weight, bias) gradients wanted -> those gradients (None where not).
+
+    Buffers: dH [N, D] and dW [V, D] in GRAD_ACCUM[options.grad_accum] (fp32 by default), zeroed, filled
+    by atomics and cast once; ignored rows of dH stay zero (no scatter). A frozen weight allocates no dW
+    and compiles the dW product out (COMPUTE_DW): the sDPO backward is the recompute plus dH only."""
     need_hidden, need_weight, need_bias = needs
-    filter_eps = options.filter_eps
-    m_rows, dim = hidden.shape
+    n_total, dim = hidden.shape
+    m_rows = n_total if rows is None else rows.shape[0]
     vocab = weight.shape[0]
-    n_tiles = triton.cdiv(vocab, cfg.block_v)
-    # fp32 accumulators (atomics from every vocabulary tile / row block land here).
-    dh = torch.zeros((m_rows, dim), dtype=torch.float32, device=hidden.device) if need_hidden else None
-    dw = torch.zeros((vocab, dim), dtype=torch.float32, device=weight.device) if need_weight else None
+    acc = GRAD_ACCUM[options.grad_accum] or hidden.dtype
+    dh = torch.zeros((n_total, dim), dtype=acc, device=hidden.device) if need_hidden else None
+    dw = torch.zeros((vocab, dim), dtype=acc, device=weight.device) if need_weight else None
     db = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_bias else None
 
-    def cast(acc: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
-        return acc.to(like.dtype) if acc is not None and like is not None else None
+    def cast(buf: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+        return buf.to(like.dtype) if buf is not None and like is not None else None
 
     if m_rows == 0:
         return cast(dh, hidden), cast(dw, weight), cast(db, bias)
     dummy = torch.empty(1, dtype=torch.float32, device=hidden.device)
-    grid = (triton.cdiv(m_rows, cfg.block_m), n_tiles)
-    _backward_kernel[grid](
-        hidden, weight, bias if bias is not None else dummy, targets, lse, grad_out.float().contiguous(),
-        dh if dh is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
-        m_rows, vocab, dim, 0.0 if filter_eps is None else filter_eps / n_tiles,
+    n_row_blocks, n_tiles = triton.cdiv(m_rows, cfg.block_m), triton.cdiv(vocab, cfg.block_v)
+    grad = grad_out if grad_out.dtype == torch.float32 else grad_out.float()
+    _backward_kernel[(n_row_blocks * n_tiles,)](
+        hidden, weight, bias if bias is not None else dummy, targets, rows if rows is not None else targets,
+        lse, grad, dh if dh is not None else dummy, dw if dw is not None else dummy,
+        db if db is not None else dummy, split_mass,
+        m_rows, vocab, dim, _vocab_splits(vocab, cfg.block_v)[1],
         stride_hm=hidden.stride(0), stride_hd=hidden.stride(1),
-        stride_wv=weight.stride(0), stride_wd=weight.stride(1),
-        BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-        DOT_PRECISION=_dot_precision(hidden.dtype),
-        COMPUTE_DH=need_hidden, COMPUTE_DW=need_weight, COMPUTE_DB=need_bias, FILTER=filter_eps is not None,
+        stride_wv=weight.stride(0), stride_wd=weight.stride(1), stride_t=targets.stride(0),
+        stride_g=grad.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_M=cfg.group_m,
+        DOT_PRECISION=_dot_precision(hidden.dtype), HAS_ROWS=rows is not None,
+        COMPUTE_DH=need_hidden, COMPUTE_DW=need_weight, COMPUTE_DB=need_bias,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **_filter_args(options, n_row_blocks, n_tiles, split_mass.shape[0]),
         **_head_args(options.transform, bias),
     )
     return cast(dh, hidden), cast(dw, weight), cast(db, bias)
 
 
 class TritonLinearLogprobs(torch.autograd.Function):
-    """Saves the inputs and lse [M]; the backward kernel recomputes logits tiles."""
+    """Saves the inputs, the valid-row index and lse [K]; the backward kernel recomputes logits tiles.
+    Output: [N] log-probs, 0 at rows outside `rows` (their gradient is zero)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, options, cfg):  # type: ignore[override]
-        logp, lse = _launch_forward(hidden, weight, bias, targets, options.transform, cfg)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+    def forward(ctx, hidden, weight, bias, targets, rows, options, cfg):  # type: ignore[override]
+        logp, lse, split_mass = _launch_forward(hidden, weight, bias, targets, rows, options.transform, cfg)
+        if rows is not None:  # a device-side scatter of K floats: no host sync, no [N, D] copy
+            logp = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_copy_(0, rows, logp)
+        ctx.save_for_backward(hidden, weight, bias, targets, rows, lse, split_mass)
         ctx.options, ctx.cfg = options, cfg
         return logp
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, rows, lse, split_mass = ctx.saved_tensors
         # A frozen weight (or bias) compiles COMPUTE_DW (COMPUTE_DB) out: no dW (db) work at all.
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         grad_h, grad_w, grad_b = _launch_backward(
-            hidden, weight, bias, targets, lse, grad_out, ctx.cfg, needs, ctx.options
+            hidden, weight, bias, targets, rows, lse, split_mass, grad_out, ctx.cfg, needs, ctx.options
         )
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 @functools.cache
@@ -334,13 +439,30 @@ def default_config(dtype: torch.dtype, device: torch.device) -> TritonConfig | N
 _AUTOTUNE_CACHE: dict[tuple, TritonConfig] = {}
 
 
+def time_configs(
+    configs: tuple[TritonConfig, ...], bench: Callable[[TritonConfig], float]
+) -> dict[TritonConfig, float]:
+    """bench(cfg) -> ms for each config; a config the compiler cannot fit (OutOfResources: registers or
+    shared memory) is left out. Anything else (a CUDA fault, a bug) propagates: timing it away would
+    hide it."""
+    timings: dict[TritonConfig, float] = {}
+    for cfg in configs:
+        try:
+            timings[cfg] = bench(cfg)
+        except OutOfResources:
+            continue
+    return timings
+
+
 def autotune_config(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, options: OpOptions
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+    rows: torch.Tensor | None, options: OpOptions,
 ) -> TritonConfig:
     """Time forward+backward for each of AUTOTUNE_TRITON_CONFIGS (CUDA only) and keep the fastest
-    per (power-of-two M bucket, V, D, dtype, weight-grad) key. Off unless asked for."""
+    per (power-of-two K bucket, V, D, dtype, weight-grad) key. Off unless asked for."""
     need_w = weight.requires_grad
-    key = (triton.next_power_of_2(hidden.shape[0]), weight.shape[0], hidden.shape[1], hidden.dtype, need_w)
+    k_rows = hidden.shape[0] if rows is None else rows.shape[0]
+    key = (triton.next_power_of_2(k_rows), weight.shape[0], hidden.shape[1], hidden.dtype, need_w)
     if key in _AUTOTUNE_CACHE:
         return _AUTOTUNE_CACHE[key]
     fallback = default_config(hidden.dtype, hidden.device)
@@ -350,18 +472,16 @@ def autotune_config(
     limit = device_smem_limit(hidden.device)
     grad = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     needs = (True, need_w, bias is not None and bias.requires_grad)
-    timings: dict[TritonConfig, float] = {}
+    fitting = tuple(c for c in AUTOTUNE_TRITON_CONFIGS if limit is None or shared_memory_bytes(c, hidden.dtype) <= limit)
+
+    def bench(cfg: TritonConfig) -> float:
+        def run() -> None:
+            _, lse, split_mass = _launch_forward(hidden, weight, bias, targets, rows, options.transform, cfg)
+            _launch_backward(hidden, weight, bias, targets, rows, lse, split_mass, grad, cfg, needs, options)
+        return do_bench(run, warmup=5, rep=20)
+
     with torch.no_grad():
-        for cfg in AUTOTUNE_TRITON_CONFIGS:
-            if limit is not None and shared_memory_bytes(cfg, hidden.dtype) > limit:
-                continue  # would not fit: not worth a compile
-            def run(cfg: TritonConfig = cfg) -> None:
-                _, lse = _launch_forward(hidden, weight, bias, targets, options.transform, cfg)
-                _launch_backward(hidden, weight, bias, targets, lse, grad, cfg, needs, options)
-            try:
-                timings[cfg] = do_bench(run, warmup=5, rep=20)
-            except OutOfResources:  # the bound was too optimistic for this compiler: skip the config.
-                continue  # Anything else (a CUDA fault, a bug) must surface, not be timed away.
+        timings = time_configs(fitting, bench)
     best = min(timings, key=timings.__getitem__) if timings else fallback
     _AUTOTUNE_CACHE[key] = best
     return best
@@ -373,13 +493,16 @@ def triton_linear_logprobs(
     bias: torch.Tensor | None,
     targets: torch.Tensor,
     options: OpOptions,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """hidden [M, D], weight [V, D], bias [V] or None, targets [M] all valid -> [M] fp32 log-probs."""
+    """hidden [N, D], weight [V, D], bias [V] or None, targets [N] -> [N] fp32 log-probs. rows: [K]
+    int64 indices of the rows to compute (their targets all in [0, V)); the others give 0 and zero
+    gradient. None: every row, every target valid. Strided hidden / weight / targets are read in place."""
     if hidden.dtype not in _TL_DTYPES:
         raise ValueError(f"impl='triton' supports float16, bfloat16 and float32, got {hidden.dtype}")
     cfg = options.triton_config
     if cfg == "autotune":
-        cfg = autotune_config(hidden, weight, bias, targets, options)
+        cfg = autotune_config(hidden, weight, bias, targets, rows, options)
     elif cfg is None:
         cfg = default_config(hidden.dtype, hidden.device)
     elif not isinstance(cfg, TritonConfig):
@@ -388,6 +511,8 @@ def triton_linear_logprobs(
         raise ValueError(
             f"no Triton config fits {device_smem_limit(hidden.device)} B of shared memory for {hidden.dtype}"
         )
+    if options.grad_accum not in GRAD_ACCUM:
+        raise ValueError(f"grad_accum must be one of {sorted(GRAD_ACCUM)}, got {options.grad_accum!r}")
     if bias is not None:
         bias = bias.contiguous()  # the kernels index it as one stride-1 row
-    return TritonLinearLogprobs.apply(hidden, weight, bias, targets.contiguous(), options, cfg)
+    return TritonLinearLogprobs.apply(hidden, weight, bias, targets, rows, options, cfg)

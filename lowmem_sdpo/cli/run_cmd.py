@@ -55,6 +55,7 @@ HELP: dict[str, str] = {
     ),
     "double_quant": "NF4 double quantisation of the block scales",
     "logprob_impl": "auto, triton, torch, naive: the fused lm-head log-prob implementation",
+    "deterministic": "bit-identical log-prob gradients run to run: the ordered torch kernel instead of Triton's atomics",
     "device": "auto, cpu, cuda",
     "save_every": "write a resumable checkpoint every N optimiser steps",
     "diagnostics": "also compute gamma of S on each step's data",
@@ -64,7 +65,7 @@ HELP: dict[str, str] = {
     "report_to": "also send metrics.jsonl's rows to a tracker: none, tensorboard, wandb, trackio (if installed)",
     "quiet": "no progress bars, notes or tables: one line per long phase",
 }
-BOOL_FIELDS = ("gradient_checkpointing", "double_quant", "diagnostics", "quiet")
+BOOL_FIELDS = ("gradient_checkpointing", "double_quant", "deterministic", "diagnostics", "quiet")
 SKIP = ("loss", "loss_options")  # added by add_loss_arguments
 
 

@@ -61,6 +61,10 @@ class RunConfig:
     compute_dtype: str = "auto"  # auto: bfloat16 on cards with it, else float16; float32 on CPU
     double_quant: bool = True
     logprob_impl: str = "auto"
+    # Bit-identical gradients run to run (and so a resumed run equal to an uninterrupted one on GPU too): the
+    # fused log-prob op's ordered torch implementation instead of the Triton kernels, whose backward adds
+    # tiles with atomics in a varying order (README "Fused log-prob kernels").
+    deterministic: bool = False
     device: str = "auto"
     # held-out evaluation (engine/heldout.py)
     eval_split: float = 0.0  # a seeded fraction of each step's data kept out of training; 0: none

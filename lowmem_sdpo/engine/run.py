@@ -154,7 +154,7 @@ def _run_all(
         tokenizer_fp=tokenizer_fingerprint(model_dir, tokenizer),
         steps=steps,
         quant=quant,
-        impl=_impl(config.logprob_impl, hw),
+        impl=_impl(config.logprob_impl, hw, deterministic=config.deterministic),
         objective=objective,
         reporter=reporter,
         holder=make_holder(
@@ -193,11 +193,21 @@ def _run_all(
     return summaries
 
 
-def _impl(name: str, hw: Hardware) -> str:
+# --deterministic: implementations whose backward sums in a fixed order. The Triton backward adds its tiles
+# into dH with atomics (order varies run to run); naive and torch run ordered torch ops.
+ORDERED_IMPLS = frozenset({"torch", "naive"})
+
+
+def _impl(name: str, hw: Hardware, *, deterministic: bool = False) -> str:
     try:
-        return resolve_impl(kernel_impl_for(hw, name), torch.empty(0, device=hw.device))
+        impl = resolve_impl(kernel_impl_for(hw, name), torch.empty(0, device=hw.device))
     except ValueError as err:
         raise InputError(f"--logprob-impl {name}: {err}") from err
+    if not deterministic or impl in ORDERED_IMPLS:
+        return impl
+    if name != "auto":
+        raise InputError(f"--deterministic: --logprob-impl {name} sums its gradients with atomics; use torch or auto")
+    return "torch"
 
 
 def _quiet_loader(model_dir: Path, quant: QuantSettings, hw: Hardware, reporter: Reporter):

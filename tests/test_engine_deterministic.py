@@ -1,0 +1,42 @@
+"""--deterministic (issue 13): a run flag that reaches the engine's choice of log-prob implementation."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+import lowmem_sdpo.engine.run as run_module
+from lowmem_sdpo.cli.run_cmd import add_run_arguments, config_from_args
+from lowmem_sdpo.engine.hardware import Hardware
+from lowmem_sdpo.errors import InputError
+
+CPU = Hardware(torch.device("cpu"), "float32")
+
+
+def _config(argv: list[str]):
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    return config_from_args(parser.parse_args(argv))
+
+
+def test_flag_reaches_the_config_and_defaults_off() -> None:
+    assert _config(["--model", "m", "--steps", "d.jsonl"]).deterministic is False
+    assert _config(["--model", "m", "--steps", "d.jsonl", "--deterministic"]).deterministic is True
+
+
+def test_auto_takes_the_ordered_impl_where_triton_would_run(monkeypatch) -> None:
+    # Where "auto" resolves to the Triton kernels (a CUDA device), --deterministic swaps in the torch impl.
+    monkeypatch.setattr(run_module, "resolve_impl", lambda name, tensor: "triton" if name == "auto" else name)
+    assert run_module._impl("auto", CPU) == "triton"
+    assert run_module._impl("auto", CPU, deterministic=True) == "torch"
+    assert run_module._impl("torch", CPU, deterministic=True) == "torch"
+
+
+def test_explicit_triton_with_deterministic_is_refused_in_one_line() -> None:
+    # conftest runs Triton interpreted on CPU, so "triton" resolves here; asked for together with
+    # --deterministic it is a contradiction, named, not silently replaced.
+    assert run_module._impl("triton", CPU) == "triton"
+    with pytest.raises(InputError, match=r"^--deterministic: --logprob-impl triton sums its gradients with atomics"):
+        run_module._impl("triton", CPU, deterministic=True)
