@@ -6,7 +6,8 @@ and allenai/ultrafeedback_binarized_cleaned: the very data of the paper's two sD
 already-aligned model, not the paper's starting point. `solar-10.7b-sft` names that starting point, the
 paper's S (SOLAR-10.7B-v1.0 after SFT); it was never released and this toolkit cannot build it yet, so the
 alias exists to say so and to point at the alternatives rather than let another model silently stand in.
-`tiny` is the embedded demo model (built locally, see lowmem_sdpo.models.tiny).
+`tiny` is the embedded demo model (built locally, see lowmem_sdpo.models.tiny); `tiny-carry` the same shape
+warmed up on the carry toy (lowmem_sdpo.toy.task) for the sDPO vs DPO benchmark.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
             ),
         ),
         ModelAlias("tiny", "builtin:tiny", "embedded few-million-parameter Llama for the CPU demo"),
+        ModelAlias(
+            "tiny-carry",
+            "builtin:tiny-carry",
+            "the tiny Llama warmed up on the carry toy (lowmem_sdpo.toy), for the sDPO vs DPO benchmark",
+        ),
     )
 }
 

@@ -1,0 +1,93 @@
+"""The carry toy task: two-digit additions "a+b=" (a, b in 10..99), answers in decimal, then EOS.
+
+Every one of the 8100 problems lands in exactly one split, by a seeded shuffle: the held-out split (scored once
+per configuration, never used for a choice), a validation split (where the settings were chosen), S's warm-up
+corpus, and the two sDPO steps. The steps are a curriculum: step 1 holds the problems whose units do not carry
+(digit-wise sums), step 2 those that do (the carry into the tens is what it adds). DPO on the union sees both.
+
+A pair's rejected answer is a plausible mistake of the kind a half-trained model makes: a dropped carry
+(47+38 -> 75), a units digit off by one, a tens digit off by one, or a spurious carry.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+OPERANDS = range(10, 100)
+# The one split everything uses (S's warm-up corpus in models/tiny.py's CARRY_RECIPE, the benchmark, the demo).
+SPLIT_SEED = 0
+SPLIT_SIZES: dict[str, int] = {"heldout": 400, "validation": 400, "warmup": 3000, "step1": 600, "step2": 600}
+
+
+def carries(a: int, b: int) -> bool:
+    return a % 10 + b % 10 >= 10
+
+
+def prompt(a: int, b: int) -> str:
+    return f"{a}+{b}="
+
+
+def mistakes(a: int, b: int) -> list[int]:
+    """Distinct wrong answers a model that half knows addition gives; the dropped carry first when there is one."""
+    right = a + b
+    units_slip = [right - right % 10 + (right + d) % 10 for d in (-1, 1)]  # tens kept, units off by one
+    out = [right - 10] if carries(a, b) else [right + 10]  # dropped carry / spurious carry
+    out += [*units_slip, right + 10, right - 10]
+    seen: list[int] = []
+    for w in out:
+        if w != right and w >= 0 and w not in seen:
+            seen.append(w)
+    return seen
+
+
+@dataclass(frozen=True)
+class ToySplits:
+    heldout: list[tuple[int, int]]
+    validation: list[tuple[int, int]]
+    warmup: list[tuple[int, int]]
+    step1: list[tuple[int, int]]  # no carry
+    step2: list[tuple[int, int]]  # carry
+
+
+def split_problems(
+    seed: int, *, heldout: int, validation: int, warmup: int, step1: int, step2: int
+) -> ToySplits:
+    """Disjoint problem sets. Held-out and validation are drawn first, so their contents do not depend on the
+    sizes chosen for the rest."""
+    problems = [(a, b) for a in OPERANDS for b in OPERANDS]
+    random.Random(f"carry-toy-{seed}").shuffle(problems)
+    held, val, rest = (
+        problems[:heldout],
+        problems[heldout : heldout + validation],
+        problems[heldout + validation :],
+    )
+    plain = [p for p in rest if not carries(*p)]
+    carry = [p for p in rest if carries(*p)]
+    if step1 > len(plain) or step2 > len(carry):
+        raise ValueError(f"step sizes {step1}/{step2} exceed the {len(plain)}/{len(carry)} problems left")
+    s1, s2 = plain[:step1], carry[:step2]
+    used = set(s1) | set(s2)
+    pool = [p for p in rest if p not in used]
+    if warmup > len(pool):
+        raise ValueError(f"warm-up size {warmup} exceeds the {len(pool)} problems left")
+    return ToySplits(held, val, pool[:warmup], s1, s2)
+
+
+def pairs(problems: list[tuple[int, int]], seed: int, tag: str) -> list[dict[str, str]]:
+    """One standard-schema pair per problem: the dropped (or spurious) carry half the time, else another slip."""
+    rng = random.Random(f"carry-pairs-{seed}-{tag}")
+    rows = []
+    for a, b in problems:
+        wrong = mistakes(a, b)
+        w = wrong[0] if rng.random() < 0.5 else rng.choice(wrong[1:])
+        rows.append({"prompt": prompt(a, b), "chosen": str(a + b), "rejected": str(w)})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -1,0 +1,70 @@
+"""The carry toy (lowmem_sdpo.toy): disjoint splits, right chosen and plausible wrong rejected answers, and a
+scorer whose batched greedy decoding and accuracies agree with one-prompt-at-a-time computation."""
+
+from __future__ import annotations
+
+import torch
+
+from lowmem_sdpo.models import resolve_model
+from lowmem_sdpo.toy import task
+from lowmem_sdpo.toy.score import ToyScorer
+
+
+def test_splits_are_disjoint_and_steps_are_the_curriculum():
+    splits = task.split_problems(task.SPLIT_SEED, **task.SPLIT_SIZES)
+    parts = [splits.heldout, splits.validation, splits.warmup, splits.step1, splits.step2]
+    assert [len(p) for p in parts] == [
+        task.SPLIT_SIZES[k] for k in ("heldout", "validation", "warmup", "step1", "step2")
+    ]
+    seen: set[tuple[int, int]] = set()
+    for part in parts:
+        assert not seen & set(part)
+        seen |= set(part)
+    assert not any(task.carries(*p) for p in splits.step1) and all(task.carries(*p) for p in splits.step2)
+    # Held-out does not depend on the other sizes (it is drawn first).
+    other = task.split_problems(task.SPLIT_SEED, heldout=400, validation=10, warmup=5, step1=5, step2=5)
+    assert other.heldout == splits.heldout
+
+
+def test_pairs_are_right_against_a_plausible_slip():
+    problems = task.split_problems(task.SPLIT_SEED, **task.SPLIT_SIZES).step2
+    rows = task.pairs(problems, 0, "t")
+    assert rows == task.pairs(problems, 0, "t")  # seeded
+    dropped = 0
+    for (a, b), row in zip(problems, rows, strict=True):
+        assert row["prompt"] == f"{a}+{b}=" and int(row["chosen"]) == a + b
+        wrong = int(row["rejected"])
+        assert wrong != a + b and wrong in task.mistakes(a, b)
+        assert abs(wrong - (a + b)) in (1, 10) or wrong // 10 == (a + b) // 10  # one digit slipped
+        dropped += wrong == a + b - 10
+    assert 0.4 < dropped / len(rows) < 0.75  # the dropped carry half the time, and among the other slips
+
+
+def test_scorer_agrees_with_single_prompt_computation():
+    rows = task.pairs(task.split_problems(task.SPLIT_SEED, **task.SPLIT_SIZES).validation[:12], 0, "v")
+    scorer = ToyScorer(resolve_model("tiny"), rows)
+    try:
+        model = scorer.holder.model_for([])
+        eos = scorer.tokenizer.eos_token_id
+        singles = []
+        for unit in scorer.units:  # no padding at all: the reference for the batched, left-padded decoding
+            ids = torch.tensor([unit.chosen_prompt])
+            for _ in range(5):
+                nxt = model(input_ids=ids).logits[0, -1].argmax().item()
+                if nxt == eos:
+                    break
+                ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+            singles.append(
+                scorer.tokenizer.decode(ids[0, len(unit.chosen_prompt) :].tolist()) if nxt == eos else None
+            )
+        batched = scorer.greedy([])
+        assert [b for b, s in zip(batched, singles, strict=True) if s is not None] == [
+            s for s in singles if s is not None
+        ]
+        scores = scorer.score([])
+        margins = scorer.base.chosen - scorer.base.rejected
+        assert scores["preference_accuracy"] == float((margins > 0).double().mean())
+        assert scores["reward_accuracy"] is None  # S against itself: no reward
+        assert scores["exact_match"] == sum(b == r["chosen"] for b, r in zip(batched, rows, strict=True)) / 12
+    finally:
+        scorer.release()
