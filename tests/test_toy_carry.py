@@ -34,10 +34,10 @@ def test_pairs_are_right_against_a_plausible_slip():
     for (a, b), row in zip(problems, rows, strict=True):
         assert row["prompt"] == f"{a}+{b}=" and int(row["chosen"]) == a + b
         wrong = int(row["rejected"])
-        assert wrong != a + b and wrong in task.mistakes(a, b)
-        assert abs(wrong - (a + b)) in (1, 10) or wrong // 10 == (a + b) // 10  # one digit slipped
-        dropped += wrong == a + b - 10
-    assert 0.4 < dropped / len(rows) < 0.75  # the dropped carry half the time, and among the other slips
+        assert len(set(task.mistakes(a, b)) - {a + b}) == 4 and wrong in task.mistakes(a, b)
+        assert abs(wrong - (a + b)) == 10 or wrong // 10 == (a + b) // 10  # one digit slipped
+        dropped += wrong == a + b - 10  # step 2's problems all carry: this is the dropped carry
+    assert 0.15 < dropped / len(rows) < 0.35  # one slip in four
 
 
 def test_scorer_agrees_with_single_prompt_computation():

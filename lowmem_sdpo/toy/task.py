@@ -5,8 +5,12 @@ per configuration, never used for a choice), a validation split (where the setti
 corpus, and the two sDPO steps. The steps are a curriculum: step 1 holds the problems whose units do not carry
 (digit-wise sums), step 2 those that do (the carry into the tens is what it adds). DPO on the union sees both.
 
-A pair's rejected answer is a plausible mistake of the kind a half-trained model makes: a dropped carry
-(47+38 -> 75), a units digit off by one, a tens digit off by one, or a spurious carry.
+A pair's rejected answer is a plausible mistake of the kind a half-trained model makes, drawn uniformly from
+four: the tens digit one too low (for a carrying problem that is the dropped carry, 47+38 -> 75) or one too
+high (for one that does not carry, a spurious carry), or the units digit one off either way. Uniform on
+purpose: with the carry mistakes favoured, step 1's rejected answers would mostly be too high and step 2's too
+low, and each step would teach "prefer the lower (higher) tens digit", a bias the other undoes, rather than
+arithmetic.
 """
 
 from __future__ import annotations
@@ -31,16 +35,10 @@ def prompt(a: int, b: int) -> str:
 
 
 def mistakes(a: int, b: int) -> list[int]:
-    """Distinct wrong answers a model that half knows addition gives; the dropped carry first when there is one."""
+    """The four one-digit slips: tens digit -1 / +1 (answer -10 / +10), units digit -1 / +1 with the tens kept
+    (85 -> 84, 86; 80 -> 89, 81). All distinct from the right answer and non-negative for a, b >= 10."""
     right = a + b
-    units_slip = [right - right % 10 + (right + d) % 10 for d in (-1, 1)]  # tens kept, units off by one
-    out = [right - 10] if carries(a, b) else [right + 10]  # dropped carry / spurious carry
-    out += [*units_slip, right + 10, right - 10]
-    seen: list[int] = []
-    for w in out:
-        if w != right and w >= 0 and w not in seen:
-            seen.append(w)
-    return seen
+    return [right - 10, right + 10] + [right - right % 10 + (right + d) % 10 for d in (-1, 1)]
 
 
 @dataclass(frozen=True)
@@ -77,14 +75,12 @@ def split_problems(
 
 
 def pairs(problems: list[tuple[int, int]], seed: int, tag: str) -> list[dict[str, str]]:
-    """One standard-schema pair per problem: the dropped (or spurious) carry half the time, else another slip."""
+    """One standard-schema pair per problem, the rejected answer one of its four slips, uniformly."""
     rng = random.Random(f"carry-pairs-{seed}-{tag}")
-    rows = []
-    for a, b in problems:
-        wrong = mistakes(a, b)
-        w = wrong[0] if rng.random() < 0.5 else rng.choice(wrong[1:])
-        rows.append({"prompt": prompt(a, b), "chosen": str(a + b), "rejected": str(w)})
-    return rows
+    return [
+        {"prompt": prompt(a, b), "chosen": str(a + b), "rejected": str(rng.choice(mistakes(a, b)))}
+        for a, b in problems
+    ]
 
 
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
