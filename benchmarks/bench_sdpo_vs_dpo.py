@@ -48,9 +48,9 @@ METRICS = ("preference_accuracy", "reward_accuracy", "exact_match", "gamma")
 BENCH_SETTINGS: dict[str, Any] = {
     "max_length": 32,
     "max_prompt_length": 24,
-    "beta": 0.1,
-    "learning_rate": 3e-3,
-    "epochs": 2.0,
+    "beta": 0.5,
+    "learning_rate": 1e-3,
+    "epochs": 1.0,
     "batch_size": 16,
     "grad_accum": 1,
     "warmup_ratio": 0.1,
@@ -176,6 +176,42 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any
     return arms, differences
 
 
+ARM_NAMES = {
+    "S": "S",
+    "sdpo": "sDPO (2 steps)",
+    "dpo": "DPO (D_1 + D_2 at once)",
+    "sdpo_base": "sDPO, base init",
+}
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The README's table: mean +- sd over seeds per arm, and each arm's per-seed preference accuracy."""
+    arms = result["arms"]
+    lines = [
+        "| model | preference accuracy | reward accuracy vs S | greedy exact match | gamma | first loss per step "
+        "| preference accuracy per seed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm in ARMS:
+        mean, sd, rows = arms[arm]["mean"], arms[arm]["sd"], arms[arm]["per_seed"]
+        cells = [f"{mean[m]:.3f} ± {sd[m]:.3f}" if m in mean else "—" for m in METRICS]
+        steps = len(rows[0]["first_losses"]) if rows else 0
+        first = (
+            " / ".join(f"{statistics.fmean(r['first_losses'][t] for r in rows):.3f}" for t in range(steps))
+            or "—"
+        )
+        seeds = " ".join(f"{r['preference_accuracy']:.3f}" for r in rows)
+        lines.append(f"| {ARM_NAMES[arm]} | {' | '.join(cells)} | {first} | {seeds} |")
+    lines.append("")
+    for pair, diff in result["differences"].items():
+        d = diff["preference_accuracy"]
+        lines.append(
+            f"- {pair}, preference accuracy: {d['mean']:+.3f} ± {d['sd']:.3f} (first ahead in {d['a_ahead_in']} of "
+            f"{d['seeds']} seeds)"
+        )
+    return "\n".join(lines)
+
+
 def _commit() -> str | None:
     try:
         return subprocess.run(
@@ -250,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     for arm in ARMS:
         mean, sd = arms[arm]["mean"], arms[arm]["sd"]
         print(f"{arm:10s} " + "  ".join(f"{m} {mean[m]:.3f}±{sd[m]:.3f}" for m in mean))
+    print(markdown_table(result))
     print(f"wrote {out}")
     return 0
 

@@ -21,9 +21,11 @@ def test_splits_are_disjoint_and_steps_are_the_curriculum():
         assert not seen & set(part)
         seen |= set(part)
     assert not any(task.carries(*p) for p in splits.step1) and all(task.carries(*p) for p in splits.step2)
-    # Held-out does not depend on the other sizes (it is drawn first).
+    # Held-out does not depend on the other sizes (it is drawn first), nor S's warm-up corpus on the step sizes.
     other = task.split_problems(task.SPLIT_SEED, heldout=400, validation=10, warmup=5, step1=5, step2=5)
     assert other.heldout == splits.heldout
+    sizes = {k: task.SPLIT_SIZES[k] for k in ("heldout", "validation", "warmup")}
+    assert task.split_problems(task.SPLIT_SEED, **sizes, step1=0, step2=0).warmup == splits.warmup
 
 
 def test_pairs_are_right_against_a_plausible_slip():

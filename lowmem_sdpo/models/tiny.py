@@ -68,6 +68,8 @@ TINY_RECIPE: dict[str, Any] = {
 }
 
 
+SPLIT_BEFORE_STEPS = ("heldout", "validation", "warmup")
+
 # The carry toy's S. Shape as `tiny` (a wider or deeper model learned no better in the CPU budget: 256 x 4 layers
 # trained ~4x slower per step); the split seed and sizes must match the benchmark's (lowmem_sdpo.toy.task).
 # lr_warmup_steps + cosine: a linear ramp, then a cosine decay to 0. At a constant lr 3e-3 the warm-up's held-out
@@ -79,9 +81,13 @@ CARRY_RECIPE: dict[str, Any] = {
     "seed": 0,
     "task": "carry",
     "architecture": dict(TINY_RECIPE["architecture"]),
-    "corpus": {"split_seed": carry_task.SPLIT_SEED, **carry_task.SPLIT_SIZES},
+    # The warm-up split depends on these three sizes only (the steps are drawn after it).
+    "corpus": {
+        "split_seed": carry_task.SPLIT_SEED,
+        **{k: carry_task.SPLIT_SIZES[k] for k in SPLIT_BEFORE_STEPS},
+    },
     "warmup": {
-        "steps": 700,
+        "steps": 1000,
         "batch_size": 32,
         "lr": 3e-3,
         "weight_decay": 0.0,
@@ -129,8 +135,8 @@ def warmup_problems(seed: int, two_digit: int) -> list[tuple[int, int]]:
 def recipe_problems(recipe: dict[str, Any]) -> list[tuple[int, int]]:
     corpus = recipe["corpus"]
     if recipe.get("task") == "carry":
-        sizes = {k: v for k, v in corpus.items() if k != "split_seed"}
-        return carry_task.split_problems(corpus["split_seed"], **sizes).warmup
+        sizes = {k: corpus[k] for k in SPLIT_BEFORE_STEPS}
+        return carry_task.split_problems(corpus["split_seed"], **sizes, step1=0, step2=0).warmup
     return warmup_problems(recipe["seed"], corpus["two_digit_problems"])
 
 

@@ -15,6 +15,7 @@ arithmetic.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -23,7 +24,13 @@ from pathlib import Path
 OPERANDS = range(10, 100)
 # The one split everything uses (S's warm-up corpus in models/tiny.py's CARRY_RECIPE, the benchmark, the demo).
 SPLIT_SEED = 0
-SPLIT_SIZES: dict[str, int] = {"heldout": 400, "validation": 400, "warmup": 3000, "step1": 600, "step2": 600}
+SPLIT_SIZES: dict[str, int] = {
+    "heldout": 400,
+    "validation": 400,
+    "warmup": 3000,
+    "step1": 1500,
+    "step2": 1500,
+}
 
 
 def carries(a: int, b: int) -> bool:
@@ -53,25 +60,18 @@ class ToySplits:
 def split_problems(
     seed: int, *, heldout: int, validation: int, warmup: int, step1: int, step2: int
 ) -> ToySplits:
-    """Disjoint problem sets. Held-out and validation are drawn first, so their contents do not depend on the
-    sizes chosen for the rest."""
+    """Disjoint problem sets. Held-out, validation and S's warm-up corpus are drawn first, in that order, so the
+    step sizes can change without changing S (or the scored splits)."""
     problems = [(a, b) for a in OPERANDS for b in OPERANDS]
     random.Random(f"carry-toy-{seed}").shuffle(problems)
-    held, val, rest = (
-        problems[:heldout],
-        problems[heldout : heldout + validation],
-        problems[heldout + validation :],
-    )
+    cuts = [0, heldout, heldout + validation, heldout + validation + warmup]
+    held, val, warm = (problems[lo:hi] for lo, hi in itertools.pairwise(cuts))
+    rest = problems[cuts[-1] :]
     plain = [p for p in rest if not carries(*p)]
     carry = [p for p in rest if carries(*p)]
     if step1 > len(plain) or step2 > len(carry):
         raise ValueError(f"step sizes {step1}/{step2} exceed the {len(plain)}/{len(carry)} problems left")
-    s1, s2 = plain[:step1], carry[:step2]
-    used = set(s1) | set(s2)
-    pool = [p for p in rest if p not in used]
-    if warmup > len(pool):
-        raise ValueError(f"warm-up size {warmup} exceeds the {len(pool)} problems left")
-    return ToySplits(held, val, pool[:warmup], s1, s2)
+    return ToySplits(held, val, warm, plain[:step1], carry[:step2])
 
 
 def pairs(problems: list[tuple[int, int]], seed: int, tag: str) -> list[dict[str, str]]:
