@@ -80,7 +80,9 @@ def _result(path: Path, sdpo: list[float], dpo: list[float]) -> Path:
 
 def test_demo_claims_sdpo_over_dpo_only_when_every_seed_shows_it(tmp_path: Path) -> None:
     rows, claims = heldout_comparison(_result(tmp_path / "a.json", [0.8, 0.81, 0.79], [0.7, 0.72, 0.75]))
-    assert len(rows) == 5 and ("held-out: sDPO ahead of DPO in", "3 of 3 seeds (heldout, tiny-carry)") in rows
+    assert (
+        len(rows) == 5 and ("benchmark: sDPO ahead of DPO in", "3 of 3 seeds (heldout, tiny-carry)") in rows
+    )
     assert len(claims) == 1 and claims[0][1]
     rows, claims = heldout_comparison(_result(tmp_path / "b.json", [0.8, 0.7, 0.79], [0.7, 0.72, 0.75]))
     assert len(rows) == 5 and claims == []  # the numbers, no claim

@@ -72,14 +72,14 @@ def heldout_comparison(path: Path) -> tuple[list[tuple[str, str]], list[tuple[st
         ("sdpo_base", "sDPO, base init"),
     ):
         mean, sd = arms[arm]["mean"][metric], arms[arm]["sd"][metric]
-        rows.append((f"held-out preference accuracy, {name}", f"{mean:.3f} +- {sd:.3f}"))
+        rows.append((f"benchmark: {data['split']} preference accuracy, {name}", f"{mean:.3f} +- {sd:.3f}"))
     diff = data["differences"]["sdpo - dpo"][metric]
     ahead, seeds = diff["a_ahead_in"], diff["seeds"]
     rows.append(
-        ("held-out: sDPO ahead of DPO in", f"{ahead} of {seeds} seeds ({data['split']}, {data['model']})")
+        ("benchmark: sDPO ahead of DPO in", f"{ahead} of {seeds} seeds ({data['split']}, {data['model']})")
     )
     claims = []
-    if seeds > 0 and ahead == seeds:
+    if data["split"] == "heldout" and seeds > 0 and ahead == seeds:
         claims.append(
             (f"held-out (benchmark, {seeds} seeds): sDPO's preference accuracy above DPO's in every seed, "
              f"by {diff['mean']:.3f} +- {diff['sd']:.3f}", True)
