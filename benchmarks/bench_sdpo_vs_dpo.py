@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     resolve_model(model)  # built once here, not by every job at the same time
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
+    commit = _commit()  # at the start: the code that ran, whatever is committed while it runs
     rows: list[dict[str, Any]] = []
     if args.jobs > 1:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores; load average {load_before:.1f} at start, "
         f"{os.getloadavg()[0]:.1f} at end; {args.jobs} job(s), 1 torch thread each)",
         "torch": torch.__version__,
-        "commit": _commit(),
+        "commit": commit,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
