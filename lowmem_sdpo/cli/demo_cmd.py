@@ -68,11 +68,11 @@ def heldout_comparison(path: Path) -> tuple[list[tuple[str, str]], list[tuple[st
     for arm, name in (
         ("S", "S"),
         ("sdpo", "sDPO"),
-        ("dpo", "DPO on D_1 + D_2"),
-        ("sdpo_base", "sDPO, base init"),
+        ("dpo", "DPO"),
+        ("sdpo_base", "sDPO base"),
     ):
         mean, sd = arms[arm]["mean"][metric], arms[arm]["sd"][metric]
-        rows.append((f"benchmark: {data['split']} preference accuracy, {name}", f"{mean:.3f} +- {sd:.3f}"))
+        rows.append((f"bench {data['split']} pref. acc., {name}", f"{mean:.3f} +- {sd:.3f}"))
     diff = data["differences"]["sdpo - dpo"][metric]
     ahead, seeds = diff["a_ahead_in"], diff["seeds"]
     rows.append(
