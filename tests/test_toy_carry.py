@@ -3,6 +3,8 @@ scorer whose batched greedy decoding and accuracies agree with one-prompt-at-a-t
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from lowmem_sdpo.models import resolve_model
@@ -70,3 +72,19 @@ def test_scorer_agrees_with_single_prompt_computation():
         assert scores["exact_match"] == sum(b == r["chosen"] for b, r in zip(batched, rows, strict=True)) / 12
     finally:
         scorer.release()
+
+
+def test_tiny_carry_builds_from_the_warmup_split_only(tmp_path, monkeypatch):
+    from lowmem_sdpo.models import tiny
+
+    splits = task.split_problems(task.SPLIT_SEED, **task.SPLIT_SIZES)
+    corpus = tiny.recipe_problems(tiny.CARRY_RECIPE)
+    assert corpus == splits.warmup  # S never saw a held-out, validation or step problem as SFT data
+    # A 3-step warm-up runs every code path of the preset's build (its corpus, the ramp + cosine schedule).
+    monkeypatch.setenv(tiny.CACHE_ENV, str(tmp_path))
+    monkeypatch.setitem(tiny.CARRY_RECIPE["warmup"], "steps", 3)
+    built = resolve_model("tiny-carry")
+    assert built.name.startswith("tiny-carry-") and built == tiny.tiny_model_dir(tmp_path, tiny.CARRY_RECIPE)
+    record = json.loads((built / tiny.RECIPE_FILE).read_text())
+    assert record["recipe"]["task"] == "carry" and record["recipe"]["warmup"]["steps"] == 3
+    assert built != tiny.tiny_model_dir(tmp_path)  # `tiny` is another model, in another directory
