@@ -88,6 +88,26 @@ def _data(
     return files, task.pairs(scored, task.SPLIT_SEED, split), sizes
 
 
+def _own_mistake_files(work: Path, files: dict[str, Path], model_dir: Path) -> dict[str, Path]:
+    """--rejected own: each step pair's rejected answer becomes S's own greedy answer where that is wrong."""
+    from lowmem_sdpo.toy import task
+    from lowmem_sdpo.toy.score import ToyScorer
+
+    out: dict[str, list[dict[str, str]]] = {}
+    for step in ("step1", "step2"):
+        rows = [json.loads(line) for line in files[step].read_text().splitlines()]
+        scorer = ToyScorer(model_dir, rows)
+        try:
+            out[step] = task.with_own_mistakes(rows, scorer.greedy([]))
+        finally:
+            scorer.release()
+    return {
+        "step1": task.write_jsonl(work / "data" / "d1_no_carry_own.jsonl", out["step1"]),
+        "step2": task.write_jsonl(work / "data" / "d2_carry_own.jsonl", out["step2"]),
+        "union": task.write_jsonl(work / "data" / "d1_d2_union_own.jsonl", out["step1"] + out["step2"]),
+    }
+
+
 def _arm_config(
     arm: str, files: dict[str, Path], model: str, out: Path, seed: int, settings: dict[str, Any]
 ) -> Any:
@@ -107,7 +127,7 @@ def _arm_config(
 
 
 def run_seed(
-    seed: int, split: str, smoke: bool, model: str, settings: dict[str, Any]
+    seed: int, split: str, smoke: bool, model: str, settings: dict[str, Any], rejected: str = "slips"
 ) -> list[dict[str, Any]]:
     """Every arm for one seed: train, then score the final model. One process per seed (see --jobs)."""
     import torch
@@ -121,6 +141,8 @@ def run_seed(
     with tempfile.TemporaryDirectory(prefix=f"bench_sdpo_vs_dpo.{seed}.") as tmp:
         work = Path(tmp)
         files, scored, _ = _data(work, split, smoke)
+        if rejected == "own":
+            files = _own_mistake_files(work, files, resolve_model(model))
         scorer = ToyScorer(resolve_model(model), scored)
         try:
             rows.append(
@@ -231,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="`tiny` on a few pairs, one seed: a CI check")
     parser.add_argument("--out", type=Path)
     parser.add_argument(
+        "--rejected", choices=("slips", "own"), default="slips",
+        help="the steps' rejected answers: uniform one-digit slips, or S's own wrong greedy answers where it has "
+        "one (the scored pairs keep the slips either way)",
+    )  # fmt: skip
+    parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override a BENCH_SETTINGS entry (for the validation sweep only; recorded in the JSON)",
     )  # fmt: skip
@@ -255,12 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     if args.jobs > 1:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            futures = [pool.submit(run_seed, s, args.split, args.smoke, model, settings) for s in args.seeds]
+            futures = [
+                pool.submit(run_seed, s, args.split, args.smoke, model, settings, args.rejected)
+                for s in args.seeds
+            ]
             for f in futures:
                 rows += f.result()
     else:
         for s in args.seeds:
-            rows += run_seed(s, args.split, args.smoke, model, settings)
+            rows += run_seed(s, args.split, args.smoke, model, settings, args.rejected)
     arms, differences = summarise(rows)
     with tempfile.TemporaryDirectory() as tmp:
         _, _, sizes = _data(Path(tmp), args.split, args.smoke)
@@ -270,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         "split": args.split,
         "model": model,
         "settings": settings,
+        "rejected": args.rejected,
         "data": sizes,
         "seeds": args.seeds,
         "arms": arms,

@@ -44,6 +44,13 @@ def test_pairs_are_right_against_a_plausible_slip():
     assert 0.15 < dropped / len(rows) < 0.35  # one slip in four
 
 
+def test_own_mistakes_replace_the_slip_only_where_the_model_answered_a_wrong_number():
+    rows = task.pairs([(47, 38), (12, 13), (50, 50), (99, 99)], 0, "t")
+    out = task.with_own_mistakes(rows, ["75", "25", "1O0", ""])
+    assert out[0] == {**rows[0], "rejected": "75"}  # the model's dropped carry
+    assert out[1:] == rows[1:]  # right answer, not a number, nothing: the slip stays
+
+
 def test_scorer_agrees_with_single_prompt_computation():
     rows = task.pairs(task.split_problems(task.SPLIT_SEED, **task.SPLIT_SIZES).validation[:12], 0, "v")
     scorer = ToyScorer(resolve_model("tiny"), rows)

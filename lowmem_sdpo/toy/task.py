@@ -83,6 +83,16 @@ def pairs(problems: list[tuple[int, int]], seed: int, tag: str) -> list[dict[str
     ]
 
 
+def with_own_mistakes(rows: list[dict[str, str]], answers: list[str]) -> list[dict[str, str]]:
+    """The pairs with the model's own greedy answer as the rejected one wherever that answer is a wrong number
+    (the issue's "the model's own plausible mistakes"); the slip stays where the model answered right or not
+    with a number."""
+    return [
+        {**row, "rejected": answer} if answer.isdigit() and answer != row["chosen"] else row
+        for row, answer in zip(rows, answers, strict=True)
+    ]
+
+
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
