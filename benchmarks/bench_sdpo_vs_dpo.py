@@ -49,7 +49,7 @@ BENCH_SETTINGS: dict[str, Any] = {
     "max_length": 32,
     "max_prompt_length": 24,
     "beta": 0.5,
-    "learning_rate": 1e-3,
+    "learning_rate": 3e-4,
     "epochs": 1.0,
     "batch_size": 16,
     "grad_accum": 1,
