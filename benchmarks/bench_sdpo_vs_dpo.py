@@ -17,9 +17,9 @@ chosen; `--split heldout` (the default) is scored once per configuration and nev
 
     python benchmarks/bench_sdpo_vs_dpo.py --split validation --seeds 0 1      # choosing settings
     python benchmarks/bench_sdpo_vs_dpo.py --seeds 0 1 2 3 4 5 6 7 --jobs 2      # the reported run
-    python benchmarks/bench_sdpo_vs_dpo.py --smoke --out /tmp/s.json            # CI: `tiny`, a few pairs, ~1 min
+    python benchmarks/bench_sdpo_vs_dpo.py --smoke --out /tmp/s.json            # CI: `tiny`, a few pairs, ~15 s
 
-JSON (benchmarks/results/bench_sdpo_vs_dpo[_validation|_smoke].json): {"split", "model", "settings", "data",
+JSON (benchmarks/results/bench_sdpo_vs_dpo[_validation|_smoke].json): {"split", "model", "settings", "rejected", "data",
 "seeds", "arms": {arm: {"mean": {metric}, "sd": {metric}, "per_seed": [row]}}, "differences": {"a - b":
 {metric: {"mean", "sd", "a_ahead_in"}}}, "device", "torch", "commit", "wall_seconds"}; a row holds seed,
 the metrics, first_losses (per step), optimizer_steps, wall_seconds.
