@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BUILTIN_TOKENIZERS = {"builtin:tiny": bundled_tokenizer_dir}
+BUILTIN_TOKENIZERS = {"builtin:tiny": bundled_tokenizer_dir, "builtin:tiny-carry": bundled_tokenizer_dir}
 
 FALLBACK_HEADERS: dict[str, str] = {
     "system": "### System:\n",

@@ -22,7 +22,16 @@ def _builtin_tiny() -> Path:
     return build_tiny_model()
 
 
-BUILTINS: dict[str, Callable[[], Path]] = {"builtin:tiny": _builtin_tiny}
+def _builtin_tiny_carry() -> Path:
+    from lowmem_sdpo.models.tiny import CARRY_RECIPE, build_tiny_model
+
+    return build_tiny_model(recipe=CARRY_RECIPE)
+
+
+BUILTINS: dict[str, Callable[[], Path]] = {
+    "builtin:tiny": _builtin_tiny,
+    "builtin:tiny-carry": _builtin_tiny_carry,
+}
 
 
 def _looks_like_path(target: str) -> bool:
