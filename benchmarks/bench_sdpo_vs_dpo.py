@@ -11,8 +11,8 @@ Every trained arm sees the same pairs the same number of times with the same set
 takes the same number of optimiser steps (each sDPO step half of DPO's). Each seed changes the LoRA init and
 the data order (the engine's --seed); S and the pairs stay fixed, so the spread is the training's own.
 
-Scoring (lowmem_sdpo.toy.score): preference accuracy, implicit-reward accuracy against S, greedy exact match and
-gamma on the scored split, plus each step's first loss. `--split validation` is where BENCH_SETTINGS were
+Scoring (lowmem_sdpo.toy.score, on the evaluation module's figures): preference accuracy, implicit-reward accuracy
+against S, greedy exact match and gamma on the scored split, plus each step's first loss. `--split validation` is where BENCH_SETTINGS were
 chosen; `--split heldout` (the default) is scored once per configuration and never used for a choice.
 
     python benchmarks/bench_sdpo_vs_dpo.py --split validation --seeds 0 1      # choosing settings
@@ -134,6 +134,7 @@ def run_seed(
 
     torch.set_num_threads(1)  # the runs are tiny; threads only contend with the other jobs
     from lowmem_sdpo.engine import run_sdpo
+    from lowmem_sdpo.eval.runmodels import finished_chains
     from lowmem_sdpo.models import resolve_model
     from lowmem_sdpo.toy.score import ToyScorer
 
@@ -152,7 +153,7 @@ def run_seed(
                 started = time.perf_counter()
                 out = work / arm
                 summaries = run_sdpo(_arm_config(arm, files, model, out, seed, settings))
-                chain = [out / c for c in summaries[-1]["adapter_chain"]]
+                chain = finished_chains(out)[len(summaries)]  # M_T, read back as `eval` reads a run
                 rows.append(
                     {
                         "arm": arm,

@@ -85,7 +85,9 @@ class Scorer:
         return table
 
 
-def _ranking(table: LogpTable) -> dict[str, float]:
+def ranking_figures(table: LogpTable) -> dict[str, float]:
+    """A model's own view of the pairs: gamma (mean chosen-minus-rejected log-ratio) and the share of pairs it
+    ranks right (log p(chosen) > log p(rejected)); no reference involved."""
     ratios = table.chosen.double() - table.rejected.double()
     return {"gamma": float(ratios.mean()), "ranking_accuracy": float((ratios > 0).double().mean())}
 
@@ -109,7 +111,7 @@ def evaluate_preferences(
         for t in steps:
             ref = AGAINST[against](t)
             figures = preference_figures(scorer.table(t), scorer.table(ref), cfg.beta)
-            ranking = _ranking(scorer.table(t))
+            ranking = ranking_figures(scorer.table(t))
             per_step.append({"step": t, "reference": "S" if ref == 0 else f"M_{ref}", **figures, **ranking})
         result = {
             "data": data.label,
@@ -119,7 +121,7 @@ def evaluate_preferences(
             "units": len(units),
             "against": against,
             "beta": cfg.beta,
-            "baseline_S": _ranking(scorer.table(0)),
+            "baseline_S": ranking_figures(scorer.table(0)),
             "steps": per_step,
         }
         path = models.out / f"preference-{slug(data.label)}.json"

@@ -64,6 +64,19 @@ class RunModels:
         self.holder.release()
 
 
+def finished_chains(run_dir: Path, run: dict[str, Any] | None = None) -> dict[int, list[Path]]:
+    """Finished step t -> the adapters making M_t (from step-t/summary.json), for the steps in a row from 1 that
+    have finished. `run` is the run's run.json when the caller has read it already."""
+    run = run if run is not None else (read_run_file(run_dir) or {})
+    chains: dict[int, list[Path]] = {}
+    for t in range(1, len(run.get("data", [])) + 1):
+        summary = read_summary(step_dir(run_dir, t))
+        if summary is None:
+            break
+        chains[t] = [run_dir / c for c in summary["adapter_chain"]]
+    return chains
+
+
 def open_run(run_dir: Path, reporter: Reporter) -> RunModels:
     run_dir = Path(run_dir)
     run = read_run_file(run_dir)
@@ -71,12 +84,7 @@ def open_run(run_dir: Path, reporter: Reporter) -> RunModels:
         raise InputError(f"--run {run_dir}: no {RUN_FILE} (not a lowmem-sdpo run directory)")
     known = {f.name for f in fields(RunConfig)}
     config = RunConfig(**{k: v for k, v in run.get("config", {}).items() if k in known})
-    chains: dict[int, list[Path]] = {}
-    for t in range(1, len(run.get("data", [])) + 1):
-        summary = read_summary(step_dir(run_dir, t))
-        if summary is None:
-            break
-        chains[t] = [run_dir / c for c in summary["adapter_chain"]]
+    chains = finished_chains(run_dir, run)
     if not chains:
         raise InputError(f"--run {run_dir}: no finished step yet (no step-1/summary.json)")
     model_dir = Path(run.get("model_dir", ""))

@@ -3,14 +3,17 @@
 The model scored is what a run trains: Q(S) in 4 bit plus the adapter chain as a frozen low-rank delta (the
 engine's exact holder), so S is loaded and quantised once and every arm's M_T is a swap of forward hooks.
 Metrics, per pair set:
-  preference_accuracy: share of pairs with log p(chosen) > log p(rejected) under the model;
+  preference_accuracy: share of pairs with log p(chosen) > log p(rejected) under the model (the evaluation
+      module's ranking accuracy, lowmem_sdpo.eval.preference.ranking_figures);
   reward_accuracy: share where DPO's implicit reward, log p_model - log p_S, is higher for chosen (against S;
-      undefined for S itself, where every reward is 0);
-  exact_match: share of prompts whose greedy answer (up to EOS) is the chosen answer;
-  gamma: the sDPO paper's gamma on these pairs, mean of log p(chosen) - log p(rejected).
+      undefined for S itself, where every reward is 0): lowmem_sdpo.engine.heldout.preference_figures;
+  exact_match: share of prompts whose greedy answer (up to EOS) is the chosen answer (the toy's own: its
+      answers are short sums, so a greedy match is a meaningful check);
+  gamma: the sDPO paper's gamma on these pairs, mean of log p(chosen) - log p(rejected) (ranking_figures).
 
-A small module of its own because no general evaluation module exists on this branch (issue 15 will bring
-one); the demo and benchmarks/bench_sdpo_vs_dpo.py share it.
+The figures are the evaluation module's; what is the toy's own is the model handling (S loaded and quantised
+once, shared by every run's M_T, where `eval` opens one run) and the greedy exact match.
+benchmarks/bench_sdpo_vs_dpo.py uses it.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ import torch
 
 from lowmem_sdpo.data import PreferencePair, StepData, load_tokenizer, tokenize_step
 from lowmem_sdpo.engine.hardware import Hardware
+from lowmem_sdpo.engine.heldout import preference_figures
 from lowmem_sdpo.engine.materialise import Holder, load_for, make_holder
 from lowmem_sdpo.engine.reference import LogpTable, compute_logps
 from lowmem_sdpo.engine.reporting import Reporter
 from lowmem_sdpo.engine.units import Unit, build_units
+from lowmem_sdpo.eval.preference import ranking_figures
 from lowmem_sdpo.models import QuantSettings
 
 MAX_LENGTH, MAX_PROMPT_LENGTH = 32, 24  # the toy's sequences are ~20 tokens; the runs use the same limits
@@ -99,15 +104,15 @@ class ToyScorer:
 
     def score(self, chain: Sequence[Path]) -> dict[str, Any]:
         table = self.base if not chain else self._logps(chain)
-        margin = table.chosen.double() - table.rejected.double()
-        base_margin = self.base.chosen.double() - self.base.rejected.double()
+        ranking = ranking_figures(table)
+        # Which answer has the higher implicit reward does not depend on beta > 0 (both scale by it): beta 1.
+        rewards = preference_figures(table, self.base, beta=1.0) if chain else None
         answers = self.greedy(chain)
         return {
-            "preference_accuracy": float((margin > 0).double().mean()),
-            # chosen's reward minus rejected's = margin - S's margin: the comparison is the same pairs' margins
-            "reward_accuracy": float((margin > base_margin).double().mean()) if chain else None,
+            "preference_accuracy": ranking["ranking_accuracy"],
+            "reward_accuracy": rewards["reward_accuracy"] if rewards is not None else None,
             "exact_match": sum(a == b for a, b in zip(answers, self.answers, strict=True)) / len(answers),
-            "gamma": float(margin.mean()),
+            "gamma": ranking["gamma"],
         }
 
     def release(self) -> None:
