@@ -40,26 +40,20 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from lowmem_sdpo.toy.run_settings import TINY_TOY_RUN
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 ARMS = ("S", "sdpo", "dpo", "sdpo_base")
 METRICS = ("preference_accuracy", "reward_accuracy", "exact_match", "gamma")
 # Chosen on the validation split (see benchmarks/README.md, "bench_sdpo_vs_dpo.py"), then frozen.
 BENCH_SETTINGS: dict[str, Any] = {
-    "max_length": 32,
-    "max_prompt_length": 24,
+    **TINY_TOY_RUN,
     "beta": 0.5,
     "learning_rate": 3e-4,
     "epochs": 1.0,
     "batch_size": 16,
-    "grad_accum": 1,
-    "warmup_ratio": 0.1,
-    "lora_r": 8,
-    "lora_alpha": 16,
-    "lora_dropout": 0.0,
     "save_every": 1000,
-    "device": "cpu",
-    "gradient_checkpointing": False,
 }
 # Smoke: the CI-cheap `tiny` model (the carry toy's S takes a minute to build), a few pairs of each split.
 SMOKE_SIZES = {"step1": 32, "step2": 32, "scored": 24}

@@ -18,19 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from engine_fixtures import small_config, toy_slice
+from window_fixtures import WindowSetup, accumulated_grads, window_job, window_setup
 
-from lowmem_sdpo.data import load_steps, load_tokenizer, tokenize_step
 from lowmem_sdpo.engine.distributed import SINGLE, Ranks, process_group
-from lowmem_sdpo.engine.hardware import Hardware
 from lowmem_sdpo.engine.objective import Objective
-from lowmem_sdpo.engine.reference import compute_logps
-from lowmem_sdpo.engine.reporting import Reporter
-from lowmem_sdpo.engine.trainer import StepJob, _StopFlag, accumulate_window
-from lowmem_sdpo.engine.units import build_units
-from lowmem_sdpo.models import QuantSettings, add_lora, load_quantized, resolve_model
 
-CPU = Hardware(torch.device("cpu"), "float32")
 # (loss, options, the global micro-batches of the window). AOT: 3 micro-batches whose parts differ in size,
 # one leaving rank 1 nothing; compared with one micro-batch of the whole window in one process. KTO: its KL
 # point is per micro-batch, so one process runs the same global micro-batches.
@@ -47,59 +39,12 @@ def one_process_micro(loss: str, micro: list[list[int]]) -> list[list[int]]:
     return [[i for mb in micro for i in mb]] if loss.startswith("aot") else micro
 
 
-def window_setup(tmp: Path, ranks: Ranks = SINGLE):
-    """(tokenizer, units, reference table with KL rows, policy away from the reference): the same on every rank."""
-    model_dir = resolve_model("tiny")
-    tokenizer = load_tokenizer(str(model_dir))
-    step = load_steps(str(toy_slice(tmp / f"w{ranks.rank}.jsonl", 2, 8)))[0]
-    units, _ = build_units(tokenize_step(step, tokenizer, max_length=32, max_prompt_length=24), seed=0, label="w")
-    model = load_quantized(model_dir, quant=QuantSettings(compute_dtype="float32"))
-    reference = compute_logps(
-        model,
-        units,
-        pad_id=tokenizer.pad_token_id,
-        batch_size=2,
-        hw=CPU,
-        impl="torch",
-        with_kl=True,
-        reporter=Reporter(True),
-        description="reference",
-        ranks=ranks,
-    )
-    policy = add_lora(model, r=4, alpha=8, dropout=0.0, seed=0)
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(1)
-        for name, p in policy.named_parameters():
-            if "lora_B" in name:  # a policy away from the reference, so the sort is not of ties
-                p.copy_(torch.randn(p.shape, generator=generator) * 2.0)
-    return tokenizer, units, reference, policy
-
-
-def window_grads(tmp: Path, setup, loss: str, options: dict, micro: list[list[int]], ranks: Ranks = SINGLE):
-    """The gradients of one window, summed over ranks (what the optimiser step sees)."""
-    tokenizer, units, reference, policy = setup
-    job = StepJob(
-        t=1,
-        step_dir=tmp,
-        units=units,
-        reference=reference,
-        schedule=[],
-        objective=Objective(loss, 0.5, options),
-        config=small_config(tmp),
-        hw=CPU,
-        impl="torch",
-        pad_id=tokenizer.pad_token_id,
-        reporter=Reporter(True),
-        seed=0,
-        ranks=ranks,
-    )
-    policy.zero_grad(set_to_none=True)
-    policy.train()
-    row = accumulate_window(policy, job, 0, micro, _StopFlag())
-    params = [p for p in policy.parameters() if p.requires_grad]
-    ranks.sum_grads_(params)
-    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
-    return grads, row
+def window_grads(
+    tmp: Path, setup: WindowSetup, loss: str, options: dict, micro: list[list[int]], ranks: Ranks = SINGLE
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The gradients of one window, summed over ranks (what the optimiser step sees), and its metrics row."""
+    job = window_job(tmp, setup, Objective(loss, 0.5, options), ranks)
+    return accumulated_grads(setup[3], job, micro)
 
 
 @contextlib.contextmanager

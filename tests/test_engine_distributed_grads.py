@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_fixtures import CASES, one_process_micro, one_thread, start_ranks, window_grads, window_setup
+from distributed_fixtures import CASES, one_process_micro, one_thread, start_ranks, window_grads
+from window_fixtures import window_setup
 
 pytestmark = pytest.mark.slow
 

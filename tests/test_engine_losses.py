@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_fixtures import reference_table, small_config, toy_slice, unpaired_toy
+from engine_fixtures import reference_table, toy_slice, unpaired_toy
+from window_fixtures import accumulated_grads, window_job, window_setup
 
 from lowmem_sdpo.cli import main
 from lowmem_sdpo.data import load_steps, load_tokenizer, tokenize_step
 from lowmem_sdpo.engine.hardware import Hardware
 from lowmem_sdpo.engine.objective import Objective
-from lowmem_sdpo.engine.reporting import Reporter
-from lowmem_sdpo.engine.trainer import StepJob, accumulate_window
+from lowmem_sdpo.engine.trainer import StepJob
 from lowmem_sdpo.engine.units import build_units
 from lowmem_sdpo.losses import LOSSES
-from lowmem_sdpo.models import QuantSettings, add_lora, load_quantized, resolve_model
+from lowmem_sdpo.models import QuantSettings, load_quantized, resolve_model
 
 CPU = Hardware(torch.device("cpu"), "float32")
 
@@ -119,51 +119,6 @@ def test_unpaired_step_trains(tmp_path, loss):
     assert summary["reward_margin_final"] > 0, summary
 
 
-def _window_setup(tmp: Path, dropout: float = 0.0):
-    model_dir = resolve_model("tiny")
-    tokenizer = load_tokenizer(str(model_dir))
-    step = load_steps(str(toy_slice(tmp / "w.jsonl", 2, 8)))[0]
-    units, _ = build_units(
-        tokenize_step(step, tokenizer, max_length=32, max_prompt_length=24), seed=0, label="w"
-    )
-    model = load_quantized(model_dir, quant=QuantSettings(compute_dtype="float32"))
-    reference = reference_table(model, units, tokenizer.pad_token_id, batch_size=8)
-    policy = add_lora(model, r=4, alpha=8, dropout=dropout, seed=0)
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(1)
-        for name, p in policy.named_parameters():
-            if "lora_B" in name:  # a policy away from the reference, so the sort is not of ties
-                p.copy_(torch.randn(p.shape, generator=generator) * 2.0)
-    return tokenizer, units, reference, policy
-
-
-def _window_job(tmp: Path, tokenizer, units, reference, objective: Objective) -> StepJob:
-    """A job for accumulate_window alone: no schedule, no run directory beyond tmp."""
-    return StepJob(
-        t=1,
-        step_dir=tmp,
-        units=units,
-        reference=reference,
-        schedule=[],
-        objective=objective,
-        config=small_config(tmp),
-        hw=CPU,
-        impl="torch",
-        pad_id=tokenizer.pad_token_id,
-        reporter=Reporter(True),
-        seed=0,
-    )
-
-
-def _grads(policy, job: StepJob, micro: list[list[int]]) -> dict[str, torch.Tensor]:
-    from lowmem_sdpo.engine.trainer import _StopFlag
-
-    policy.zero_grad(set_to_none=True)
-    policy.train()
-    accumulate_window(policy, job, 0, micro, _StopFlag())
-    return {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
-
-
 @pytest.mark.parametrize(
     ("loss", "options"),
     [
@@ -174,10 +129,10 @@ def _grads(policy, job: StepJob, micro: list[list[int]]) -> dict[str, torch.Tens
     ],
 )
 def test_aot_window_gradients_equal_one_big_batch(tmp_path, loss, options):
-    tokenizer, units, reference, policy = _window_setup(tmp_path)
-    job = _window_job(tmp_path, tokenizer, units, reference, Objective(loss, 0.5, options))
-    big = _grads(policy, job, [list(range(8))])
-    split = _grads(policy, job, [[0, 1], [2, 3, 4], [5], [6, 7]])
+    setup = window_setup(tmp_path)
+    policy, job = setup[3], window_job(tmp_path, setup, Objective(loss, 0.5, options))
+    big = accumulated_grads(policy, job, [list(range(8))])[0]
+    split = accumulated_grads(policy, job, [[0, 1], [2, 3, 4], [5], [6, 7]])[0]
     for name in big:
         # Equal up to float32 summation order (the micro-batches pad to different lengths).
         scale = big[name].abs().max()
@@ -186,7 +141,7 @@ def test_aot_window_gradients_equal_one_big_batch(tmp_path, loss, options):
     # Sorting only inside each micro-batch (what per-micro-batch losses do) gives other gradients.
     naive = {n: torch.zeros_like(g) for n, g in big.items()}
     for mb in ([0, 1], [2, 3, 4], [5], [6, 7]):
-        part = _grads(policy, job, [mb])
+        part = accumulated_grads(policy, job, [mb])[0]
         for n in naive:
             naive[n] += part[n] * len(mb) / 8
     assert (
@@ -228,11 +183,11 @@ def _one_graph_grads(policy, job: StepJob, micro: list[list[int]]) -> dict[str, 
 def test_aot_window_exact_with_dropout(tmp_path, loss):
     """With LoRA dropout 0.05 (the default) the ranking pass and the gradient pass see the same masks: the
     window's gradient is the exact gradient of the window loss under those masks."""
-    tokenizer, units, reference, policy = _window_setup(tmp_path, dropout=0.05)
-    job = _window_job(tmp_path, tokenizer, units, reference, Objective(loss, 0.5, {}))
+    setup = window_setup(tmp_path, dropout=0.05)
+    policy, job = setup[3], window_job(tmp_path, setup, Objective(loss, 0.5, {}))
     micro = [[0, 1], [2, 3, 4], [5], [6, 7]]
     torch.manual_seed(7)
-    ours = _grads(policy, job, micro)
+    ours = accumulated_grads(policy, job, micro)[0]
     after_ours = torch.get_rng_state()
     torch.manual_seed(7)
     exact = _one_graph_grads(policy, job, micro)
@@ -242,5 +197,5 @@ def test_aot_window_exact_with_dropout(tmp_path, loss):
         assert (ours[name] - exact[name]).abs().max() <= 1e-5 * scale + 1e-8, name
     # Dropout is live: another stream gives other gradients.
     torch.manual_seed(8)
-    other = _grads(policy, job, micro)
+    other = accumulated_grads(policy, job, micro)[0]
     assert max(float((other[n] - exact[n]).abs().max() / exact[n].abs().max()) for n in exact) > 1e-3

@@ -15,6 +15,7 @@ from lowmem_sdpo.engine.logprobs import batch_logprobs
 from lowmem_sdpo.engine.reference import (
     LogpTable,
     cache_key,
+    cached_logps,
     compute_logps,
     load_cache,
     padded_width_tokens,
@@ -150,6 +151,28 @@ def test_cache_without_kl_rows_is_not_used_for_kto(tmp_path):
     path = tmp_path / "cache.safetensors"
     save_cache(path, "k", PARTS, LogpTable(torch.zeros(2), torch.zeros(2)))
     assert load_cache(path, "k", need_kl=True) is None
+
+
+def test_cached_logps_computes_once_per_key_and_recomputes_a_stale_cache(tmp_path):
+    path = tmp_path / "cache.safetensors"
+    calls: list[LogpTable] = []
+
+    def compute(value: float) -> LogpTable:
+        table = LogpTable(torch.tensor([value, value - 1]), torch.tensor([value - 2, value - 3]))
+        calls.append(table)
+        return table
+
+    first, reused = cached_logps(path, PARTS, lambda: compute(-1.0), need_kl=False)
+    assert not reused and len(calls) == 1 and torch.equal(first.chosen, torch.tensor([-1.0, -2.0]))
+    again, reused = cached_logps(path, PARTS, lambda: compute(-5.0), need_kl=False)
+    assert reused and len(calls) == 1 and torch.equal(again.rejected, first.rejected)  # read, not computed
+    assert load_cache(path, cache_key(PARTS), need_kl=False) is not None  # the first call wrote it
+    # Another key, or KL rows the file lacks: computed again, and the new table replaces the cache.
+    changed = {**PARTS, "seed_units": 1}
+    fresh, reused = cached_logps(path, changed, lambda: compute(-5.0), need_kl=False)
+    assert not reused and len(calls) == 2 and torch.equal(fresh.chosen, torch.tensor([-5.0, -6.0]))
+    _, reused = cached_logps(path, changed, lambda: compute(-7.0), need_kl=True)
+    assert not reused and len(calls) == 3
 
 
 # --- the reference pass's own batching: length-sorted batches, results in the units' order ---------------

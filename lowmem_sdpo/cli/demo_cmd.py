@@ -23,13 +23,13 @@ from lowmem_sdpo.engine import RunConfig, run_sdpo
 from lowmem_sdpo.engine.config import validate
 from lowmem_sdpo.engine.failures import TrainingStopped
 from lowmem_sdpo.errors import InputError
+from lowmem_sdpo.toy.run_settings import TINY_TOY_RUN
 
 DEMO_MARKER = "demo"
 # Tuned on the toy data (see tests/test_demo.py): two steps in well under 2 minutes on a 2-core CPU.
 DEMO_SETTINGS: dict[str, Any] = {
+    **TINY_TOY_RUN,
     "model": "tiny",
-    "max_length": 32,
-    "max_prompt_length": 24,
     # A 2-layer model learns from 300 pairs only over several passes: 6 epochs of 19 optimiser steps each.
     # With the exact reference (M_1 = the trained P_1) and transformers 5.24's tiny model, beta 0.1 is where
     # the D_1 -> D_2 transfer (gamma of M_1 above S on D_2: 0.09-0.22 against 0.014) and the rise of reward
@@ -39,15 +39,8 @@ DEMO_SETTINGS: dict[str, Any] = {
     "learning_rate": 3e-3,
     "epochs": 6.0,
     "batch_size": 16,
-    "grad_accum": 1,
-    "warmup_ratio": 0.1,
-    "lora_r": 8,
-    "lora_alpha": 16,
-    "lora_dropout": 0.0,
     "save_every": 20,
     "diagnostics": True,
-    "device": "cpu",
-    "gradient_checkpointing": False,  # a 2-layer model has no activations worth recomputing
 }
 
 

@@ -11,9 +11,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lowmem_sdpo.data.messages import ROLES
 from lowmem_sdpo.data.types import Message, PreferencePair, UnpairedExample
 
-ROLES = ("system", "user", "assistant")
 DROP_IDENTICAL = "identical_answers"
 
 

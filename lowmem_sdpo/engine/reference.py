@@ -92,6 +92,22 @@ def save_cache(path: Path, key: str, parts: dict[str, Any], table: LogpTable) ->
         save_file(table.tensors(), str(tmp), metadata=metadata)
 
 
+def cached_logps(
+    path: Path, parts: dict[str, Any], compute: Callable[[], LogpTable], *, need_kl: bool, ranks: Ranks = SINGLE
+) -> tuple[LogpTable, bool]:
+    """(the table for `parts`, whether it came from the cache at `path`). `compute` runs when the cache is
+    missing, stale or damaged, on every rank together unless every rank can read it (the pass is sharded);
+    rank 0 alone writes the new cache."""
+    key = cache_key(parts)
+    cached = load_cache(path, key, need_kl=need_kl)
+    if ranks.all_(cached is not None) and cached is not None:
+        return cached, True
+    table = compute()
+    if ranks.is_main:
+        save_cache(path, key, parts, table)
+    return table, False
+
+
 def unit_length(units: list[Unit], index: int) -> int:
     """Tokens of unit `index`'s longest row, chosen or rejected: the width it pads its batch to."""
     unit = units[index]

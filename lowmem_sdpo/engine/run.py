@@ -37,14 +37,7 @@ from lowmem_sdpo.engine.materialise import Holder, load_for, make_holder, releas
 from lowmem_sdpo.engine.metrics import SUMMARY_FILE, read_summary
 from lowmem_sdpo.engine.objective import Objective
 from lowmem_sdpo.engine.phases import PhasePeaks
-from lowmem_sdpo.engine.reference import (
-    LogpTable,
-    adapter_chain_digest,
-    cache_key,
-    compute_logps,
-    load_cache,
-    save_cache,
-)
+from lowmem_sdpo.engine.reference import LogpTable, adapter_chain_digest, cached_logps, compute_logps
 from lowmem_sdpo.engine.reporting import Reporter
 from lowmem_sdpo.engine.rundir import (
     ADAPTER_DIR,
@@ -269,15 +262,16 @@ def _logps(
 ) -> LogpTable:
     """Cached or computed log-probs of the model S + chain on the units."""
     with_kl = session.objective.needs_kl
-    parts = _cache_parts(session, chain, step, units, with_kl)
-    key = cache_key(parts)  # nothing in it depends on the number of ranks: any rank count reuses the cache
-    cached = load_cache(path, key, need_kl=with_kl)
-    if session.ranks.all_(cached is not None):  # computed together unless every rank can read it
+    # Nothing in the parts depends on the number of ranks: any rank count reuses the cache.
+    table, reused = cached_logps(
+        path,
+        _cache_parts(session, chain, step, units, with_kl),
+        lambda: _table(session, session.holder.model_for(chain), units, description, with_kl=with_kl),
+        need_kl=with_kl,
+        ranks=session.ranks,
+    )
+    if reused:
         session.reporter.note(f"{description}: reusing cache {path.name}")
-        return cached
-    table = _table(session, session.holder.model_for(chain), units, description, with_kl=with_kl)
-    if session.ranks.is_main:
-        save_cache(path, key, parts, table)
     return table
 
 

@@ -21,9 +21,8 @@ from lowmem_sdpo.engine.reference import (
     LogpTable,
     adapter_chain_digest,
     cache_key,
+    cached_logps,
     compute_logps,
-    load_cache,
-    save_cache,
 )
 from lowmem_sdpo.engine.reporting import Reporter
 from lowmem_sdpo.engine.units import Unit, build_units
@@ -65,11 +64,11 @@ class Scorer:
         if t in self._tables:
             return self._tables[t]
         parts = self._parts(t)
-        key = cache_key(parts)
-        path = self.models.out / "logps" / f"{key[:16]}.safetensors"
-        table = load_cache(path, key, need_kl=False)
-        if table is None:
-            table = compute_logps(
+        path = self.models.out / "logps" / f"{cache_key(parts)[:16]}.safetensors"
+        table, _ = cached_logps(
+            path,
+            parts,
+            lambda: compute_logps(
                 self.models.model(t),
                 self.units,
                 pad_id=self.models.tokenizer.pad_token_id,
@@ -79,8 +78,9 @@ class Scorer:
                 with_kl=False,
                 reporter=self.reporter,
                 description=f"eval: {'S' if t == 0 else f'M_{t}'} on {self.data.label}",
-            )
-            save_cache(path, key, parts, table)
+            ),
+            need_kl=False,
+        )
         self._tables[t] = table
         return table
 

@@ -42,6 +42,7 @@ from lowmem_sdpo.selfreward.pairs import build_pairs
 from lowmem_sdpo.selfreward.prompts import read_prompts
 from lowmem_sdpo.selfreward.rowlog import RowLog
 from lowmem_sdpo.selfreward.scores import MAX_SCORE, mean_score
+from lowmem_sdpo.settings_record import check_settings_record
 
 SETTINGS_FILE = "selfreward.json"
 SDPO_DIR = "sdpo"
@@ -109,27 +110,13 @@ def iteration_dir(out: Path, t: int) -> Path:
 
 
 def _check_settings(out: Path, settings: SelfRewardSettings, train: RunConfig, resume: bool) -> None:
-    path = out / SETTINGS_FILE
     record = {
         "settings": {k: v for k, v in asdict(settings).items() if k not in RESUME_EXEMPT},
         "train": {k: v for k, v in train.to_dict().items() if k not in ("steps", "output_dir", "quiet")},
     }
-    if not path.is_file():
-        if out.exists() and any(out.iterdir()):
-            raise InputError(f"--output-dir {out}: exists and holds no self-reward run ({SETTINGS_FILE})")
-        write_json(path, record)
-        return
-    if not resume:
-        raise InputError(f"--output-dir {out}: already holds a self-reward run; pass --resume to continue it")
-    saved = json.loads(path.read_text())
-    differ = [
-        f"{part}.{k}"
-        for part in ("settings", "train")
-        for k in sorted(set(saved.get(part, {})) | set(record[part]))
-        if saved.get(part, {}).get(k) != record[part].get(k)
-    ]
-    if differ:
-        raise InputError(f"--resume {out}: this run was made with other settings: {', '.join(differ)}")
+    check_settings_record(
+        out / SETTINGS_FILE, record, what="self-reward run", resume=resume, resume_needs_record=False
+    )
 
 
 class SelfRewardRun:

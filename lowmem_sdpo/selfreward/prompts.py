@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lowmem_sdpo.data.messages import MessageError, message_list
 from lowmem_sdpo.data.sources import read_jsonl
 from lowmem_sdpo.data.types import Message
 from lowmem_sdpo.errors import InputError
-
-ROLES = ("system", "user", "assistant")
 
 
 def _messages(path: Path, where: str, value: Any) -> list[Message]:
@@ -20,13 +19,10 @@ def _messages(path: Path, where: str, value: Any) -> list[Message]:
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
         raise InputError(f"{path}: {where}: field 'prompt' must be a string or a non-empty list of messages")
-    out: list[Message] = []
-    for i, m in enumerate(value, start=1):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise InputError(
-                f"{path}: {where}: field 'prompt' message {i}: expected {{role: {'|'.join(ROLES)}, content: str}}"
-            )
-        out.append({"role": m["role"], "content": m["content"]})
+    try:
+        out = message_list(value, "prompt")
+    except MessageError as err:
+        raise InputError(f"{path}: {where}: {err}") from err
     if out[-1]["role"] == "assistant":
         raise InputError(
             f"{path}: {where}: field 'prompt' ends with an assistant message; expected a request"

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from lowmem_sdpo.data import StepData, UnpairedExample, load_steps
+from lowmem_sdpo.data.messages import MessageError, message_list
 from lowmem_sdpo.data.sources import RawSource, read_source
 from lowmem_sdpo.data.spec import parse_steps
 from lowmem_sdpo.data.types import Message
 from lowmem_sdpo.errors import InputError
 
 Row = dict[str, Any]
-ROLES = ("system", "user", "assistant")
 
 
 class _RowError(Exception):
@@ -37,29 +37,16 @@ def _text(row: Row, column: str) -> str:
     return value
 
 
-def _message_list(value: Any, column: str) -> list[Message]:
-    if not isinstance(value, list) or not value:
-        raise _RowError(f"field '{column}' must be a non-empty list of {{role, content}} messages")
-    out: list[Message] = []
-    for i, m in enumerate(value, start=1):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise _RowError(
-                f"field '{column}' message {i}: expected {{role: {'|'.join(ROLES)}, content: str}}"
-            )
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
 def _prompt_completion(row: Row) -> tuple[list[Message], str]:
     prompt = row.get("prompt")
     messages = (
-        [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _message_list(prompt, "prompt")
+        [{"role": "user", "content": prompt}] if isinstance(prompt, str) else message_list(prompt, "prompt")
     )
     return messages, _text(row, "completion")
 
 
 def _messages(row: Row) -> tuple[list[Message], str]:
-    messages = _message_list(row.get("messages"), "messages")
+    messages = message_list(row.get("messages"), "messages")
     if messages[-1]["role"] != "assistant":
         raise _RowError("field 'messages' must end with an assistant message (the answer)")
     return messages[:-1], messages[-1]["content"]
@@ -115,7 +102,7 @@ def _examples_from(
     for i in indices:
         try:
             prompt, answer = layout.read(source.rows[i])
-        except _RowError as err:
+        except (_RowError, MessageError) as err:
             raise InputError(f"{source.name}: {source.where(i)}: {err} ({layout.name} rows)") from err
         if not answer.strip():
             continue  # nothing to learn from an empty answer

@@ -37,6 +37,7 @@ from lowmem_sdpo.models import (
     resolve_model,
 )
 from lowmem_sdpo.selfreward.loading import hf_bars_off
+from lowmem_sdpo.settings_record import check_settings_record
 from lowmem_sdpo.sft.data import load_sft_examples
 from lowmem_sdpo.sft.loss import answer_tokens, collate_examples, sft_loss_part
 from lowmem_sdpo_kernels import resolve_impl
@@ -58,28 +59,6 @@ def _record(config: RunConfig, data_fp: str, model_fp: str, export_dtype: str) -
         "model_fingerprint": model_fp,
         "export_dtype": export_dtype,
     }
-
-
-def _check_run(out: Path, record: dict[str, Any], resume: bool) -> None:
-    path = out / RUN_FILE
-    if not path.is_file():
-        if resume:
-            raise InputError(f"--resume {out}: no SFT run there (no {RUN_FILE}); drop --resume to start one")
-        if out.exists() and any(out.iterdir()):
-            raise InputError(f"--output-dir {out}: exists and is not empty (and holds no {RUN_FILE})")
-        write_json(path, record)
-        return
-    if not resume:
-        raise InputError(f"--output-dir {out}: already holds an SFT run; pass --resume to continue it")
-    saved = json.loads(path.read_text())
-    differ = [k for k in sorted(set(saved) | set(record)) if k != "config" and saved.get(k) != record.get(k)]
-    differ += [
-        k
-        for k in sorted(set(saved["config"]) | set(record["config"]))
-        if saved["config"].get(k) != record["config"].get(k)
-    ]
-    if differ:
-        raise InputError(f"--resume {out}: this run was made with other settings: {', '.join(differ)}")
 
 
 def run_sft(
@@ -108,7 +87,8 @@ def run_sft(
     examples = tokenized.unpaired
     if not examples:
         raise InputError(f"--data {config.steps}: no example left after tokenization")
-    _check_run(out, _record(config, data.fingerprint(), model_fingerprint(model_dir), export_dtype), resume)
+    record = _record(config, data.fingerprint(), model_fingerprint(model_dir), export_dtype)
+    check_settings_record(out / RUN_FILE, record, what="SFT run", resume=resume, resume_needs_record=True)
     try:
         impl = resolve_impl(kernel_impl_for(hw, config.logprob_impl), torch.empty(0, device=hw.device))
     except ValueError as err:

@@ -33,8 +33,10 @@ from lowmem_sdpo.engine.reporting import Reporter
 from lowmem_sdpo.engine.units import Unit, build_units
 from lowmem_sdpo.eval.preference import ranking_figures
 from lowmem_sdpo.models import QuantSettings
+from lowmem_sdpo.toy.run_settings import TINY_TOY_RUN
 
-MAX_LENGTH, MAX_PROMPT_LENGTH = 32, 24  # the toy's sequences are ~20 tokens; the runs use the same limits
+# Tokenised as the runs tokenise their pairs.
+MAX_LENGTH, MAX_PROMPT_LENGTH = TINY_TOY_RUN["max_length"], TINY_TOY_RUN["max_prompt_length"]
 SCORE_BATCH = 64
 MAX_NEW_TOKENS = 5  # a sum of two two-digit numbers has at most 3 digits, then EOS
 
