@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from model_fixtures import write_adapter
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowmem_sdpo.cli import main
 from lowmem_sdpo.models import QuantSettings, add_lora, load_quantized, resolve_model
@@ -212,6 +213,111 @@ def test_one_layers_saved_activations_are_what_autograd_keeps(tmp_path):
     expected = layer_saved(shapes, Batch(rows, length), 16, mask_bytes=2) - lora_factor_copies(shapes, 16)
     measured = sum(saved.values())
     assert measured == pytest.approx(expected, rel=0.02), (measured, expected)
+
+
+class _FreshTensors(TorchDispatchMode):
+    """Every tensor an op creates (an output whose storage is none of the op's inputs'): what a call
+    allocates, found from the ops that ran, not from the code's own account of them. Only (shape, bytes,
+    dtype, storage) are kept: holding the tensors would make autograd copy the gradient it hands to hidden.grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[tuple[tuple[int, ...], int, torch.dtype, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {a.untyped_storage().data_ptr() for a in [*args, *(kwargs or {}).values()] if torch.is_tensor(a)}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in given:
+                self.made.append((tuple(t.shape), _nbytes(t), t.dtype, t.untyped_storage().data_ptr()))
+        return out
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("ignored", [300, 0])
+def test_row_compaction_and_gradient_scatter_are_what_the_op_allocates(impl, ignored):
+    """The plan's copy of the labelled rows (forward) and index_select's gradient scatter (backward) against the
+    tensors the op really makes, per impl, as the engine calls it (rows= from the host labels; Triton under
+    the interpreter on CPU; bf16, so that the fp32 working buffers are told apart from copies by their dtype).
+    Counted independently: forward, every new bf16 tensor of hidden's width (a copy of rows of hidden);
+    backward, every new bf16 [N, D] tensor other than the gradient hidden receives."""
+    from lowmem_sdpo.plan.activations import Batch, gradient_scatter, row_compaction
+    from lowmem_sdpo_kernels import linear_logprobs, valid_rows
+
+    shapes = shapes_of(resolve_model("tiny"), "bfloat16")
+    # More rows than the torch impl's row chunk (2048), so that none of its per-chunk buffers is [N, D].
+    b = Batch(rows=2, length=1100)
+    n, d, v = b.tokens, shapes.hidden, shapes.vocab
+    torch.manual_seed(0)
+    hidden = torch.randn(n, d, dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(v, d) * 0.05).to(torch.bfloat16)
+    targets = torch.randint(0, v, (n,))
+    targets[:ignored] = -100  # the prompt's tokens
+    rows = valid_rows(targets, v)
+    with _FreshTensors() as forward:
+        logp = linear_logprobs(hidden, weight, targets, impl=impl, rows=rows, filter_eps=None)
+    with _FreshTensors() as backward:
+        logp.backward(torch.randn(n))
+    grad = hidden.grad.untyped_storage().data_ptr()
+    half = torch.bfloat16
+    copies = sum(size for shape, size, dtype, _ in forward.made if len(shape) == 2 and shape[1] == d and dtype == half)
+    scatter = sum(
+        size for shape, size, dtype, storage in backward.made if shape == (n, d) and dtype == half and storage != grad
+    )
+    labelled = n - ignored
+    assert row_compaction(shapes, b, impl, labelled) == copies
+    assert gradient_scatter(shapes, b, impl, labelled) == scatter
+    if impl == "triton":  # rows= is read in place: nothing to copy or scatter, in any case
+        assert copies == scatter == 0
+    elif ignored:  # the case the terms exist for (the check above must not pass on two zeros)
+        assert copies == labelled * d * 2 and scatter == n * d * 2
+    # The plan's own figure (M unknown: the worst case) is at least what any labelled count makes.
+    assert row_compaction(shapes, b, impl) >= copies and gradient_scatter(shapes, b, impl) >= scatter
+
+
+def test_the_training_plan_counts_the_kernel_per_impl():
+    """SOLAR at 2048 tokens, one pair: the torch impl's kernel figures carry its compaction and scatter, the
+    Triton ones neither (hand-worked), and the training phase takes the figures of the impl it is planned for."""
+    from lowmem_sdpo.plan.activations import (
+        Batch,
+        gradient_scatter,
+        kernel_backward,
+        kernel_forward,
+        row_compaction,
+    )
+
+    shapes = shapes_of(SOLAR, "bfloat16")
+    b = Batch(rows=2, length=2048)
+    n, d = b.tokens, 4096
+    assert row_compaction(shapes, b, "torch") == n * d * 2 and gradient_scatter(shapes, b, "torch") == n * d * 2
+    assert row_compaction(shapes, b, "triton") == gradient_scatter(shapes, b, "triton") == 0
+    # Triton, by hand: 4 fp32 figures per row and vocabulary split (S = 32000 / 128 tiles cut into at most
+    # MAX_VOCAB_SPLITS), the lse and two [N] outputs; backward dH in fp32 and in bf16.
+    from lowmem_sdpo_kernels.configs import MAX_VOCAB_SPLITS
+
+    tiles = -(-32000 // 128)
+    splits = -(-tiles // -(-tiles // min(MAX_VOCAB_SPLITS, tiles)))
+    assert kernel_forward(shapes, b, "triton") == 4 * splits * n * 4 + n * 4 + 2 * n * 4
+    assert kernel_backward(shapes, b, "triton") == n * d * (4 + 2)
+    settings = {"max_length": 2048, "batch_size": 1}
+    kernel = {
+        impl: next(
+            part.bytes
+            for phase in plan_for_shapes(
+                "solar", SOLAR, shapes, PlanSettings(**settings, logprob_impl=impl), gpu_memory=24 * GIB
+            ).phases
+            if phase.key == "training"
+            for moment in phase.moments
+            if moment.what == "the log-prob op's backward"
+            for part in moment.parts
+            if part.name == "final norm + log-prob kernel"
+        )
+        for impl in ("triton", "torch")
+    }
+    assert kernel["torch"] - kernel["triton"] == (
+        kernel_forward(shapes, b, "torch") + kernel_backward(shapes, b, "torch")
+        - kernel_forward(shapes, b, "triton") - kernel_backward(shapes, b, "triton")
+    )  # fmt: skip
 
 
 # --- hand-worked figures for the shipped configs ------------------------------------------------------------

@@ -26,7 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lowmem_sdpo.plan.shapes import FP32, ModelShapes
-from lowmem_sdpo_kernels.configs import DEFAULT_TRITON_CONFIG, MAX_VOCAB_SPLITS
+from lowmem_sdpo_kernels.configs import DEFAULT_TRITON_CONFIG, MAX_VOCAB_SPLITS, TORCH_CHUNKS
+from lowmem_sdpo_kernels.linear_logprobs import ROW_INDEXED
 
 BOOL = 1
 
@@ -122,19 +123,68 @@ def vocab_splits(vocab: int) -> int:
     return -(-tiles // per_split)
 
 
-def kernel_forward(s: ModelShapes, b: Batch) -> int:
-    """The fused log-prob op's forward (configs.py): labelled rows are compacted (index_select, a copy of M
-    rows of hidden, M <= N: counted as all N, the prompt-free worst case), per-row partial (max, sum,
-    target) per vocabulary split in fp32, the log-sum-exp and the [N] fp32 outputs. No [N, V] tensor."""
-    c, m = s.element_size, b.tokens
-    return m * s.hidden * c + 3 * vocab_splits(s.vocab) * m * FP32 + m * FP32 + 2 * b.tokens * FP32
+# The log-prob implementations the plan accounts for: "triton" is what `run --logprob-impl auto` picks on a card
+# the Triton path runs on; "torch" is the chunked impl (--deterministic, or a card Triton cannot run on).
+KERNEL_IMPLS = ("triton", "torch")
 
 
-def kernel_backward(s: ModelShapes, b: Batch) -> int:
-    """Its backward: fp32 dH [M, D] accumulated by atomics, its cast to the compute dtype, and index_select's
-    backward scattering it into a zero [N, D] (the frozen lm head gets no dW)."""
+def _labelled(b: Batch, labelled: int | None) -> int:
+    """M, the tokens with a target: `labelled`, or the plan's worst case, every token (N)."""
+    return b.tokens if labelled is None else labelled
+
+
+def row_compaction(s: ModelShapes, b: Batch, impl: str, labelled: int | None = None) -> int:
+    """The forward's copy of the labelled rows of hidden. The torch impl compacts them with index_select
+    (M·H·c; none when nothing is ignored, M = N, which the worst case counts as all N all the same: M = N - 1
+    copies almost as much). The Triton kernels read them in place through `rows=` (the engine always passes
+    it): no copy."""
+    if impl in ROW_INDEXED:
+        return 0
+    m = _labelled(b, labelled)
+    return m * s.hidden * s.element_size if labelled is None or m < b.tokens else 0
+
+
+def gradient_scatter(s: ModelShapes, b: Batch, impl: str, labelled: int | None = None) -> int:
+    """index_select's backward, after the torch impl: a zero [N, D] in the compute dtype that the compacted
+    rows' gradient is added into (out of place, so beside the [N, D] result that is hidden's gradient). The
+    Triton kernels write dH at the rows' own places in an [N, D] buffer: no scatter."""
+    if impl in ROW_INDEXED:
+        return 0
+    m = _labelled(b, labelled)
+    return b.tokens * s.hidden * s.element_size if labelled is None or m < b.tokens else 0
+
+
+def _torch_chunk(s: ModelShapes, b: Batch) -> tuple[int, int]:
+    """(rows, vocabulary entries) of the torch impl's chunk (configs.TORCH_CHUNKS), cut to the data."""
+    return min(TORCH_CHUNKS.rows, b.tokens), min(TORCH_CHUNKS.vocab, s.vocab)
+
+
+def kernel_forward(s: ModelShapes, b: Batch, impl: str = "triton") -> int:
+    """The fused log-prob op's forward (configs.py), M labelled rows counted as all N, and [N] fp32 outputs
+    (the M log-probs placed into a zero [N]). Triton: per-row partial (max, sum, target) per vocabulary split
+    in fp32, then each row's mass per split (kept for the backward's filter) and the log-sum-exp. torch: the
+    compaction copy (row_compaction), one [rows, vocab] fp32 logits chunk, the log-sum-exp and log-probs.
+    No [N, V] tensor."""
+    m = b.tokens
+    outputs = 2 * b.tokens * FP32
+    if impl in ROW_INDEXED:
+        return 4 * vocab_splits(s.vocab) * m * FP32 + m * FP32 + outputs
+    rows, cols = _torch_chunk(s, b)
+    return row_compaction(s, b, impl) + rows * cols * FP32 + 2 * m * FP32 + outputs
+
+
+def kernel_backward(s: ModelShapes, b: Batch, impl: str = "triton") -> int:
+    """Its backward; the frozen lm head gets no dW. Triton: fp32 dH [N, D] filled by atomics at the labelled
+    rows, and its cast to the compute dtype. torch: the gradient of the M rows in the compute dtype, finished
+    one row chunk at a time in fp32 (the chunk's accumulator, the fp32 product added into it and the
+    accumulator's cast), the chunk's softmax in fp32 and dz rounded to the compute dtype, then index_select's
+    scatter (gradient_scatter)."""
     c, m = s.element_size, b.tokens
-    return m * s.hidden * (FP32 + c) + b.tokens * s.hidden * c
+    if impl in ROW_INDEXED:
+        return m * s.hidden * (FP32 + c)
+    rows, cols = _torch_chunk(s, b)
+    chunk = rows * s.hidden * (2 * FP32 + c) + rows * cols * (FP32 + c)
+    return m * s.hidden * c + chunk + gradient_scatter(s, b, impl)
 
 
 def final_norm_saved(s: ModelShapes, b: Batch) -> int:

@@ -46,6 +46,7 @@ class PlanSettings:
     double_quant: bool = _RUN.double_quant
     compute_dtype: str = "bfloat16"  # --compute-dtype auto on an sm80+ card
     reference_batch_size: int = _RUN.reference_batch_size  # 0: auto, 2 x batch_size
+    logprob_impl: str = "triton"  # --logprob-impl auto on a card the Triton path runs on; or "torch"
 
     def __post_init__(self) -> None:
         for name in ("max_length", "batch_size", "lora_r", "grad_accum"):
@@ -53,6 +54,8 @@ class PlanSettings:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.reference_batch_size < 0:
             raise InputError(f"--reference-batch-size must be at least 0, got {self.reference_batch_size}")
+        if self.logprob_impl not in act.KERNEL_IMPLS:
+            raise InputError(f"logprob_impl {self.logprob_impl!r}: expected one of {', '.join(act.KERNEL_IMPLS)}")
         if self.optim not in OPTIMIZER_STATE:
             raise InputError(f"--optim {self.optim}: expected one of auto, {', '.join(OPTIMIZER_STATE)}")
 
@@ -180,7 +183,7 @@ class Context:
 def _no_grad_forward(ctx: Context, static: tuple[Part, ...], b: Batch) -> tuple[Moment, Moment]:
     """A forward without autograd: peaks inside a layer (with the weight being dequantised) or in the
     log-prob op after the last layer."""
-    s = ctx.shapes
+    s, impl = ctx.shapes, ctx.settings.logprob_impl
     around = (
         *static,
         Part(MASK, act.mask_and_rotary(s, b), "estimate"),
@@ -197,7 +200,7 @@ def _no_grad_forward(ctx: Context, static: tuple[Part, ...], b: Batch) -> tuple[
         ),
         Moment(
             "the log-prob op's forward",
-            (*around, Part(KERNEL, act.final_norm_saved(s, b) + act.kernel_forward(s, b), "estimate")),
+            (*around, Part(KERNEL, act.final_norm_saved(s, b) + act.kernel_forward(s, b, impl), "estimate")),
         ),
     )
 
@@ -228,7 +231,8 @@ def training_phase(ctx: Context) -> tuple[Moment, ...]:
     else:
         kept = Part(ALL_LAYERS, s.n_layers * act.layer_saved(s, b, r), "estimate")
         layer = act.layer_backward_transient(s, b)
-    kernel = act.final_norm_saved(s, b) + act.kernel_forward(s, b) + act.kernel_backward(s, b)
+    impl = ctx.settings.logprob_impl
+    kernel = act.final_norm_saved(s, b) + act.kernel_forward(s, b, impl) + act.kernel_backward(s, b, impl)
     return (
         Moment("the log-prob op's backward", (*static, kept, Part(KERNEL, kernel, "estimate"))),
         Moment(

@@ -58,7 +58,8 @@ class Plan:
             f"{2 * s.reference_units} per reference forward",
             f"{s.compute_dtype} compute, NF4{' + double quantisation' if s.double_quant else ''}, LoRA r "
             f"{s.lora_r} on {len(shp.linears)} block linears (dropout > 0), optimiser {s.optim}, gradient "
-            f"checkpointing {'on' if s.gradient_checkpointing else 'off'}, Triton log-prob kernel",
+            f"checkpointing {'on' if s.gradient_checkpointing else 'off'}, "
+            f"{'Triton' if s.logprob_impl == 'triton' else 'chunked torch'} log-prob kernel",
             "activations follow transformers' Llama layer with SDPA and a padding mask (estimates)",
         ]
         if self.times:
