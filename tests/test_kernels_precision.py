@@ -11,7 +11,8 @@ is rounded once more to the input dtype, eps/2 * |grad|, which the same sums bou
 
 about 10^4 tighter than the naive bf16 error the old rule allowed: a kernel that rounded logits to bf16
 fails it (checked below). The Triton bf16 runs need a GPU (the interpreter's bf16 tl.dot is wrong):
-tests/test_gpu_kernels.py calls check_half_precision there.
+tests/test_gpu_kernels.py calls check_half_precision there, and tests/test_gpu.py's Triton-vs-torch comparison
+uses dz_rounding_bound and fp32_floors.
 """
 
 from __future__ import annotations
@@ -34,23 +35,33 @@ def _dz_abs(hidden, weight, targets, grad_out) -> torch.Tensor:
     return ((onehot - p) * torch.where(valid, grad_out.double(), 0.0)[:, None]).abs()
 
 
-def half_tolerances(fn, hidden, weight, targets, grad_out, fn32=None) -> tuple[list, list]:
-    """(errors of fn at the inputs' dtype, allowed errors) for logp, d hidden, d weight, elementwise
-    maxima per output (tensors for the gradients, so that the dz bound applies entry by entry). fn32:
-    the fp32 run, when fn's tile does not fit fp32 (default: fn itself)."""
+def dz_rounding_bound(hidden, weight, targets, grad_out) -> list:
+    """What rounding dz (and the finished gradient) to the inputs' dtype may cost one run, per output: 0 for
+    logp (fp32), eps * (|dz| @ |W|) for d hidden and eps * (|dz|^T @ |h|) for d weight, entry by entry."""
     eps = torch.finfo(hidden.dtype).eps
-    truth = value_and_grads(reference_logprobs, hidden.double(), weight.double(), targets, grad_out)
-    fp32 = value_and_grads(fn32 or fn, hidden.float(), weight.float(), targets, grad_out)
-    got = value_and_grads(fn, hidden, weight, targets, grad_out)
     dz = _dz_abs(hidden, weight, targets, grad_out)
-    z_max = (hidden.double() @ weight.double().T).abs().max().item()
-    errors, allowed = [], []
-    floors = [
+    return [0.0, eps * (dz @ weight.double().abs()), eps * (dz.T @ hidden.double().abs())]
+
+
+def fp32_floors(truth: tuple, z_max: float) -> list[float]:
+    """A few fp32 roundings per output, the least the fp32 error counts as (it may be 0 by luck)."""
+    return [
         4 * FP32_EPS * (z_max + truth[0].abs().max().item()),
         4 * FP32_EPS * max(z_max, 1.0) * truth[1].abs().max().item(),
         4 * FP32_EPS * max(z_max, 1.0) * truth[2].abs().max().item(),
     ]
-    rounding = [0.0, eps * (dz @ weight.double().abs()), eps * (dz.T @ hidden.double().abs())]
+
+
+def half_tolerances(fn, hidden, weight, targets, grad_out, fn32=None) -> tuple[list, list]:
+    """(errors of fn at the inputs' dtype, allowed errors) for logp, d hidden, d weight, elementwise
+    maxima per output (tensors for the gradients, so that the dz bound applies entry by entry). fn32:
+    the fp32 run, when fn's tile does not fit fp32 (default: fn itself)."""
+    truth = value_and_grads(reference_logprobs, hidden.double(), weight.double(), targets, grad_out)
+    fp32 = value_and_grads(fn32 or fn, hidden.float(), weight.float(), targets, grad_out)
+    got = value_and_grads(fn, hidden, weight, targets, grad_out)
+    z_max = (hidden.double() @ weight.double().T).abs().max().item()
+    floors, rounding = fp32_floors(truth, z_max), dz_rounding_bound(hidden, weight, targets, grad_out)
+    errors, allowed = [], []
     for i in range(3):
         err32 = (fp32[i] - truth[i]).abs().max().item()
         errors.append((got[i] - truth[i]).abs())
