@@ -1,6 +1,6 @@
 """Build the bundled toy preference data: examples/data/toy_step1.jsonl and toy_step2.jsonl.
 
-The task is addition, small enough for a few-million-parameter Llama to learn on a CPU in a minute:
+The task is addition, small enough for the tiny model (a 0.32M-parameter Llama) to learn on a CPU in a minute:
   step 1 (easy):   single-digit sums, "3+4=" -> chosen "7", rejected an off-by-one/two answer;
   step 2 (harder): two-digit sums, "47+38=" -> chosen "85", rejected the classic slips (a dropped carry,
                    a units or tens digit off by one).

@@ -7,8 +7,8 @@ already-aligned model, not the paper's starting point. `solar-10.7b-sft` names t
 paper's S (SOLAR-10.7B-v1.0 after SFT); it was never released, so the alias resolves to the local output of
 `lowmem-sdpo sft --recipe solar-10.7b-sft` and, until that exists, refuses naming the command that builds it
 and the alternatives, rather than let another model silently stand in.
-`tiny` is the embedded demo model (built locally, see lowmem_sdpo.models.tiny); `tiny-carry` the same shape
-warmed up on the carry toy (lowmem_sdpo.toy.task) for the sDPO vs DPO benchmark.
+`tiny` is the embedded demo model, a 321,920-parameter Llama (built locally, see lowmem_sdpo.models.tiny);
+`tiny-carry` the same shape warmed up on the carry toy (lowmem_sdpo.toy.task) for the sDPO vs DPO benchmark.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
             ),
             built_at=SOLAR_SFT_MODEL_DIR,
         ),
-        ModelAlias("tiny", "builtin:tiny", "embedded few-million-parameter Llama for the CPU demo"),
+        # 2 layers, 128 wide, a 103-token vocabulary, untied head: 321,920 parameters (tests/test_models_tiny.py).
+        ModelAlias("tiny", "builtin:tiny", "embedded 0.32M-parameter Llama (2 layers, 128 wide) for the CPU demo"),
         ModelAlias(
             "tiny-carry",
             "builtin:tiny-carry",

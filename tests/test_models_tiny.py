@@ -32,6 +32,12 @@ def test_build_gives_a_loadable_model_and_tokenizer(tiny_dir):
     assert record["last_loss"] < record["first_loss"]
     ids = torch.tensor([tokenizer("1+2=")["input_ids"]])
     assert torch.isfinite(model(input_ids=ids).logits).all()
+    # The size model_aliases.py and the README state, by hand: 2 layers of q and o (128 x 128), k and v (64 x 128:
+    # 2 kv heads of 32), gate and up (256 x 128), down (128 x 256) and two norms; the embeddings and the untied
+    # head (vocabulary x 128 each); the final norm.
+    layer = 2 * 128 * 128 + 2 * 64 * 128 + 3 * 256 * 128 + 2 * 128
+    assert len(tokenizer) == 103 and not model.config.tie_word_embeddings
+    assert sum(p.numel() for p in model.parameters()) == 2 * layer + 2 * 103 * 128 + 128 == 321_920
 
 
 def test_second_call_returns_the_cache_without_rebuilding(tiny_dir, monkeypatch):
