@@ -111,7 +111,7 @@ def register(subparsers: Any) -> None:
     demo.add_argument(
         "--self-reward",
         action="store_true",
-        help="instead: two self-rewarding iterations on toy addition with a programmatic judge "
+        help="instead: two self-rewarding iterations of tiny-carry on two-digit sums, programmatic judge "
         "(default --output-dir runs/demo-self-reward)",
     )
     demo.set_defaults(handler=demo_command)

@@ -7,7 +7,6 @@ correctness, minus a penalty for length beyond the right answer's, clipped to th
 
 from __future__ import annotations
 
-import random
 import re
 
 from lowmem_sdpo.data.types import Message
@@ -32,16 +31,6 @@ def judge(prompt: str, response: str) -> float | None:
     answer = response.strip()
     base = CORRECT if answer == right else WRONG
     return max(0.0, min(CORRECT, base - LENGTH_PENALTY * max(0, len(answer) - len(right))))
-
-
-def split_problems(
-    seed: int, held_out: int, digits: int = 1
-) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(training prompts' problems, held-out problems): a seeded split of every a+b with `digits`-digit a, b."""
-    top = 10**digits
-    problems = [(a, b) for a in range(top) for b in range(top)]
-    random.Random(f"toy-self-reward-{seed}").shuffle(problems)
-    return problems[held_out:], problems[:held_out]
 
 
 def conversation(a: int, b: int) -> list[Message]:
