@@ -128,6 +128,18 @@ def kernel_impl_for(hw: Hardware, requested: str) -> str:
     return requested
 
 
+def resolve_logprob_impl(hw: Hardware, requested: str, *, source: str = "--logprob-impl") -> str:
+    """The implementation lowmem_sdpo_kernels will run for `requested` on this hardware ("torch", "triton",
+    ...); an unknown or unavailable one is an InputError naming `source` (the flag, or the file it was read
+    from)."""
+    from lowmem_sdpo_kernels import resolve_impl  # here: importing the kernels imports triton
+
+    try:
+        return resolve_impl(kernel_impl_for(hw, requested), torch.empty(0, device=hw.device))
+    except ValueError as err:
+        raise InputError(f"{source} {requested}: {err}") from err
+
+
 def reset_peak(hw: Hardware) -> None:
     if hw.is_cuda:
         torch.cuda.reset_peak_memory_stats(hw.device)

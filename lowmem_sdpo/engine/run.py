@@ -28,8 +28,8 @@ from lowmem_sdpo.engine.distributed import Ranks, process_group
 from lowmem_sdpo.engine.failures import OutOfMemory, is_cuda_oom, out_of_memory_message
 from lowmem_sdpo.engine.hardware import (
     Hardware,
-    kernel_impl_for,
     resolve_hardware,
+    resolve_logprob_impl,
 )
 from lowmem_sdpo.engine.heldout import HeldOut, heldout_data, heldout_summary
 from lowmem_sdpo.engine.keys import hub_commit, tokenizer_fingerprint, units_digest
@@ -55,7 +55,6 @@ from lowmem_sdpo.engine.units import Unit, build_units
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.models import QuantSettings, add_lora, model_fingerprint, resolve_model
 from lowmem_sdpo.trackers import check_tracker, open_tracker
-from lowmem_sdpo_kernels import resolve_impl
 
 # Units of D_t on which the reference's drift from P_{t-1} and the step's own training shift are measured.
 DRIFT_SAMPLE = 64
@@ -192,10 +191,7 @@ ORDERED_IMPLS = frozenset({"torch", "naive"})
 
 
 def _impl(name: str, hw: Hardware, *, deterministic: bool = False) -> str:
-    try:
-        impl = resolve_impl(kernel_impl_for(hw, name), torch.empty(0, device=hw.device))
-    except ValueError as err:
-        raise InputError(f"--logprob-impl {name}: {err}") from err
+    impl = resolve_logprob_impl(hw, name)
     if not deterministic or impl in ORDERED_IMPLS:
         return impl
     if name != "auto":

@@ -8,12 +8,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from lowmem_sdpo.data import load_tokenizer
 from lowmem_sdpo.engine.config import RunConfig
-from lowmem_sdpo.engine.hardware import Hardware, kernel_impl_for, resolve_hardware
+from lowmem_sdpo.engine.hardware import Hardware, resolve_hardware, resolve_logprob_impl
 from lowmem_sdpo.engine.materialise import ExactHolder, load_for
 from lowmem_sdpo.engine.metrics import read_summary
 from lowmem_sdpo.engine.reporting import Reporter
@@ -92,10 +91,7 @@ def open_run(run_dir: Path, reporter: Reporter) -> RunModels:
         model_dir = resolve_model(config.model, run.get("model_revision"))
     hw = resolve_hardware(config)
     quant = QuantSettings(double_quant=config.double_quant, compute_dtype=hw.compute_dtype)
-    try:
-        impl = _resolve_impl(config.logprob_impl, hw)
-    except ValueError as err:
-        raise InputError(f"{run_dir / RUN_FILE}: logprob_impl {config.logprob_impl}: {err}") from err
+    impl = resolve_logprob_impl(hw, config.logprob_impl, source=f"{run_dir / RUN_FILE}: logprob_impl")
     loader = load_for(model_dir, quant, hw.device, reporter.merge_progress())
     return RunModels(
         run_dir=run_dir,
@@ -109,12 +105,6 @@ def open_run(run_dir: Path, reporter: Reporter) -> RunModels:
         chains=chains,
         holder=ExactHolder(_noting(loader, model_dir, reporter), quant, hw.device),
     )
-
-
-def _resolve_impl(name: str, hw: Hardware) -> str:
-    from lowmem_sdpo_kernels import resolve_impl
-
-    return resolve_impl(kernel_impl_for(hw, name), torch.empty(0, device=hw.device))
 
 
 def _noting(loader: Any, model_dir: Path, reporter: Reporter) -> Any:

@@ -22,7 +22,7 @@ from lowmem_sdpo.atomic import atomic_dir, write_json
 from lowmem_sdpo.data import load_tokenizer, tokenize_step
 from lowmem_sdpo.engine import Reporter, RunConfig
 from lowmem_sdpo.engine.checkpoint import RngState, TrainState, load_checkpoint, save_checkpoint
-from lowmem_sdpo.engine.hardware import kernel_impl_for, resolve_hardware
+from lowmem_sdpo.engine.hardware import resolve_hardware, resolve_logprob_impl
 from lowmem_sdpo.engine.materialise import release_memory
 from lowmem_sdpo.engine.metrics import METRICS_FILE, MetricsLog
 from lowmem_sdpo.engine.optim import cosine_with_warmup, make_optimizer, resolve_optimizer
@@ -40,7 +40,6 @@ from lowmem_sdpo.selfreward.loading import hf_bars_off
 from lowmem_sdpo.settings_record import check_settings_record
 from lowmem_sdpo.sft.data import load_sft_examples
 from lowmem_sdpo.sft.loss import answer_tokens, collate_examples, sft_loss_part
-from lowmem_sdpo_kernels import resolve_impl
 
 RUN_FILE = "sft.json"
 TRAIN_DIR = "train"
@@ -89,10 +88,7 @@ def run_sft(
         raise InputError(f"--data {config.steps}: no example left after tokenization")
     record = _record(config, data.fingerprint(), model_fingerprint(model_dir), export_dtype)
     check_settings_record(out / RUN_FILE, record, what="SFT run", resume=resume, resume_needs_record=True)
-    try:
-        impl = resolve_impl(kernel_impl_for(hw, config.logprob_impl), torch.empty(0, device=hw.device))
-    except ValueError as err:
-        raise InputError(f"--logprob-impl {config.logprob_impl}: {err}") from err
+    impl = resolve_logprob_impl(hw, config.logprob_impl)
     quant = QuantSettings(double_quant=config.double_quant, compute_dtype=hw.compute_dtype)
     reporter.note(f"SFT: {len(examples)} examples, loading {model_dir} in 4 bit")
     with hf_bars_off():
