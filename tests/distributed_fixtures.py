@@ -8,12 +8,10 @@ across ranks, and rank 0 saves them for the test to compare with one process run
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,18 +43,6 @@ def window_grads(
     """The gradients of one window, summed over ranks (what the optimiser step sees), and its metrics row."""
     job = window_job(tmp, setup, Objective(loss, 0.5, options), ranks)
     return accumulated_grads(setup[3], job, micro)
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """torch on one thread for the block, as each rank runs (torchrun sets OMP_NUM_THREADS=1): on a busy
-    two-core machine a second OpenMP thread mostly waits for the other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def free_port() -> int:

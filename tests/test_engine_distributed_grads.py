@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_fixtures import CASES, one_process_micro, one_thread, start_ranks, window_grads
+from distributed_fixtures import CASES, one_process_micro, start_ranks, window_grads
 from window_fixtures import window_setup
+
+from lowmem_sdpo.models.tiny import single_thread
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    with one_thread():
+    with single_thread():  # as each rank runs (torchrun sets OMP_NUM_THREADS=1)
         yield
 
 WORKER = __file__.replace("test_engine_distributed_grads.py", "distributed_fixtures.py")

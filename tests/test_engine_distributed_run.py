@@ -14,16 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_fixtures import one_thread, start_ranks
+from distributed_fixtures import start_ranks
 from engine_fixtures import adapter_tensors, cli_flags, run, small_config
 from safetensors import safe_open
+
+from lowmem_sdpo.models.tiny import single_thread
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    with one_thread():
+    with single_thread():  # as each rank runs (torchrun sets OMP_NUM_THREADS=1)
         yield
 
 # An effective batch of 8 units, 24 pairs -> 3 optimiser steps per sDPO step: one process with 4 micro-batches
