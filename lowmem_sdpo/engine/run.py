@@ -38,7 +38,7 @@ from lowmem_sdpo.engine.metrics import SUMMARY_FILE, read_summary
 from lowmem_sdpo.engine.objective import Objective
 from lowmem_sdpo.engine.phases import PhasePeaks
 from lowmem_sdpo.engine.reference import LogpTable, adapter_chain_digest, cached_logps, compute_logps
-from lowmem_sdpo.engine.reporting import Reporter
+from lowmem_sdpo.engine.reporting import Reporter, hf_bars_off
 from lowmem_sdpo.engine.rundir import (
     ADAPTER_DIR,
     BASE_CACHE,
@@ -54,6 +54,7 @@ from lowmem_sdpo.engine.trainer import StepCallback, StepJob, train_step
 from lowmem_sdpo.engine.units import Unit, build_units
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.models import QuantSettings, add_lora, model_fingerprint, resolve_model
+from lowmem_sdpo.models.lora import enable_checkpointing
 from lowmem_sdpo.trackers import check_tracker, open_tracker
 
 # Units of D_t on which the reference's drift from P_{t-1} and the step's own training shift are measured.
@@ -205,30 +206,12 @@ def _quiet_loader(model_dir: Path, quant: QuantSettings, hw: Hardware, reporter:
     load = load_for(model_dir, quant, hw.device, reporter.merge_progress())
 
     def loader(adapters: list[Path], merge: str) -> torch.nn.Module:
-        from transformers.utils import logging as hf_logging
-
         what = "S" if not adapters else f"quantise(S + {len(adapters)} adapter(s)) ({merge} merge)"
         reporter.note(f"loading {what} in 4 bit from {model_dir}")
-        shown = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
-            with reporter.phase(f"loading {what} (quantising to NF4 on load)"):
-                return load(adapters, merge)
-        finally:
-            if shown:
-                hf_logging.enable_progress_bar()
+        with hf_bars_off(), reporter.phase(f"loading {what} (quantising to NF4 on load)"):
+            return load(adapters, merge)
 
     return loader
-
-
-def _enable_checkpointing(model: torch.nn.Module) -> None:
-    """Non-reentrant activation checkpointing. transformers renamed the method (and its kwargs argument) in the
-    5.x series; the GPU image's older transformers has only the old name."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _cache_parts(
@@ -383,7 +366,7 @@ def _train_phase(
         seed=step_seed,
     )
     if cfg.gradient_checkpointing:
-        _enable_checkpointing(policy.get_base_model())
+        enable_checkpointing(policy.get_base_model())
     # The global schedule: micro-batches of batch_size x ranks units, each rank running its part.
     schedule = build_schedule(
         len(units),

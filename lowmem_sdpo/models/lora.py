@@ -48,3 +48,13 @@ def add_lora(
     if hasattr(peft_model, "enable_input_require_grads"):
         peft_model.enable_input_require_grads()
     return peft_model
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing. transformers renamed the method (and its kwargs argument) in the
+    5.x series; the GPU image's older transformers has only the old name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -3,8 +3,7 @@ engine's ExactHolder, so M_{t-1} samples exactly as step t-1 trained it, with no
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from lowmem_sdpo.data import load_tokenizer
 from lowmem_sdpo.engine.config import RunConfig
 from lowmem_sdpo.engine.hardware import Hardware, resolve_hardware
 from lowmem_sdpo.engine.materialise import ExactHolder, load_for
-from lowmem_sdpo.engine.reporting import Reporter
+from lowmem_sdpo.engine.reporting import Reporter, hf_bars_off
 from lowmem_sdpo.models import QuantSettings, resolve_model
 
 
@@ -29,20 +28,6 @@ class Sampler:
 
     def release(self) -> None:
         self.holder.release()
-
-
-@contextlib.contextmanager
-def hf_bars_off() -> Iterator[None]:
-    """transformers' own per-load "Loading weights" bar off while a model loads (our notes say more)."""
-    from transformers.utils import logging as hf_logging
-
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
 
 
 def open_sampler(model: str, config: RunConfig, reporter: Reporter, revision: str | None = None) -> Sampler:

@@ -26,6 +26,7 @@ from lowmem_sdpo.engine.hardware import resolve_hardware, resolve_logprob_impl
 from lowmem_sdpo.engine.materialise import release_memory
 from lowmem_sdpo.engine.metrics import METRICS_FILE, MetricsLog
 from lowmem_sdpo.engine.optim import cosine_with_warmup, make_optimizer, resolve_optimizer
+from lowmem_sdpo.engine.reporting import hf_bars_off
 from lowmem_sdpo.engine.schedule import build_schedule
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.models import (
@@ -36,7 +37,7 @@ from lowmem_sdpo.models import (
     model_fingerprint,
     resolve_model,
 )
-from lowmem_sdpo.selfreward.loading import hf_bars_off
+from lowmem_sdpo.models.lora import enable_checkpointing
 from lowmem_sdpo.settings_record import check_settings_record
 from lowmem_sdpo.sft.data import load_sft_examples
 from lowmem_sdpo.sft.loss import answer_tokens, collate_examples, sft_loss_part
@@ -101,12 +102,7 @@ def run_sft(
         seed=config.seed,
     )
     if config.gradient_checkpointing:
-        base = policy.get_base_model()
-        kwargs = {"use_reentrant": False}
-        if hasattr(base, "activation_checkpointing_enable"):
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_checkpointing(policy.get_base_model())
     schedule = build_schedule(
         len(examples),
         epochs=config.epochs,
