@@ -980,6 +980,7 @@ class Report:
         data = {
             "device": device,
             "torch": versions.get("torch"),
+            "host": _host_record(),
             **{k: v for k, v in self.meta.items() if k != "device"},
             "loadavg_end": loadavg(),
             "settings": {
@@ -1092,3 +1093,10 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _host_record() -> dict[str, Any]:
+    # Imported here: the script sets up its environment before lowmem_sdpo loads.
+    from lowmem_sdpo.host import host_record
+
+    return host_record()
