@@ -134,8 +134,7 @@ AUTOTUNE_TRITON_CONFIGS: tuple[TritonConfig, ...] = (
     TritonConfig(64, 128, 64, 8, 3),
     TritonConfig(128, 128, 64, 8, 3),
     TritonConfig(128, 64, 64, 4, 3),
-    TritonConfig(128, 256, 64, 16, 3),
-    TritonConfig(128, 256, 32, 16, 3),
+    TritonConfig(128, 256, 32, 16, 2),
 )
 
 # The forward splits the vocabulary across at most this many programs per row block, so a row

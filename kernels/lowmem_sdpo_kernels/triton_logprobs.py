@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -303,6 +304,52 @@ def _head_args(transform: LogitTransform, bias: torch.Tensor | None) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One kernel launch, built but not yet run: what the launchers run, what the autotuner's shared-memory
+    check compiles (warmup: the JIT's own specialisation of these very arguments, nothing launched), and what
+    benchmarks/kernel_resources.py compiles for another GPU on a CPU."""
+
+    kernel: triton.runtime.jit.JITFunction
+    grid: tuple[int, ...]
+    args: tuple
+    kwargs: dict
+
+    def run(self) -> None:
+        self.kernel[self.grid](*self.args, **self.kwargs)
+
+    def compile(self):  # -> triton.compiler.CompiledKernel (CUDA only: the current device's target)
+        return self.kernel.warmup(*self.args, grid=self.grid, **self.kwargs)
+
+
+def forward_launch(
+    hidden, weight, bias, targets, rows, transform: LogitTransform, cfg: TritonConfig
+) -> tuple[KernelLaunch, torch.Tensor]:
+    """-> (the forward's launch, its partials [3, n_splits, K] fp32, allocated on hidden's device). K > 0."""
+    m_rows = hidden.shape[0] if rows is None else rows.shape[0]
+    vocab = weight.shape[0]
+    n_splits, tiles_per_split = _vocab_splits(vocab, cfg.block_v)
+    parts = torch.empty((3, n_splits, m_rows), dtype=torch.float32, device=hidden.device)
+    launch = KernelLaunch(
+        _forward_kernel,
+        (triton.cdiv(m_rows, cfg.block_m) * n_splits,),
+        (
+            hidden, weight, bias if bias is not None else parts, targets, rows if rows is not None else targets,
+            parts[0], parts[1], parts[2],
+            m_rows, vocab, hidden.shape[1], n_splits, tiles_per_split,
+        ),
+        dict(
+            stride_hm=hidden.stride(0), stride_hd=hidden.stride(1),
+            stride_wv=weight.stride(0), stride_wd=weight.stride(1), stride_t=targets.stride(0),
+            BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_M=cfg.group_m,
+            DOT_PRECISION=_dot_precision(hidden.dtype), HAS_ROWS=rows is not None,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **_head_args(transform, bias),
+        ),
+    )
+    return launch, parts
+
+
 def _launch_forward(
     hidden, weight, bias, targets, rows, transform: LogitTransform, cfg: TritonConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -310,25 +357,11 @@ def _launch_forward(
     or k when rows is None). split_mass: each row's softmax mass in each vocabulary split, from the
     partials (sum of exp(z - max) * exp(max - lse)), for the backward's mass-bound filter."""
     m_rows = hidden.shape[0] if rows is None else rows.shape[0]
-    dim = hidden.shape[1]
-    vocab = weight.shape[0]
     if m_rows == 0:  # every row ignored: an empty grid is not launchable
         empty = torch.empty(0, dtype=torch.float32, device=hidden.device)
         return empty, empty, empty.view(0, 0)
-    n_splits, tiles_per_split = _vocab_splits(vocab, cfg.block_v)
-    parts = torch.empty((3, n_splits, m_rows), dtype=torch.float32, device=hidden.device)
-    grid = (triton.cdiv(m_rows, cfg.block_m) * n_splits,)
-    _forward_kernel[grid](
-        hidden, weight, bias if bias is not None else parts, targets, rows if rows is not None else targets,
-        parts[0], parts[1], parts[2],
-        m_rows, vocab, dim, n_splits, tiles_per_split,
-        stride_hm=hidden.stride(0), stride_hd=hidden.stride(1),
-        stride_wv=weight.stride(0), stride_wd=weight.stride(1), stride_t=targets.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_M=cfg.group_m,
-        DOT_PRECISION=_dot_precision(hidden.dtype), HAS_ROWS=rows is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **_head_args(transform, bias),
-    )
+    launch, parts = forward_launch(hidden, weight, bias, targets, rows, transform, cfg)
+    launch.run()
     part_max, part_sum, part_tgt = parts[0], parts[1], parts[2]
     gmax = part_max.amax(dim=0)
     lse = gmax + torch.log((part_sum * torch.exp(part_max - gmax)).sum(dim=0))
@@ -350,6 +383,49 @@ def _filter_args(options: OpOptions, n_row_blocks: int, n_tiles: int, n_splits: 
     return {"FILTER": code, "thr_dh": eps, "thr_split": 0.0, "thr_dw": eps}
 
 
+def _gradient_buffers(hidden, weight, needs: tuple[bool, bool, bool], options: OpOptions):
+    """(dH, dW, db) accumulation buffers, zeroed; None where that gradient is not wanted."""
+    need_hidden, need_weight, need_bias = needs
+    acc = GRAD_ACCUM[options.grad_accum] or hidden.dtype
+    dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+    db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+    return dh, dw, db
+
+
+def backward_launch(
+    hidden, weight, bias, targets, rows, lse, split_mass, grad, cfg: TritonConfig,
+    buffers: tuple, options: OpOptions,
+) -> KernelLaunch:
+    """The backward's launch over K > 0 logical rows, adding into buffers (_gradient_buffers); grad fp32."""
+    dh, dw, db = buffers
+    m_rows = hidden.shape[0] if rows is None else rows.shape[0]
+    vocab, dim = weight.shape
+    dummy = torch.empty(1, dtype=torch.float32, device=hidden.device)
+    n_row_blocks, n_tiles = triton.cdiv(m_rows, cfg.block_m), triton.cdiv(vocab, cfg.block_v)
+    return KernelLaunch(
+        _backward_kernel,
+        (n_row_blocks * n_tiles,),
+        (
+            hidden, weight, bias if bias is not None else dummy, targets, rows if rows is not None else targets,
+            lse, grad, dh if dh is not None else dummy, dw if dw is not None else dummy,
+            db if db is not None else dummy, split_mass,
+            m_rows, vocab, dim, _vocab_splits(vocab, cfg.block_v)[1],
+        ),
+        dict(
+            stride_hm=hidden.stride(0), stride_hd=hidden.stride(1),
+            stride_wv=weight.stride(0), stride_wd=weight.stride(1), stride_t=targets.stride(0),
+            stride_g=grad.stride(0),
+            BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_M=cfg.group_m,
+            DOT_PRECISION=_dot_precision(hidden.dtype), HAS_ROWS=rows is not None,
+            COMPUTE_DH=dh is not None, COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **_filter_args(options, n_row_blocks, n_tiles, split_mass.shape[0]),
+            **_head_args(options.transform, bias),
+        ),
+    )
+
+
 def _launch_backward(
     hidden, weight, bias, targets, rows, lse, split_mass, grad_out, cfg: TritonConfig,
     needs: tuple[bool, bool, bool], options: OpOptions,
@@ -359,38 +435,15 @@ def _launch_backward(
     Buffers: dH [N, D] and dW [V, D] in GRAD_ACCUM[options.grad_accum] (fp32 by default), zeroed, filled
     by atomics and cast once; ignored rows of dH stay zero (no scatter). A frozen weight allocates no dW
     and compiles the dW product out (COMPUTE_DW): the sDPO backward is the recompute plus dH only."""
-    need_hidden, need_weight, need_bias = needs
-    n_total, dim = hidden.shape
-    m_rows = n_total if rows is None else rows.shape[0]
-    vocab = weight.shape[0]
-    acc = GRAD_ACCUM[options.grad_accum] or hidden.dtype
-    dh = torch.zeros((n_total, dim), dtype=acc, device=hidden.device) if need_hidden else None
-    dw = torch.zeros((vocab, dim), dtype=acc, device=weight.device) if need_weight else None
-    db = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_bias else None
+    dh, dw, db = buffers = _gradient_buffers(hidden, weight, needs, options)
 
     def cast(buf: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
         return buf.to(like.dtype) if buf is not None and like is not None else None
 
-    if m_rows == 0:
-        return cast(dh, hidden), cast(dw, weight), cast(db, bias)
-    dummy = torch.empty(1, dtype=torch.float32, device=hidden.device)
-    n_row_blocks, n_tiles = triton.cdiv(m_rows, cfg.block_m), triton.cdiv(vocab, cfg.block_v)
-    grad = grad_out if grad_out.dtype == torch.float32 else grad_out.float()
-    _backward_kernel[(n_row_blocks * n_tiles,)](
-        hidden, weight, bias if bias is not None else dummy, targets, rows if rows is not None else targets,
-        lse, grad, dh if dh is not None else dummy, dw if dw is not None else dummy,
-        db if db is not None else dummy, split_mass,
-        m_rows, vocab, dim, _vocab_splits(vocab, cfg.block_v)[1],
-        stride_hm=hidden.stride(0), stride_hd=hidden.stride(1),
-        stride_wv=weight.stride(0), stride_wd=weight.stride(1), stride_t=targets.stride(0),
-        stride_g=grad.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_M=cfg.group_m,
-        DOT_PRECISION=_dot_precision(hidden.dtype), HAS_ROWS=rows is not None,
-        COMPUTE_DH=need_hidden, COMPUTE_DW=need_weight, COMPUTE_DB=need_bias,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **_filter_args(options, n_row_blocks, n_tiles, split_mass.shape[0]),
-        **_head_args(options.transform, bias),
-    )
+    m_rows = hidden.shape[0] if rows is None else rows.shape[0]
+    if m_rows > 0:
+        grad = grad_out if grad_out.dtype == torch.float32 else grad_out.float()
+        backward_launch(hidden, weight, bias, targets, rows, lse, split_mass, grad, cfg, buffers, options).run()
     return cast(dh, hidden), cast(dw, weight), cast(db, bias)
 
 
