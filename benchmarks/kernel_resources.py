@@ -42,12 +42,12 @@ SHAPE = {"n": 16384, "d": 4096, "v": 32000}
 
 
 def launches(cfg: Any, dtype: str, variant: str, shape: dict[str, int]) -> list[Any]:
-    """The KernelLaunch the op builds for this variant: meta tensors (no memory) of the shape's sizes."""
+    """The launch the op's own shared-memory check compiles for this variant (triton_logprobs.call_launches,
+    on meta tensors of the shape's sizes: nothing is allocated)."""
     import torch
 
     from lowmem_sdpo_kernels.configs import OpOptions
-    from lowmem_sdpo_kernels.logit_transform import LogitTransform
-    from lowmem_sdpo_kernels.triton_logprobs import _gradient_buffers, backward_launch, forward_launch
+    from lowmem_sdpo_kernels.triton_logprobs import call_launches
 
     dt = getattr(torch, DTYPES[dtype])
     n, d, v = shape["n"], shape["d"], shape["v"]
@@ -55,15 +55,12 @@ def launches(cfg: Any, dtype: str, variant: str, shape: dict[str, int]) -> list[
     weight = torch.empty(v, d, dtype=dt, device="meta")
     targets = torch.empty(n, dtype=torch.int64, device="meta")
     rows = torch.empty(n, dtype=torch.int64, device="meta")
-    forward, parts = forward_launch(hidden, weight, None, targets, rows, LogitTransform(), cfg)
     if variant == "forward":
-        return [forward]
+        return call_launches(cfg, hidden, weight, None, targets, rows, OpOptions(), (False, False, False))
     need_w, mode = BACKWARD_VARIANTS[variant]
     # The threshold is a float argument, which the JIT never specialises: its value changes no code.
     options = OpOptions(None if mode is None else 2.0**-7, filter_mode=mode or "bound")
-    buffers = _gradient_buffers(hidden, weight, (True, need_w, False), options)
-    lse, grad = parts[0, 0], torch.empty(n, dtype=torch.float32, device="meta")
-    return [backward_launch(hidden, weight, None, targets, rows, lse, parts[1], grad, cfg, buffers, options)]
+    return call_launches(cfg, hidden, weight, None, targets, rows, options, (True, need_w, False))[1:]
 
 
 def jit_compile(launch: Any, arch: int) -> Any:

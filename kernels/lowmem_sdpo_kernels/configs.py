@@ -17,6 +17,7 @@ Memory arithmetic (why no N x V tensor exists anywhere):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -77,24 +78,27 @@ HALF_TRITON_CONFIG = TritonConfig(128, 128, 32, 8, 3)
 #     fp32 (4 B):       3 * (64*64 + 64*128) * 4 + 64*128*4 = 147,456 + 32,768 = 180,224 B
 #     bf16/fp16 (2 B):  3 * (64*64 + 64*128) * 2 + 64*128*2 =  73,728 + 16,384 =  90,112 B
 # against the per-block opt-in limits (torch.cuda.get_device_properties(d).shared_memory_per_block_optin)
-#     sm80 (A100) 166,912 B;  sm86 / sm89 (RTX 30xx / 40xx) 101,376 B;  sm90 (H100) 232,448 B,
-# so fp32 at the default tile fits an H100 only, and raised OutOfResources on RTX 30xx/40xx.
-# It is a bound, not an exact figure: the compiler decides the layouts. Triton 3.9's own count
-# (CompiledKernel.metadata.shared, compiled on CPU for sm80/86/90) for the fp32 default backward is
-# 147,456 B (114,688 B with a frozen weight, the figure in issue 17) and 65,536 B at
-# bf16 on sm90; for every config in TRITON_CONFIGS_BY_DTYPE it stays within this bound on all three.
-# (BLOCK_V = 256 tiles can exceed it on sm90, whose wgmma stages dz twice: kept out of the defaults.)
+#     sm80 (A100) 166,912 B;  sm86 / sm89 (RTX 30xx / 40xx) 101,376 B;  sm90 (H100) 232,448 B.
+# It is an estimate, NOT a bound: what the compiler allocates at run time is often more. Compiled as the
+# JIT compiles a launch (unit strides constant, sizes divisible by 16: benchmarks/kernel_resources.py,
+# benchmarks/results/kernel_resources_compiled.json), the bf16 default tile's trained-weight backward
+# needs 98,304 B on sm90 against the estimate's 81,920, and 128 x 256 x 32 at 3 stages 237,568 B against
+# 139,264 (sm90 stages dz for both wgmma products and pipelines the second D loop too). So the estimate
+# only orders and pre-screens: a config whose estimate is over the limit is never compiled, and every
+# launch that is made is checked first against the compiler's own count (fitting_configs, with
+# triton_logprobs.compiled_shared_bytes); OutOfResources during autotuning skips that config.
 ELEMENT_SIZE: dict[torch.dtype, int] = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
 def shared_memory_bytes(cfg: TritonConfig, dtype: torch.dtype) -> int:
-    """Upper bound of the shared memory one block of the forward or backward kernel needs (above)."""
+    """Estimate of the shared memory one block of the backward kernel needs (above): orders and
+    pre-screens configs, never proves that one fits (fitting_configs does, with the compiler's count)."""
     size = ELEMENT_SIZE[dtype]
     pipelined = cfg.num_stages * (cfg.block_m * cfg.block_d + cfg.block_d * cfg.block_v) * size
     return pipelined + cfg.block_m * cfg.block_v * size
 
 
-# Per dtype, in order of preference: the first that fits the device's limit is used. Bounds:
+# Per dtype, in order of preference: the first that fits the device's limit is used. Estimates:
 #   fp32: 180,224 (H100) > 131,072 (A100: 2 stages) > 81,920 (RTX 30xx/40xx: 32-wide K steps) > 32,768
 #   bf16/fp16: 81,920 (all three) > 53,248 > 16,384
 _HALF_CONFIGS = (HALF_TRITON_CONFIG, TritonConfig(64, 128, 32, 8, 3), TritonConfig(32, 64, 32, 4, 2))
@@ -111,9 +115,10 @@ TRITON_CONFIGS_BY_DTYPE: dict[torch.dtype, tuple[TritonConfig, ...]] = {
 
 
 def select_triton_config(dtype: torch.dtype, smem_limit: int | None) -> TritonConfig | None:
-    """The first of TRITON_CONFIGS_BY_DTYPE[dtype] whose shared_memory_bytes fits smem_limit (bytes per
-    block); None if none does. smem_limit None (no CUDA device: the interpreter) takes
-    DEFAULT_TRITON_CONFIG, the tile the CPU tests were sized for."""
+    """The first of TRITON_CONFIGS_BY_DTYPE[dtype] whose estimate (shared_memory_bytes) fits smem_limit
+    (bytes per block); None if none does. smem_limit None (no CUDA device: the interpreter) takes
+    DEFAULT_TRITON_CONFIG, the tile the CPU tests were sized for. The pre-screen only: on CUDA the op
+    then takes the first config from here on that fits by the compiler's count (fitting_configs)."""
     if smem_limit is None:
         return DEFAULT_TRITON_CONFIG
     for cfg in TRITON_CONFIGS_BY_DTYPE[dtype]:
@@ -121,10 +126,32 @@ def select_triton_config(dtype: torch.dtype, smem_limit: int | None) -> TritonCo
             return cfg
     return None
 
+
+def fitting_configs(
+    configs: Iterable[TritonConfig], dtype: torch.dtype, smem_limit: int | None,
+    compiled_bytes: Callable[[TritonConfig], int | None],
+) -> Iterator[TritonConfig]:
+    """The configs, in order, that fit smem_limit (bytes per block; None: no limit known, all of them).
+    compiled_bytes(cfg) is the compiler's own count for the launches a call makes with cfg (the largest
+    of them), or None where it could not be had; then the estimate decides. A config whose estimate is
+    already over the limit is dropped without compiling (a pre-screen that saves compiles on small cards).
+    Lazy: taking the first compiles only up to it."""
+    for cfg in configs:
+        if smem_limit is None:
+            yield cfg
+            continue
+        if shared_memory_bytes(cfg, dtype) > smem_limit:
+            continue
+        size = compiled_bytes(cfg)
+        if (shared_memory_bytes(cfg, dtype) if size is None else size) <= smem_limit:
+            yield cfg
+
+
 # Tried only when triton_config="autotune" is requested (off by default): the benchmark script sweeps
-# these. Those whose shared_memory_bytes exceeds the device's limit are not even tried.
-# The K=64 and 128 x 256 tiles spill in the backward (above) but may still win where the spill is
-# cheap; 128 x 256 x 64 at bf16 needs 3 * (128*64 + 64*256) * 2 + 128*256*2 = 212,992 B: sm90 only.
+# these, through fitting_configs (a config over the device's limit is never launched). The K=64 and
+# 128 x 256 tiles spill in the backward but may still win where the spill is cheap. 128 x 256 x 32 runs at
+# 2 stages: its trained-weight backward needs 212,992 B on sm90 compiled (237,568 B at 3 stages, over
+# sm90's 232,448); 128 x 256 x 64 was dropped (294,912 B at 2 stages, 344,064 B at 3).
 # Group sizes 1 (the old row-fastest order), 4 and 16 are there to measure the launch order.
 AUTOTUNE_TRITON_CONFIGS: tuple[TritonConfig, ...] = (
     HALF_TRITON_CONFIG,

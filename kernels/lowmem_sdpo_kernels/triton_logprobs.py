@@ -37,7 +37,8 @@ scattered, and offsets are int64 (row * stride never wraps).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -50,10 +51,11 @@ from .configs import (
     FILTER_MODES,
     GRAD_ACCUM,
     MAX_VOCAB_SPLITS,
+    TRITON_CONFIGS_BY_DTYPE,
     OpOptions,
     TritonConfig,
+    fitting_configs,
     select_triton_config,
-    shared_memory_bytes,
 )
 from .logit_transform import LogitTransform
 
@@ -485,15 +487,99 @@ def device_smem_limit(device: torch.device) -> int | None:
 
 
 def default_config(dtype: torch.dtype, device: torch.device) -> TritonConfig | None:
-    """configs.select_triton_config for this device: None when no config fits its shared memory."""
+    """configs.select_triton_config for this device (the estimate's pre-screen): None when no config can
+    fit its shared memory. The op itself then takes the first that fits by the compiler's count."""
     return select_triton_config(dtype, device_smem_limit(device))
+
+
+def _meta(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+def call_launches(
+    cfg: TritonConfig, hidden, weight, bias, targets, rows, options: OpOptions, needs: tuple[bool, bool, bool],
+) -> list[KernelLaunch]:
+    """The launches one call makes with tile cfg: the forward, and the backward when a gradient is wanted
+    (needs: hidden, weight, bias). Built over meta tensors of the same shapes, strides and dtypes: the
+    JIT specialises on those (and on 16-byte alignment, which every CUDA allocation has), never on values,
+    so compiling these is compiling the real launches, and building them allocates nothing."""
+    h, w, b, t, r = (_meta(x) for x in (hidden, weight, bias, targets, rows))
+    if (hidden.shape[0] if rows is None else rows.shape[0]) == 0:
+        return []  # nothing is launched
+    forward, parts = forward_launch(h, w, b, t, r, options.transform, cfg)
+    if not any(needs):
+        return [forward]
+    grad = torch.empty(hidden.shape[0], dtype=torch.float32, device="meta")
+    buffers = _gradient_buffers(h, w, needs, options)
+    return [forward, backward_launch(h, w, b, t, r, parts[0, 0], parts[1], grad, cfg, buffers, options)]
+
+
+_SIZE_CHECK_FAILED: list[str] = []  # the first failure of the compiled-size check, warned about once
+
+
+def compiled_shared_bytes(launches: list[KernelLaunch]) -> int | None:
+    """The largest shared memory the compiler gives these launches (CompiledKernel.metadata.shared), from a
+    compile for the current CUDA device without launching (JIT warmup; the real launch reuses it from the
+    JIT's cache). None, with one warning, where the compile fails: the caller falls back on the estimate
+    (and the launch would raise the compiler's error itself)."""
+    sizes = [0]
+    try:
+        for launch in launches:
+            compiled = launch.compile()
+            compiled = compiled.result() if hasattr(compiled, "result") else compiled  # async compile mode
+            sizes.append(int(compiled.metadata.shared))
+    except Exception as exc:  # any compile failure: the estimate decides, and the launch reports it
+        if not _SIZE_CHECK_FAILED:
+            _SIZE_CHECK_FAILED.append(repr(exc))
+            warnings.warn(f"lowmem_sdpo_kernels: shared-memory check by compiling failed ({exc!r:.200}); "
+                          "configs are judged by the estimate", RuntimeWarning, stacklevel=2)
+        return None
+    return max(sizes)
+
+
+_FIT_CACHE: dict[tuple, TritonConfig | None] = {}
+
+
+def _launch_key(hidden, weight, bias, targets, rows, options: OpOptions, needs) -> tuple:
+    """What the fit of a config can depend on: every compile-time property of the launches (dtypes,
+    constexpr flags, and which sizes / strides are 1 or multiples of 16, as the JIT specialises them)."""
+    k_rows = hidden.shape[0] if rows is None else rows.shape[0]
+    ints = (k_rows, *hidden.shape[1:], weight.shape[0], *hidden.stride(), *weight.stride(), *targets.stride())
+    return (
+        hidden.device, hidden.dtype, needs, rows is None, bias is None, options.filter_eps is None,
+        options.filter_mode, options.grad_accum, options.transform.has_scale, options.transform.has_softcap,
+        tuple((x == 1, x % 16 == 0) for x in ints),
+    )
+
+
+def fitting_default_config(hidden, weight, bias, targets, rows, options: OpOptions) -> TritonConfig | None:
+    """The first of TRITON_CONFIGS_BY_DTYPE that fits this device by the compiler's count (fitting_configs),
+    for this call's launches; the estimate's choice off CUDA. Cached per _launch_key."""
+    limit = device_smem_limit(hidden.device)
+    if limit is None:
+        return default_config(hidden.dtype, hidden.device)
+    needs = _needs(hidden, weight, bias)
+    key = _launch_key(hidden, weight, bias, targets, rows, options, needs)
+    if key not in _FIT_CACHE:
+        candidates = fitting_configs(
+            TRITON_CONFIGS_BY_DTYPE[hidden.dtype], hidden.dtype, limit,
+            lambda c: compiled_shared_bytes(call_launches(c, hidden, weight, bias, targets, rows, options, needs)),
+        )
+        _FIT_CACHE[key] = next(candidates, None)
+    return _FIT_CACHE[key]
+
+
+def _needs(hidden, weight, bias) -> tuple[bool, bool, bool]:
+    grad = torch.is_grad_enabled()
+    return (grad and hidden.requires_grad, grad and weight.requires_grad,
+            grad and bias is not None and bias.requires_grad)
 
 
 _AUTOTUNE_CACHE: dict[tuple, TritonConfig] = {}
 
 
 def time_configs(
-    configs: tuple[TritonConfig, ...], bench: Callable[[TritonConfig], float]
+    configs: Iterable[TritonConfig], bench: Callable[[TritonConfig], float]
 ) -> dict[TritonConfig, float]:
     """bench(cfg) -> ms for each config; a config the compiler cannot fit (OutOfResources: registers or
     shared memory) is left out. Anything else (a CUDA fault, a bug) propagates: timing it away would
@@ -511,21 +597,24 @@ def autotune_config(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
     rows: torch.Tensor | None, options: OpOptions,
 ) -> TritonConfig:
-    """Time forward+backward for each of AUTOTUNE_TRITON_CONFIGS (CUDA only) and keep the fastest
-    per (power-of-two K bucket, V, D, dtype, weight-grad) key. Off unless asked for."""
+    """Time forward+backward for each of AUTOTUNE_TRITON_CONFIGS that fits the device (fitting_configs: the
+    compiler's count, before any launch) on CUDA and keep the fastest per (power-of-two K bucket, V, D,
+    dtype, weight-grad) key. Off unless asked for."""
     need_w = weight.requires_grad
     k_rows = hidden.shape[0] if rows is None else rows.shape[0]
     key = (triton.next_power_of_2(k_rows), weight.shape[0], hidden.shape[1], hidden.dtype, need_w)
     if key in _AUTOTUNE_CACHE:
         return _AUTOTUNE_CACHE[key]
-    fallback = default_config(hidden.dtype, hidden.device)
+    fallback = fitting_default_config(hidden, weight, bias, targets, rows, options)
     if not hidden.is_cuda or fallback is None:
         return fallback
     from triton.testing import do_bench  # only the tuner needs it
     limit = device_smem_limit(hidden.device)
     grad = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     needs = (True, need_w, bias is not None and bias.requires_grad)
-    fitting = tuple(c for c in AUTOTUNE_TRITON_CONFIGS if limit is None or shared_memory_bytes(c, hidden.dtype) <= limit)
+
+    def compiled_bytes(cfg: TritonConfig) -> int | None:
+        return compiled_shared_bytes(call_launches(cfg, hidden, weight, bias, targets, rows, options, needs))
 
     def bench(cfg: TritonConfig) -> float:
         def run() -> None:
@@ -534,7 +623,7 @@ def autotune_config(
         return do_bench(run, warmup=5, rep=20)
 
     with torch.no_grad():
-        timings = time_configs(fitting, bench)
+        timings = time_configs(fitting_configs(AUTOTUNE_TRITON_CONFIGS, hidden.dtype, limit, compiled_bytes), bench)
     best = min(timings, key=timings.__getitem__) if timings else fallback
     _AUTOTUNE_CACHE[key] = best
     return best
@@ -557,7 +646,7 @@ def triton_linear_logprobs(
     if cfg == "autotune":
         cfg = autotune_config(hidden, weight, bias, targets, rows, options)
     elif cfg is None:
-        cfg = default_config(hidden.dtype, hidden.device)
+        cfg = fitting_default_config(hidden, weight, bias, targets, rows, options)
     elif not isinstance(cfg, TritonConfig):
         raise ValueError(f"triton_config must be a TritonConfig, 'autotune' or None, got {cfg!r}")
     if cfg is None:  # linear_logprobs falls back to impl="torch" before getting here
