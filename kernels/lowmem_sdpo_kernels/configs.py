@@ -79,20 +79,22 @@ HALF_TRITON_CONFIG = TritonConfig(128, 128, 32, 8, 3)
 #     bf16/fp16 (2 B):  3 * (64*64 + 64*128) * 2 + 64*128*2 =  73,728 + 16,384 =  90,112 B
 # against the per-block opt-in limits (torch.cuda.get_device_properties(d).shared_memory_per_block_optin)
 #     sm80 (A100) 166,912 B;  sm86 / sm89 (RTX 30xx / 40xx) 101,376 B;  sm90 (H100) 232,448 B.
-# It is an estimate, NOT a bound: what the compiler allocates at run time is often more. Compiled as the
-# JIT compiles a launch (unit strides constant, sizes divisible by 16: benchmarks/kernel_resources.py,
-# benchmarks/results/kernel_resources_compiled.json), the bf16 default tile's trained-weight backward
-# needs 98,304 B on sm90 against the estimate's 81,920, and 128 x 256 x 32 at 3 stages 237,568 B against
-# 139,264 (sm90 stages dz for both wgmma products and pipelines the second D loop too). So the estimate
-# only orders and pre-screens: a config whose estimate is over the limit is never compiled, and every
-# launch that is made is checked first against the compiler's own count (fitting_configs, with
-# triton_logprobs.compiled_shared_bytes); OutOfResources during autotuning skips that config.
+# It is an estimate, NOT a bound: the compiler decides the layouts, and what it allocates at run time is
+# often more. Compiled as the JIT compiles a launch (unit strides constant, sizes divisible by 16:
+# benchmarks/kernel_resources.py, benchmarks/results/kernel_resources_compiled.json, Triton 3.6), the bf16
+# default tile's trained-weight backward needs 98,304 B on sm90 against the estimate's 81,920, and
+# 128 x 256 x 32 at 3 stages 237,568 B against 139,264 (sm90 stages dz for both wgmma products and
+# pipelines the second D loop too); elsewhere it is less (fp32 at the default tile: 147,456 B on all three,
+# so it fits an A100 too). So the estimate only orders configs and stands in where no compiler count can be
+# had (the CPU, a failed compile): on CUDA every config is checked against the compiler's own count before
+# its first launch (fitting_configs, with triton_logprobs.compiled_shared_bytes), and OutOfResources during
+# autotuning skips that config.
 ELEMENT_SIZE: dict[torch.dtype, int] = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
 def shared_memory_bytes(cfg: TritonConfig, dtype: torch.dtype) -> int:
-    """Estimate of the shared memory one block of the backward kernel needs (above): orders and
-    pre-screens configs, never proves that one fits (fitting_configs does, with the compiler's count)."""
+    """Estimate of the shared memory one block of the backward kernel needs (above): it orders configs and
+    stands in where no compiler count can be had; it never proves that one fits (fitting_configs does)."""
     size = ELEMENT_SIZE[dtype]
     pipelined = cfg.num_stages * (cfg.block_m * cfg.block_d + cfg.block_d * cfg.block_v) * size
     return pipelined + cfg.block_m * cfg.block_v * size
@@ -117,8 +119,8 @@ TRITON_CONFIGS_BY_DTYPE: dict[torch.dtype, tuple[TritonConfig, ...]] = {
 def select_triton_config(dtype: torch.dtype, smem_limit: int | None) -> TritonConfig | None:
     """The first of TRITON_CONFIGS_BY_DTYPE[dtype] whose estimate (shared_memory_bytes) fits smem_limit
     (bytes per block); None if none does. smem_limit None (no CUDA device: the interpreter) takes
-    DEFAULT_TRITON_CONFIG, the tile the CPU tests were sized for. The pre-screen only: on CUDA the op
-    then takes the first config from here on that fits by the compiler's count (fitting_configs)."""
+    DEFAULT_TRITON_CONFIG, the tile the CPU tests were sized for. By the estimate: on CUDA the op takes
+    the first of the list that fits by the compiler's count instead (fitting_configs)."""
     if smem_limit is None:
         return DEFAULT_TRITON_CONFIG
     for cfg in TRITON_CONFIGS_BY_DTYPE[dtype]:
@@ -132,15 +134,12 @@ def fitting_configs(
     compiled_bytes: Callable[[TritonConfig], int | None],
 ) -> Iterator[TritonConfig]:
     """The configs, in order, that fit smem_limit (bytes per block; None: no limit known, all of them).
-    compiled_bytes(cfg) is the compiler's own count for the launches a call makes with cfg (the largest
-    of them), or None where it could not be had; then the estimate decides. A config whose estimate is
-    already over the limit is dropped without compiling (a pre-screen that saves compiles on small cards).
-    Lazy: taking the first compiles only up to it."""
+    compiled_bytes(cfg) is the compiler's own count for the launches a call makes with cfg (the largest of
+    them); only where it could not be had (None) does the estimate decide. Lazy: taking the first compiles
+    only up to it."""
     for cfg in configs:
         if smem_limit is None:
             yield cfg
-            continue
-        if shared_memory_bytes(cfg, dtype) > smem_limit:
             continue
         size = compiled_bytes(cfg)
         if (shared_memory_bytes(cfg, dtype) if size is None else size) <= smem_limit:

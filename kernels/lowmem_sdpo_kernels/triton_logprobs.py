@@ -487,8 +487,8 @@ def device_smem_limit(device: torch.device) -> int | None:
 
 
 def default_config(dtype: torch.dtype, device: torch.device) -> TritonConfig | None:
-    """configs.select_triton_config for this device (the estimate's pre-screen): None when no config can
-    fit its shared memory. The op itself then takes the first that fits by the compiler's count."""
+    """configs.select_triton_config for this device, by the estimate: None when no config can fit its shared
+    memory (linear_logprobs then runs impl="torch"). The op's launches take fitting_default_config."""
     return select_triton_config(dtype, device_smem_limit(device))
 
 
