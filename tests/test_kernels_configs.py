@@ -225,3 +225,43 @@ def test_every_card_gets_a_default_that_fits_by_the_compilers_count(
     order = TRITON_CONFIGS_BY_DTYPE[dtype]
     assert asked == list(order[: order.index(chosen) + 1])  # lazy: nothing compiled past the choice
     assert all(sizes[cfg] > limit for cfg in asked[:-1])
+
+
+def test_the_op_checks_its_own_launches_and_keeps_one_tile_per_model(monkeypatch) -> None:
+    # The op's default choice on a card, on CPU: the device's limit and the compiler's count are stood in for
+    # (sm86, the counts of kernel_resources_compiled.json for the very launches the op builds). fp32 on sm86: the
+    # first config's trained-weight backward (147,456 B) is over 101,376 B, the second (98,304 B) fits. The choice
+    # must not change with grad mode (the reference pass runs under no_grad) or the batch's row count.
+    rows = [r for r in json.loads(COMPILED.read_text())["rows"] if r["arch"] == 86 and r["dtype"] == "fp32"]
+    variant = {(True, 0): "backward-dW", (True, 1): "backward-dW-bound", (False, 0): "backward-frozen",
+               (False, 1): "backward-frozen-bound", (False, 2): "backward-frozen-element"}
+    compiled: list[tuple[str, TritonConfig]] = []
+
+    def counts(launches) -> int:
+        sizes = [0]
+        for launch in launches:
+            kw = launch.kwargs
+            cfg = TritonConfig(kw["BLOCK_M"], kw["BLOCK_V"], kw["BLOCK_D"], kw["num_warps"], kw["num_stages"],
+                               kw["GROUP_M"])
+            name = "forward" if "COMPUTE_DW" not in kw else variant[(kw["COMPUTE_DW"], kw["FILTER"])]
+            compiled.append((name, cfg))
+            (row,) = [r for r in rows if r["kernel"] == name and TritonConfig(
+                *(r[k] for k in ("block_m", "block_v", "block_d", "num_warps", "num_stages", "group_m"))) == cfg]
+            sizes.append(row["shared_bytes"])
+        return max(sizes)
+
+    monkeypatch.setattr(triton_logprobs, "device_smem_limit", lambda device: SM86)
+    monkeypatch.setattr(triton_logprobs, "compiled_shared_bytes", counts)
+    monkeypatch.setattr(triton_logprobs, "_FIT_CACHE", {})
+    weight = torch.zeros(32000, 4096).requires_grad_(True)
+    options = triton_logprobs.OpOptions()
+    choices = []
+    for n_rows, grad in ((4096, True), (100, False), (1000, True)):
+        hidden = torch.zeros(n_rows, 4096, requires_grad=grad)
+        targets = torch.zeros(n_rows, dtype=torch.int64)
+        with torch.set_grad_enabled(grad):
+            choices.append(triton_logprobs.fitting_default_config(hidden, weight, None, targets, None, options))
+    first, second = TRITON_CONFIGS_BY_DTYPE[torch.float32][:2]
+    assert choices == [second] * 3
+    # Checked once (the cache), forward and trained-weight backward of each config tried, in order.
+    assert compiled == [("forward", first), ("backward-dW", first), ("forward", second), ("backward-dW", second)]

@@ -542,14 +542,24 @@ _FIT_CACHE: dict[tuple, TritonConfig | None] = {}
 
 def _launch_key(hidden, weight, bias, targets, rows, options: OpOptions, needs) -> tuple:
     """What the fit of a config can depend on: every compile-time property of the launches (dtypes,
-    constexpr flags, and which sizes / strides are 1 or multiples of 16, as the JIT specialises them)."""
-    k_rows = hidden.shape[0] if rows is None else rows.shape[0]
-    ints = (k_rows, *hidden.shape[1:], weight.shape[0], *hidden.stride(), *weight.stride(), *targets.stride())
+    constexpr flags, and which sizes / strides are 1 or multiples of 16, as the JIT specialises them), the row
+    count aside (_rows_to_16)."""
+    ints = (*hidden.shape[1:], weight.shape[0], *hidden.stride(), *weight.stride(), *targets.stride())
     return (
         hidden.device, hidden.dtype, needs, rows is None, bias is None, options.filter_eps is None,
         options.filter_mode, options.grad_accum, options.transform.has_scale, options.transform.has_softcap,
         tuple((x == 1, x % 16 == 0) for x in ints),
     )
+
+
+def _rows_to_16(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A meta stand-in with the row count rounded up to a multiple of 16 (strides kept): the JIT's most
+    specialised launch, so the choice is one per model and settings, never one per batch size (the reference
+    pass and training, with other batches, get the same tile)."""
+    if t is None:
+        return None
+    n = max(16, -(-t.shape[0] // 16) * 16)
+    return torch.empty_strided((n, *t.shape[1:]), t.stride(), dtype=t.dtype, device="meta")
 
 
 def fitting_default_config(hidden, weight, bias, targets, rows, options: OpOptions) -> TritonConfig | None:
@@ -558,21 +568,18 @@ def fitting_default_config(hidden, weight, bias, targets, rows, options: OpOptio
     limit = device_smem_limit(hidden.device)
     if limit is None:
         return default_config(hidden.dtype, hidden.device)
-    needs = _needs(hidden, weight, bias)
+    # The backward is checked even where none will run (no_grad, a frozen hidden): the reference pass must get the
+    # tile training gets, or the two log-probs of one sequence would differ by their reduction order.
+    needs = (True, weight.requires_grad, bias is not None and bias.requires_grad)
     key = _launch_key(hidden, weight, bias, targets, rows, options, needs)
     if key not in _FIT_CACHE:
+        h, t, r = _rows_to_16(hidden), _rows_to_16(targets), _rows_to_16(rows)
         candidates = fitting_configs(
             TRITON_CONFIGS_BY_DTYPE[hidden.dtype], hidden.dtype, limit,
-            lambda c: compiled_shared_bytes(call_launches(c, hidden, weight, bias, targets, rows, options, needs)),
+            lambda c: compiled_shared_bytes(call_launches(c, h, weight, bias, t, r, options, needs)),
         )
         _FIT_CACHE[key] = next(candidates, None)
     return _FIT_CACHE[key]
-
-
-def _needs(hidden, weight, bias) -> tuple[bool, bool, bool]:
-    grad = torch.is_grad_enabled()
-    return (grad and hidden.requires_grad, grad and weight.requires_grad,
-            grad and bias is not None and bias.requires_grad)
 
 
 _AUTOTUNE_CACHE: dict[tuple, TritonConfig] = {}
