@@ -57,15 +57,15 @@ DEFAULT_TRITON_CONFIG = TritonConfig()
 
 # First choice for bf16/fp16 (issue 13): 128-row blocks halve how often each weight tile is read
 # (N / BLOCK_M times) and give 2*128*128 / ((128 + 128) * 2) = 64 FLOP per byte loaded per K step,
-# against 43 for 64 x 128. Registers, as ptxas allocates them for sm90 and sm80 (benchmarks/
-# kernel_resources.py compiles every config on a CPU and reads the cubin's register and stack use):
-# at 8 warps the [128, 128] fp32 logits accumulator alone is 64 of a thread's 255 registers; the
-# backward adds p, the bf16 dz tile kept across the D loop, the [128, BLOCK_D] products and the
-# K-step operands. With BLOCK_D = 64 that spills (672 B of stack per thread on sm90, 312 B with a
-# frozen weight, filter off); with BLOCK_D = 32 the frozen-weight (sDPO) backward and the forward use 254
-# registers and no stack, and the trained-weight backward with the filter 160 B. 128 x 256 tiles
-# spill at any warp count tried (8 or 16): offered to the autotuner only. Shared memory at 32-wide
-# K steps: 3 * (128*32 + 32*128) * 2 + 128*128*2 = 81,920 B, which fits sm80, sm86/89 and sm90.
+# against 43 for 64 x 128. Registers, as ptxas allocates them (benchmarks/kernel_resources.py compiles
+# every config on a CPU as the JIT specialises a launch, and reads the cubin's register and stack use;
+# Triton 3.6, sm90): at 8 warps the [128, 128] fp32 logits accumulator alone is 64 of a thread's 255
+# registers; the backward adds p, the bf16 dz tile kept across the D loop, the [128, BLOCK_D] products and
+# the K-step operands. At BLOCK_D = 32 the forward takes 204 registers, the frozen-weight (sDPO) backward
+# with the filter 176 and the trained-weight backward 198-244, none spilling (compiled without the run-time
+# specialisation, as first measured, they sat at 254-255 and spilled at BLOCK_D = 64). 128 x 256 tiles
+# spill at 16 warps: offered to the autotuner only. Shared memory, compiled: 49,152 B for the forward and
+# 49,152-98,304 B for the backward on sm90 (32,768-81,920 B on sm80 / sm86): it fits all three.
 HALF_TRITON_CONFIG = TritonConfig(128, 128, 32, 8, 3)
 
 # ---- Shared memory: which tile fits which card ----
