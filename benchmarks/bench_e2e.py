@@ -1128,12 +1128,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def _host_record() -> dict[str, Any]:
     # Imported here: the script sets up its environment before lowmem_sdpo loads.
     from lowmem_sdpo.host import host_record
 
     return host_record()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
