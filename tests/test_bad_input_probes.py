@@ -80,3 +80,87 @@ def test_export_replaces_only_its_own_earlier_output(finished_run, tmp_path, mon
     assert main(["export", "--run", str(run), "--out", "empty", "--quiet"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert tree_digest(tmp_path / "empty") == before
+
+
+# -- numbers, config types, paths of the training and sampling commands -----------------------------------
+
+PAIR = '{"prompt": "p", "chosen": "a", "rejected": "b"}\n'
+JUDGES = '''
+import math
+
+
+def one_argument(prompt):
+    return 1.0
+
+
+def raises(prompt, response):
+    raise RuntimeError("judge backend down")
+
+
+def not_a_number(prompt, response):
+    return math.nan
+
+
+def a_string(prompt, response):
+    return "5"
+'''
+
+
+def _inputs(tmp: Path) -> None:
+    """A data file, a prompts file, judges, a settings-less generations file, a file to nest paths under."""
+    (tmp / "d.jsonl").write_text(PAIR * 4)
+    (tmp / "p.txt").write_text("1+2=\n")
+    (tmp / "probe_judges.py").write_text(JUDGES)
+    (tmp / "old.jsonl").write_text('{"prompt_index": 0, "candidates": ["x"]}\n')
+    (tmp / "lots.yaml").write_text('epochs: "lots"\n')
+    (tmp / "nan.yaml").write_text("learning_rate: .nan\n")
+    (tmp / "gen").mkdir()
+
+
+RUN = ["run", "--model", "tiny", "--steps", "d.jsonl", "--output-dir", "out"]
+SFT = ["sft", "--model", "tiny", "--data", "d.jsonl", "--output-dir", "out"]
+GEN = ["generate", "--model", "tiny", "--prompts", "p.txt"]
+SR = ["self-reward", "--model", "tiny", "--prompts", "p.txt", "--output-dir", "out"]
+
+TRAIN_PROBES = [
+    Probe([*RUN, "--learning-rate", "nan"], says="--learning-rate", id="run-lr-nan"),
+    Probe([*RUN, "--learning-rate", "inf"], says="--learning-rate", id="run-lr-inf"),
+    Probe([*RUN, "--beta=-inf"], says="--beta", id="run-beta-minus-inf"),
+    Probe([*RUN, "--epochs", "nan"], says="--epochs", id="run-epochs-nan"),
+    Probe([*RUN, "--max-grad-norm", "inf"], says="--max-grad-norm", id="run-grad-norm-inf"),
+    Probe([*RUN, "--warmup-ratio", "nan"], says="--warmup-ratio", id="run-warmup-nan"),
+    Probe([*RUN, "--batch-size", "0"], says="--batch-size", id="run-batch-0"),
+    Probe([*RUN, "--loss", "dpop", "--dpop-lambda", "inf"], says="dpop_lambda", id="run-loss-option-inf"),
+    Probe([*RUN, "--config", "lots.yaml"], says="epochs", id="run-yaml-wrong-type"),
+    Probe([*RUN, "--config", "nan.yaml"], says="--learning-rate", id="run-yaml-nan"),
+    Probe([*RUN[:-1], "d.jsonl"], says="--output-dir d.jsonl", id="run-out-is-a-file"),
+    Probe([*RUN[:-1], "d.jsonl/x"], says="d.jsonl", id="run-out-under-a-file"),
+    Probe([*SFT, "--learning-rate", "nan"], says="--learning-rate", id="sft-lr-nan"),
+    Probe([*SFT[:-1], "d.jsonl"], says="--output-dir d.jsonl", id="sft-out-is-a-file"),
+    Probe([*SFT[:-1], "d.jsonl/x"], says="d.jsonl", id="sft-out-under-a-file"),
+    Probe([*GEN, "--temperature", "nan"], says="--temperature", id="generate-temperature-nan"),
+    Probe([*GEN, "--top-p", "inf"], says="--top-p", id="generate-top-p-inf"),
+    Probe([*GEN, "--out", "d.jsonl/g.jsonl"], says="is a file", id="generate-out-under-a-file"),
+    Probe([*GEN, "--out", "gen"], says="is a directory", id="generate-out-is-a-dir"),
+    Probe([*GEN, "--out", "gen", "--resume"], says="is a directory", id="generate-out-dir-resume"),
+    Probe([*GEN, "--out", "old.jsonl", "--resume", "-n", "3"], says="settings", id="generate-resume-no-settings"),
+    Probe([*SR, "--temperature", "nan"], says="--temperature", id="self-reward-temperature-nan"),
+    Probe([*SR, "--judge-temperature", "inf"], says="--judge-temperature", id="self-reward-judge-temp-inf"),
+    Probe([*SR, "--learning-rate", "nan"], says="--learning-rate", id="self-reward-lr-nan"),
+    Probe([*SR, "--judge", "python:os:getcwd"], says="(prompt, response)", id="judge-no-arguments"),
+    Probe([*SR, "--judge", "python:probe_judges:one_argument"], says="(prompt, response)", id="judge-one-argument"),
+    Probe([*SR, "--judge", "python:probe_judges:raises"], says="judge backend down", id="judge-raises"),
+    Probe([*SR, "--judge", "python:probe_judges:not_a_number"], says="finite", id="judge-returns-nan"),
+    Probe([*SR, "--judge", "python:probe_judges:a_string"], says="returned str", id="judge-returns-str"),
+    Probe([*SR, "--judge", "./no/such/judge"], says="./no/such/judge", id="judge-model-path-typo"),
+    Probe([*SR[:-1], "d.jsonl"], says="d.jsonl", id="self-reward-out-is-a-file"),
+]
+
+
+@pytest.mark.parametrize("probe", TRAIN_PROBES, ids=[p.id for p in TRAIN_PROBES])
+def test_training_and_sampling_probes_write_nothing(probe, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.dont_write_bytecode", True)  # importing a judge must not add __pycache__ here
+    monkeypatch.syspath_prepend(str(tmp_path))
+    probe.setup = _inputs
+    run_probe(probe, tmp_path, capsys)

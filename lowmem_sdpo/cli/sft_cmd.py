@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields, replace
+from pathlib import Path
 from typing import Any
 
+from lowmem_sdpo.checks import check_run_target
 from lowmem_sdpo.engine.config import RunConfig, validate
 from lowmem_sdpo.errors import InputError
 
@@ -75,6 +77,7 @@ def sft_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, int]]:
         raise InputError("--output-dir is required (the SFT run directory; S is written to OUTPUT_DIR/model)")
     config = replace(SFT_DEFAULTS, **values)
     validate(config)
+    check_run_target("--output-dir", Path(config.output_dir))
     return config, limits
 
 

@@ -8,6 +8,7 @@ Options with a scalar type (float / str) become CLI flags (`--label-smoothing` .
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,8 @@ class LossOption:
             value = float(value)
         if not isinstance(value, self.type) or isinstance(value, bool):
             raise InputError(f"{loss} option {name}: expected {self.type.__name__}, got {value!r}")
+        if self.type is float and not math.isfinite(value):  # NaN passes every `v >= 0`-style check
+            raise InputError(f"{loss} option {name}: expected a finite number, got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise InputError(
                 f"{loss} option {name}: expected one of {', '.join(self.choices)}, got {value!r}"

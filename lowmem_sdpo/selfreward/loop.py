@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from lowmem_sdpo.atomic import write_json, write_text
+from lowmem_sdpo.checks import check_number, check_run_target
 from lowmem_sdpo.data.types import Message
 from lowmem_sdpo.engine import Reporter, RunConfig, run_sdpo
 from lowmem_sdpo.engine.config import validate
 from lowmem_sdpo.engine.metrics import read_summary
 from lowmem_sdpo.engine.rundir import RUN_FILE, step_dir
 from lowmem_sdpo.errors import InputError
+from lowmem_sdpo.models.resolve import resolve_model
 from lowmem_sdpo.selfreward.generation import Completion, SampleSettings, batch_seed, batches, sample_rows
 from lowmem_sdpo.selfreward.judge import (
     Judge,
@@ -36,6 +38,7 @@ from lowmem_sdpo.selfreward.judge import (
     judge_kind,
     load_function,
     read_rubric,
+    try_python_judge,
 )
 from lowmem_sdpo.selfreward.loading import Sampler, open_sampler
 from lowmem_sdpo.selfreward.pairs import build_pairs
@@ -77,12 +80,14 @@ class SelfRewardSettings:
     quiet: bool = False
 
     def check(self) -> None:
-        if self.iterations < 1:
-            raise InputError(f"--iterations must be at least 1, got {self.iterations}")
-        if self.candidates < 2:
-            raise InputError(f"--candidates must be at least 2 (a pair needs two), got {self.candidates}")
-        if self.judge_samples < 1:
-            raise InputError(f"--judge-samples must be at least 1, got {self.judge_samples}")
+        check_number("--iterations", self.iterations, low=1, integer=True)
+        check_number("--candidates", self.candidates, low=2, integer=True, note=" (a pair needs two)")
+        check_number("--judge-samples", self.judge_samples, low=1, integer=True)
+        self.sampling(1).check({"n": "--candidates", "batch_size": "--gen-batch-size"})
+        self.judging(1).check({
+            "n": "--judge-samples", "temperature": "--judge-temperature",
+            "max_new_tokens": "--judge-max-new-tokens", "batch_size": "--gen-batch-size",
+        })  # fmt: skip
 
     def sampling(self, t: int) -> SampleSettings:
         return SampleSettings(
@@ -124,12 +129,18 @@ class SelfRewardRun:
         settings.check()
         self.settings, self.reporter = settings, reporter
         self.out = Path(settings.output_dir)
+        check_run_target("--output-dir", self.out)
         self.train = replace(train, model=settings.model, output_dir=str(self.out / SDPO_DIR))
         self.prompts = read_prompts(settings.prompts)
         self.rubric = read_rubric(Path(settings.judge_prompt) if settings.judge_prompt else None)
         self.kind = judge_kind(settings.judge)
-        # A python judge is imported before anything slow, so a typo fails at once.
+        # A python judge is imported and called once on a test pair, and a judge model is resolved, before
+        # anything slow or written: a typo, a wrong signature or a raising judge fails at once.
         self.score_fn = load_function(settings.judge) if self.kind == "python" else None
+        if self.score_fn is not None:
+            try_python_judge(settings.judge, self.score_fn)
+        if self.kind == "model":
+            resolve_model(settings.judge)
         self._sampler: Sampler | None = None
         self._judge_sampler: Sampler | None = None
 
