@@ -58,7 +58,10 @@ def run_probe(probe: Probe, tmp: Path, capsys: pytest.CaptureFixture[str], **pla
     before = [tree_digest(p) for p in watched]
     fixed = [a.format(tmp=tmp, **places) for a in probe.argv]
     capsys.readouterr()
-    rc = main(fixed)
+    try:
+        rc = main(fixed)
+    except SystemExit as exit:  # argparse's own refusals exit rather than return
+        rc = exit.code
     out = capsys.readouterr()
     lines = [line for line in out.err.splitlines() if line.strip()]
     assert rc == probe.rc, (fixed, out.err)

@@ -7,13 +7,7 @@ import json
 import sys
 from typing import Any
 
-from lowmem_sdpo.data import (
-    DATASET_ALIASES,
-    load_steps,
-    load_tokenizer,
-    parse_columns,
-    tokenize_step,
-)
+from lowmem_sdpo.data.aliases import DATASET_ALIASES
 from lowmem_sdpo.data.spec import __doc__ as STEPS_GRAMMAR
 from lowmem_sdpo.data.types import StepData, TokenizedStep
 from lowmem_sdpo.errors import InputError
@@ -113,6 +107,8 @@ def _report(step: StepData, tokenized: TokenizedStep, tokenizer: Any, n_tokens: 
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    from lowmem_sdpo.data import load_steps, load_tokenizer, parse_columns, tokenize_step
+
     if args.tokens < 0:
         raise InputError(f"--tokens must be 0 or more, got {args.tokens}")
     steps = load_steps(

@@ -19,9 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lowmem_sdpo.engine import RunConfig, run_sdpo
-from lowmem_sdpo.engine.config import validate
-from lowmem_sdpo.engine.failures import TrainingStopped
+from lowmem_sdpo.engine.config import RunConfig, validate
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.toy.run_settings import TINY_TOY_RUN
 
@@ -151,6 +149,8 @@ def _clear_previous(out: Path) -> None:
 
 
 def demo_command(args: argparse.Namespace) -> int:
+    from lowmem_sdpo.engine import run_sdpo
+    from lowmem_sdpo.engine.failures import TrainingStopped
     from lowmem_sdpo.engine.reporting import Reporter
     from lowmem_sdpo.report import build_report
 

@@ -19,7 +19,7 @@ SETTINGS_SUFFIX = ".settings.json"
 
 
 def register(subparsers: Any) -> None:
-    from lowmem_sdpo.selfreward.generation import CACHE_CHOICES, SampleSettings
+    from lowmem_sdpo.selfreward.sampling import CACHE_CHOICES, SampleSettings
 
     d = SampleSettings()
     gen = subparsers.add_parser(

@@ -82,8 +82,9 @@ def sft_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, int]]:
 
 
 def sft_command(args: argparse.Namespace) -> int:
+    config, limits = sft_config(args)  # every flag checked before torch is imported
+
     from lowmem_sdpo.sft.train import run_sft
 
-    config, limits = sft_config(args)
     run_sft(config, resume=args.resume, limits=limits, export_dtype=args.export_dtype)
     return 0

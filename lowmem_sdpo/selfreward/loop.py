@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from lowmem_sdpo.atomic import write_json, write_text
-from lowmem_sdpo.checks import check_number, check_run_target
+from lowmem_sdpo.checks import check_run_target
 from lowmem_sdpo.data.types import Message
 from lowmem_sdpo.engine import Reporter, RunConfig, run_sdpo
 from lowmem_sdpo.engine.config import validate
@@ -30,7 +30,7 @@ from lowmem_sdpo.engine.metrics import read_summary
 from lowmem_sdpo.engine.rundir import RUN_FILE, step_dir
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.models.resolve import resolve_model
-from lowmem_sdpo.selfreward.generation import Completion, SampleSettings, batch_seed, batches, sample_rows
+from lowmem_sdpo.selfreward.generation import Completion, batch_seed, batches, sample_rows
 from lowmem_sdpo.selfreward.judge import (
     Judge,
     ModelJudge,
@@ -45,6 +45,7 @@ from lowmem_sdpo.selfreward.pairs import build_pairs
 from lowmem_sdpo.selfreward.prompts import read_prompts
 from lowmem_sdpo.selfreward.rowlog import RowLog
 from lowmem_sdpo.selfreward.scores import MAX_SCORE, mean_score
+from lowmem_sdpo.selfreward.settings import SelfRewardSettings
 from lowmem_sdpo.settings_record import check_settings_record
 
 SETTINGS_FILE = "selfreward.json"
@@ -55,59 +56,6 @@ PAIRS = "pairs.jsonl"
 SUMMARY = "summary.json"
 # Settings that may change between a run and its resume without changing a single row.
 RESUME_EXEMPT = ("quiet",)
-
-
-@dataclass(frozen=True)
-class SelfRewardSettings:
-    """The paper's settings are the defaults: 4 candidates at temperature 0.7, top-p 0.9; the model judges
-    each 3 times with the additive 5-point rubric."""
-
-    model: str
-    prompts: str
-    output_dir: str
-    iterations: int = 2
-    candidates: int = 4
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_new_tokens: int = 512
-    judge: str = "self"
-    judge_samples: int = 3
-    judge_prompt: str | None = None
-    judge_temperature: float = 0.7
-    judge_max_new_tokens: int = 1024  # generous: the score comes last, after the justification
-    batch_size: int = 8  # prompts (or judged candidates) per generate call
-    seed: int = 0
-    quiet: bool = False
-
-    def check(self) -> None:
-        check_number("--iterations", self.iterations, low=1, integer=True)
-        check_number("--candidates", self.candidates, low=2, integer=True, note=" (a pair needs two)")
-        check_number("--judge-samples", self.judge_samples, low=1, integer=True)
-        self.sampling(1).check({"n": "--candidates", "batch_size": "--gen-batch-size"})
-        self.judging(1).check({
-            "n": "--judge-samples", "temperature": "--judge-temperature",
-            "max_new_tokens": "--judge-max-new-tokens", "batch_size": "--gen-batch-size",
-        })  # fmt: skip
-
-    def sampling(self, t: int) -> SampleSettings:
-        return SampleSettings(
-            n=self.candidates,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size,
-            seed=self.seed * 1000 + t,
-        )
-
-    def judging(self, t: int) -> SampleSettings:
-        return SampleSettings(
-            n=self.judge_samples,
-            temperature=self.judge_temperature,
-            top_p=self.top_p,
-            max_new_tokens=self.judge_max_new_tokens,
-            batch_size=self.batch_size,
-            seed=self.seed * 1000 + 500 + t,
-        )
 
 
 def iteration_dir(out: Path, t: int) -> Path:
