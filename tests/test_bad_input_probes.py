@@ -164,3 +164,34 @@ def test_training_and_sampling_probes_write_nothing(probe, tmp_path, monkeypatch
     monkeypatch.syspath_prepend(str(tmp_path))
     probe.setup = _inputs
     run_probe(probe, tmp_path, capsys)
+
+
+# -- plan: no figure made up from transformers' defaults ------------------------------------------------
+
+
+def _configs(tmp: Path) -> None:
+    import json
+
+    (tmp / "partial").mkdir()
+    (tmp / "partial" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 4096}))
+    full = {"model_type": "llama", "hidden_size": 4000, "num_hidden_layers": 2, "num_attention_heads": 3,
+            "intermediate_size": 8000, "vocab_size": 1000}  # fmt: skip
+    (tmp / "odd-heads").mkdir()
+    (tmp / "odd-heads" / "config.json").write_text(json.dumps(full))
+    (tmp / "data.jsonl").write_text(PAIR)
+
+
+PLAN = ["plan", "--max-length", "512", "--model"]
+PLAN_PROBES = [
+    Probe([*PLAN, "./partial"], says="no 'num_hidden_layers'", id="plan-incomplete-config"),
+    Probe([*PLAN, "./odd-heads"], says="not a multiple of the 3 attention heads", id="plan-heads-do-not-divide"),
+    Probe([*PLAN, "./data.jsonl"], says="is a file", id="plan-model-is-a-file"),
+    Probe([*PLAN, "tiny", "--tflops", "nan"], says="--tflops", id="plan-tflops-nan"),
+]
+
+
+@pytest.mark.parametrize("probe", PLAN_PROBES, ids=[p.id for p in PLAN_PROBES])
+def test_plan_probes(probe, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    probe.setup = _configs
+    run_probe(probe, tmp_path, capsys)

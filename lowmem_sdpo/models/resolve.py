@@ -55,9 +55,9 @@ def resolve_model(model: str, revision: str | None = None, fetch: HubFetch | Non
     if local.is_dir() and (local / "config.json").is_file():
         return local
     if local.exists() or _looks_like_path(target):
+        state = "has no config.json" if local.is_dir() else "is a file" if local.exists() else "does not exist"
         raise InputError(
-            f"model '{model}': not a local directory with config.json and not a hub id "
-            f"({local} {'has no config.json' if local.is_dir() else 'does not exist'})"
+            f"model '{model}': not a local directory with config.json and not a hub id ({local} {state})"
         )
     return (fetch or _download)(model, target, revision)
 
