@@ -195,3 +195,42 @@ def test_plan_probes(probe, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     probe.setup = _configs
     run_probe(probe, tmp_path, capsys)
+
+
+# -- empty answers: dropped and counted under one reason, by every loader ----------------------------------
+
+
+def test_empty_answers_are_dropped_and_counted_the_same_way_everywhere(tmp_path):
+    import json
+
+    from lowmem_sdpo.data import load_steps
+    from lowmem_sdpo.data.schemas import DROP_EMPTY
+    from lowmem_sdpo.sft.data import load_sft_examples
+
+    rows = [
+        {"prompt": "a", "chosen": "yes", "rejected": "no"},
+        {"prompt": "b", "chosen": "", "rejected": "no"},
+        {"prompt": "c", "chosen": "yes", "rejected": "  "},
+        {"prompt": "d", "chosen": "ok", "rejected": "bad"},
+    ]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (step,) = load_steps(str(pairs), seed=0)
+    assert [p.prompt[0]["content"] for p in step.pairs] == ["a", "d"]
+    assert step.drops == {DROP_EMPTY: 2}
+
+    unpaired = tmp_path / "kto.jsonl"
+    unpaired.write_text(
+        json.dumps({"prompt": "a", "completion": "x", "label": True}) + "\n"
+        + json.dumps({"prompt": "b", "completion": "", "label": False}) + "\n"
+    )  # fmt: skip
+    (step,) = load_steps(str(unpaired), seed=0)
+    assert len(step.unpaired) == 1 and step.drops == {DROP_EMPTY: 1}
+
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in [("a", "x"), ("b", ""), ("c", "y")]))
+    data = load_sft_examples(str(sft))
+    assert len(data.unpaired) == 2 and data.drops == {DROP_EMPTY: 1} and data.n_source_rows == 3
+    # sft's preference-row path counts them the same way (its chosen side is the answer)
+    data = load_sft_examples(str(pairs))
+    assert len(data.unpaired) == 2 and data.drops == {DROP_EMPTY: 2} and data.n_source_rows == 4

@@ -91,7 +91,11 @@ def run_sft(
     check_settings_record(out / RUN_FILE, record, what="SFT run", resume=resume, resume_needs_record=True)
     impl = resolve_logprob_impl(hw, config.logprob_impl)
     quant = QuantSettings(double_quant=config.double_quant, compute_dtype=hw.compute_dtype)
-    reporter.note(f"SFT: {len(examples)} examples, loading {model_dir} in 4 bit")
+    dropped = tokenized.stats.get("dropped") or {}
+    why = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
+    reporter.note(
+        f"SFT: {len(examples)} examples{f' ({why} dropped)' if why else ''}, loading {model_dir} in 4 bit"
+    )
     with hf_bars_off():
         base = load_quantized(model_dir, quant=quant, device=hw.device, progress=reporter.merge_progress())
     policy = add_lora(
