@@ -234,3 +234,39 @@ def test_empty_answers_are_dropped_and_counted_the_same_way_everywhere(tmp_path)
     # sft's preference-row path counts them the same way (its chosen side is the answer)
     data = load_sft_examples(str(pairs))
     assert len(data.unpaired) == 2 and data.drops == {DROP_EMPTY: 2} and data.n_source_rows == 4
+
+
+# -- eval: options that do not apply, task names and adapters checked before a model loads ------------------
+
+
+def _broken_run(tmp: Path, run: Path) -> None:
+    import shutil
+
+    shutil.copytree(run, tmp / "broken")
+    (tmp / "broken" / "step-1" / "adapter" / "adapter_model.safetensors").unlink()
+
+
+EVAL = ["eval", "--run", "{run}"]
+EVAL_PROBES = [
+    Probe([*EVAL, "--data", "d.jsonl", "--limit", "3"], says="--limit applies to --lm-eval only", id="eval-limit-without-lm-eval"),
+    Probe([*EVAL, "--data", "d.jsonl", "--num-fewshot", "5"], says="--num-fewshot applies", id="eval-fewshot-without-lm-eval"),
+    Probe([*EVAL, "--lm-eval", "arc_easy", "--against", "S"], says="--against applies to --data only", id="eval-against-without-data"),
+    Probe([*EVAL, "--lm-eval", "nosuch_task", "--lm-eval-include-only", "--lm-eval-include", "."], says="nosuch_task", id="eval-unknown-task"),
+    Probe([*EVAL, "--data", "nosuch.jsonl"], says="--data item 'nosuch.jsonl'", id="eval-data-names-its-flag"),
+    Probe([*EVAL, "--data", "d.jsonl", "--step", "0"], says="--step", id="eval-step-0"),
+    Probe(["eval", "--run", "broken", "--data", "d.jsonl"], says="adapter_model.safetensors, which is missing", id="eval-adapter-missing"),
+    Probe(["sft", "--model", "tiny", "--data", "nosuch.jsonl", "--output-dir", "out"], says="--data item", id="sft-data-names-its-flag"),
+]
+
+
+@pytest.mark.parametrize("probe", EVAL_PROBES, ids=[p.id for p in EVAL_PROBES])
+def test_eval_probes(probe, finished_run, tmp_path, monkeypatch, capsys):
+    run, model = finished_run
+    monkeypatch.chdir(tmp_path)
+
+    def setup(tmp: Path) -> None:
+        _inputs(tmp)
+        _broken_run(tmp, run)
+
+    probe.setup = setup
+    run_probe(probe, tmp_path, capsys, run=run, model=model)

@@ -7,6 +7,7 @@ import sys
 from dataclasses import fields
 from typing import Any
 
+from lowmem_sdpo.data.spec import parse_steps
 from lowmem_sdpo.engine.config import RunConfig, build_config, check_run_dir, read_config_file
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.losses import add_loss_arguments, loss_options_from_args
@@ -144,6 +145,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def run_command(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    parse_steps(config.steps)  # each item's grammar, and a named local file exists, before anything loads
+    if config.eval_steps:
+        parse_steps(config.eval_steps, "--eval-steps")
     check_run_dir(config, resume=args.resume)  # before anything is loaded or written
     if args.num_processes < 1:
         raise InputError(f"--num-processes must be at least 1, got {args.num_processes}")

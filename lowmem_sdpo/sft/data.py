@@ -120,7 +120,7 @@ def load_sft_examples(spec: str, *, seed: int = 0, limits: dict[str, int] | None
     drops: Counter[str] = Counter()
     rows = 0
     sources = []
-    for item in parse_steps(spec):
+    for item in parse_steps(spec, "--data"):
         source = read_source(item)
         sources.append(source.name)
         layout = _layout(source)
@@ -130,7 +130,7 @@ def load_sft_examples(spec: str, *, seed: int = 0, limits: dict[str, int] | None
             rows += len(examples) + sum(drops.values()) - before
             continue
         try:
-            steps = load_steps(item.text, seed=seed)
+            steps = load_steps(item.text, seed=seed, flag="--data")
         except InputError as err:
             known = "; ".join(f"{lay.name} ({', '.join(lay.columns)})" for lay in SFT_LAYOUTS.values())
             raise InputError(f"{source.name}: not SFT rows ({known}) nor preference rows: {err}") from err
