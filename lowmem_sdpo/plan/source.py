@@ -29,9 +29,16 @@ class ModelSource:
 def _hub_config_dir(model: str, repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import hf_hub_download
 
+    from lowmem_sdpo.hub import LOCAL_MODEL_HINT, hub_reachable, unreachable
+
+    online = hub_reachable()
     try:
-        return Path(hf_hub_download(repo_id=repo_id, filename=CONFIG_FILE, revision=revision)).parent
+        return Path(
+            hf_hub_download(repo_id=repo_id, filename=CONFIG_FILE, revision=revision, local_files_only=not online)
+        ).parent
     except Exception as err:  # unknown repo, gated, offline and not cached, malformed id: one user error
+        if not online:
+            raise unreachable(f"model '{model}'", LOCAL_MODEL_HINT.format(repo_id=repo_id)) from err
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise InputError(
             f"model '{model}': not a local directory with {CONFIG_FILE} and its {CONFIG_FILE} is not "
