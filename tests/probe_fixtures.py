@@ -49,9 +49,9 @@ class Probe:
     id: str = field(default="")
 
 
-def run_probe(probe: Probe, tmp: Path, capsys: pytest.CaptureFixture[str], **places: Path) -> None:
+def run_probe(probe: Probe, tmp: Path, capsys: pytest.CaptureFixture[str], **places: Path) -> str:
     """Run `probe` in-process (the caller has made tmp the working directory); assert rc, one stderr line, and
-    tmp and every place (a run, a model the probe reads) unchanged."""
+    tmp and every place (a run, a model the probe reads) unchanged. Returns the stderr line."""
     if probe.setup is not None:
         probe.setup(tmp)
     watched = [tmp, *places.values()]
@@ -69,6 +69,7 @@ def run_probe(probe: Probe, tmp: Path, capsys: pytest.CaptureFixture[str], **pla
     assert probe.says in lines[0], (fixed, lines[0])
     for path, digest in zip(watched, before, strict=True):
         assert tree_digest(path) == digest, f"{fixed}: changed files under {path}"
+    return lines[0]
 
 
 def write_fake_run(root: Path, model_dir: Path, adapter: Path) -> Path:

@@ -270,3 +270,34 @@ def test_eval_probes(probe, finished_run, tmp_path, monkeypatch, capsys):
 
     probe.setup = setup
     run_probe(probe, tmp_path, capsys, run=run, model=model)
+
+
+# -- hub ids on a machine that cannot reach the hub: one line naming the local alternative, everywhere -------
+
+HUB_MODEL = "nosuch-org/nosuch-model"
+HUB_DATA = "nosuch-org/nosuch-data"
+OFFLINE_PROBES = [
+    Probe(["run", "--model", HUB_MODEL, "--steps", "d.jsonl", "--device", "cpu"], says="local directory", id="run-model"),
+    Probe(["sft", "--model", HUB_MODEL, "--data", "d.jsonl", "--output-dir", "out"], says="local directory", id="sft-model"),
+    Probe(["generate", "--model", HUB_MODEL, "--prompts", "p.txt", "--out", "g.jsonl"], says="local directory", id="generate-model"),
+    Probe(["plan", "--model", HUB_MODEL, "--max-length", "512"], says="local directory", id="plan-model"),
+    Probe(["data", "inspect", "--model", HUB_MODEL, "--steps", "d.jsonl"], says="local directory", id="data-inspect-model"),
+    Probe(["run", "--model", "tiny", "--steps", HUB_DATA, "--device", "cpu"], says="local file", id="run-dataset"),
+    Probe(["eval", "--run", "{run}", "--data", HUB_DATA], says="local file", id="eval-dataset"),
+]
+
+
+@pytest.mark.parametrize("mode", ["unreachable", "HF_HUB_OFFLINE"])
+@pytest.mark.parametrize("probe", OFFLINE_PROBES, ids=[p.id for p in OFFLINE_PROBES])
+def test_hub_ids_offline_fail_in_one_line(probe, mode, finished_run, tmp_path, monkeypatch, capsys):
+    run, model = finished_run
+    monkeypatch.chdir(tmp_path)
+    if mode == "unreachable":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens there
+        says = "cannot be reached"
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        says = "HF_HUB_OFFLINE is set"
+    probe.setup = _inputs
+    assert says in run_probe(probe, tmp_path, capsys, run=run, model=model)

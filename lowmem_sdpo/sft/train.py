@@ -26,9 +26,9 @@ from lowmem_sdpo.engine.hardware import resolve_hardware, resolve_logprob_impl
 from lowmem_sdpo.engine.materialise import release_memory
 from lowmem_sdpo.engine.metrics import METRICS_FILE, MetricsLog
 from lowmem_sdpo.engine.optim import cosine_with_warmup, make_optimizer, resolve_optimizer
-from lowmem_sdpo.engine.reporting import hf_bars_off
 from lowmem_sdpo.engine.schedule import build_schedule
 from lowmem_sdpo.errors import InputError
+from lowmem_sdpo.hf_progress import hf_bars_off
 from lowmem_sdpo.models import (
     QuantSettings,
     add_lora,
