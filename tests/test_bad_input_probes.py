@@ -121,6 +121,7 @@ RUN = ["run", "--model", "tiny", "--steps", "d.jsonl", "--output-dir", "out"]
 SFT = ["sft", "--model", "tiny", "--data", "d.jsonl", "--output-dir", "out"]
 GEN = ["generate", "--model", "tiny", "--prompts", "p.txt"]
 SR = ["self-reward", "--model", "tiny", "--prompts", "p.txt", "--output-dir", "out"]
+INSPECT = ["data", "inspect", "--model", "tiny", "--steps"]
 
 TRAIN_PROBES = [
     Probe([*RUN, "--learning-rate", "nan"], says="--learning-rate", id="run-lr-nan"),
@@ -154,6 +155,10 @@ TRAIN_PROBES = [
     Probe([*SR, "--judge", "python:probe_judges:a_string"], says="returned str", id="judge-returns-str"),
     Probe([*SR, "--judge", "./no/such/judge"], says="./no/such/judge", id="judge-model-path-typo"),
     Probe([*SR[:-1], "d.jsonl"], says="d.jsonl", id="self-reward-out-is-a-file"),
+    Probe([*INSPECT, "d.jsonl", "--desirable-threshold", "nan"], says="--desirable-threshold", id="inspect-threshold-nan"),
+    Probe([*INSPECT, "d.jsonl", "--max-length", "1"], says="--max-length", id="inspect-max-length-1"),
+    Probe([*INSPECT, "nosuch.jsonl"], says="--steps item 'nosuch.jsonl'", id="inspect-no-file"),
+    Probe([*RUN, "--epochs", "1", "--beta", "0"], says="--beta must be positive", id="run-beta-0"),
 ]
 
 
