@@ -286,6 +286,8 @@ OFFLINE_PROBES = [
     Probe(["sft", "--model", HUB_MODEL, "--data", "d.jsonl", "--output-dir", "out"], says="local directory", id="sft-model"),
     Probe(["generate", "--model", HUB_MODEL, "--prompts", "p.txt", "--out", "g.jsonl"], says="local directory", id="generate-model"),
     Probe(["plan", "--model", HUB_MODEL, "--max-length", "512"], says="local directory", id="plan-model"),
+    Probe(["self-reward", "--model", HUB_MODEL, "--prompts", "p.txt", "--output-dir", "out"], says="local directory", id="self-reward-model"),
+    Probe(["self-reward", "--model", "tiny", "--judge", HUB_MODEL, "--prompts", "p.txt", "--output-dir", "out"], says="local directory", id="self-reward-judge"),
     Probe(["data", "inspect", "--model", HUB_MODEL, "--steps", "d.jsonl"], says="local directory", id="data-inspect-model"),
     Probe(["run", "--model", "tiny", "--steps", HUB_DATA, "--device", "cpu"], says="local file", id="run-dataset"),
     Probe(["eval", "--run", "{run}", "--data", HUB_DATA], says="local file", id="eval-dataset"),
@@ -306,3 +308,25 @@ def test_hub_ids_offline_fail_in_one_line(probe, mode, finished_run, tmp_path, m
         says = "HF_HUB_OFFLINE is set"
     probe.setup = _inputs
     assert says in run_probe(probe, tmp_path, capsys, run=run, model=model)
+
+
+def test_demo_replaces_only_an_earlier_demo_run(tmp_path, monkeypatch, capsys):
+    import json
+
+    from lowmem_sdpo.cli.demo_cmd import _clear_previous, demo_config
+
+    out = tmp_path / "runs" / "demo"
+    config = demo_config(str(out))
+    out.mkdir(parents=True)
+    # A user's own run of the tiny model on other data, where the demo would write: refused, left as it was.
+    theirs = {**config.to_dict(), "steps": "mine.jsonl"}
+    (out / "run.json").write_text(json.dumps({"config": theirs}))
+    before = tree_digest(out)
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--output-dir", str(out), "--quiet"]) == 2
+    assert "not a demo run" in capsys.readouterr().err
+    assert tree_digest(out) == before
+    # The demo's own earlier run is replaced.
+    (out / "run.json").write_text(json.dumps({"config": config.to_dict()}))
+    _clear_previous(out, config)
+    assert not out.exists()

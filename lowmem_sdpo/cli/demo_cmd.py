@@ -137,12 +137,20 @@ def claims(summaries: list[dict[str, Any]]) -> list[tuple[str, bool]]:
     return found
 
 
-def _clear_previous(out: Path) -> None:
-    """Replace an earlier demo run, never anything else."""
+def _clear_previous(out: Path, config: RunConfig) -> None:
+    """Replace an earlier demo run, never anything else: a run directory is the demo's when its run.json holds
+    the demo's own model, data and settings (a user's run of the tiny model on other data is not)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output-dir {out}: exists and is not a directory; choose another")
     if not out.exists():
         return
     run_file = out / "run.json"
-    is_demo = run_file.is_file() and json.loads(run_file.read_text()).get("config", {}).get("model") == "tiny"
+    try:
+        saved = json.loads(run_file.read_text()).get("config", {}) if run_file.is_file() else {}
+    except ValueError:
+        saved = {}
+    mine = {k: v for k, v in config.to_dict().items() if k not in ("output_dir", "quiet")}
+    is_demo = isinstance(saved, dict) and all(saved.get(k) == v for k, v in mine.items())
     if not is_demo and any(out.iterdir()):
         raise InputError(f"--output-dir {out}: exists and is not a demo run; choose another directory")
     shutil.rmtree(out)
@@ -160,7 +168,7 @@ def demo_command(args: argparse.Namespace) -> int:
         return run_selfreward_demo(args.output_dir or "runs/demo-self-reward", quiet=args.quiet)
     out = Path(args.output_dir or "runs/demo")
     config = demo_config(str(out), quiet=args.quiet)
-    _clear_previous(out)
+    _clear_previous(out, config)
     reporter = Reporter(args.quiet)
     try:
         summaries = run_sdpo(config, reporter=reporter)

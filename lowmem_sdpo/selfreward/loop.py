@@ -89,6 +89,7 @@ class SelfRewardRun:
             try_python_judge(settings.judge, self.score_fn)
         if self.kind == "model":
             resolve_model(settings.judge)
+        resolve_model(settings.model)  # S too: a typo or an unreachable hub id before selfreward.json is written
         self._sampler: Sampler | None = None
         self._judge_sampler: Sampler | None = None
 
