@@ -205,7 +205,7 @@ def test_plan_probes(probe, tmp_path, monkeypatch, capsys):
 # -- empty answers: dropped and counted under one reason, by every loader ----------------------------------
 
 
-def test_empty_answers_are_dropped_and_counted_the_same_way_everywhere(tmp_path):
+def test_empty_answers_are_dropped_and_counted_the_same_way_everywhere(tmp_path, capsys):
     import json
 
     from lowmem_sdpo.data import load_steps
@@ -223,6 +223,11 @@ def test_empty_answers_are_dropped_and_counted_the_same_way_everywhere(tmp_path)
     (step,) = load_steps(str(pairs), seed=0)
     assert [p.prompt[0]["content"] for p in step.pairs] == ["a", "d"]
     assert step.drops == {DROP_EMPTY: 2}
+    # data inspect reports them under the same reason, as a run's summary does (tokenize_step's "dropped")
+    capsys.readouterr()
+    assert main(["data", "inspect", "--model", "tiny", "--steps", str(pairs), "--json"]) == 0
+    (report,) = json.loads(capsys.readouterr().out)["steps"]
+    assert report["dropped"] == {DROP_EMPTY: 2} and report["kept"] == 2 and report["rows"] == 4
 
     unpaired = tmp_path / "kto.jsonl"
     unpaired.write_text(
