@@ -154,6 +154,8 @@ TRAIN_PROBES = [
     Probe([*SR, "--judge", "python:probe_judges:not_a_number"], says="finite", id="judge-returns-nan"),
     Probe([*SR, "--judge", "python:probe_judges:a_string"], says="returned str", id="judge-returns-str"),
     Probe([*SR, "--judge", "./no/such/judge"], says="./no/such/judge", id="judge-model-path-typo"),
+    Probe([*SR, "--judge", "python:probe_judges:raises", "--judge-prompt", "p.txt"], says="--judge-prompt applies",
+          id="judge-prompt-for-a-python-judge"),
     Probe([*SR[:-1], "d.jsonl"], says="d.jsonl", id="self-reward-out-is-a-file"),
     Probe([*INSPECT, "d.jsonl", "--desirable-threshold", "nan"], says="--desirable-threshold", id="inspect-threshold-nan"),
     Probe([*INSPECT, "d.jsonl", "--max-length", "1"], says="--max-length", id="inspect-max-length-1"),

@@ -80,6 +80,8 @@ class SelfRewardRun:
         check_run_target("--output-dir", self.out)
         self.train = replace(train, model=settings.model, output_dir=str(self.out / SDPO_DIR))
         self.prompts = read_prompts(settings.prompts)
+        if judge_kind(settings.judge) == "python" and settings.judge_prompt:
+            raise InputError("--judge-prompt applies to model judges (self or MODEL); a python judge has no rubric")
         self.rubric = read_rubric(Path(settings.judge_prompt) if settings.judge_prompt else None)
         self.kind = judge_kind(settings.judge)
         # A python judge is imported and called once on a test pair, and a judge model is resolved, before
