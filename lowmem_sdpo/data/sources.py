@@ -164,10 +164,7 @@ def _read_saved_dataset(path: Path, split: str) -> RawSource:
 
 
 # What to give instead of a dataset hub id that cannot be fetched.
-LOCAL_DATA_HINT = (
-    "give a local file (.jsonl, .json, .parquet, .csv) or dataset directory instead, or set HF_HUB_OFFLINE=1 "
-    "to read the datasets cache"
-)
+LOCAL_DATA_HINT = "give a local file (.jsonl, .json, .parquet, .csv) or dataset directory instead"
 
 
 def _load_dataset(location: str, split: str) -> RawSource:
@@ -181,7 +178,7 @@ def _load_dataset(location: str, split: str) -> RawSource:
     hub_id = not path.is_dir()
     if hub_id and not hub_offline() and not hub_reachable():
         # datasets would retry for most of a minute; with HF_HUB_OFFLINE=1 it reads its cache instead.
-        raise unreachable(f"dataset '{location}'", LOCAL_DATA_HINT)
+        raise unreachable(f"dataset '{location}'", f"{LOCAL_DATA_HINT}, or set HF_HUB_OFFLINE=1 to read the cache")
     try:
         # The builder knows the split names before anything is downloaded: a wrong split fails fast.
         builder = datasets.load_dataset_builder(location)
