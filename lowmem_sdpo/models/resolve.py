@@ -81,7 +81,8 @@ def _download(model: str, repo_id: str, revision: str | None = None) -> Path:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise InputError(
             f"model '{model}': not a local directory with config.json and not reachable on the hub "
-            f"as '{repo_id}'{f' at revision {revision}' if revision else ''} ({type(err).__name__}: {reason})"
+            f"as '{repo_id}'{f' at revision {revision}' if revision else ''} ({type(err).__name__}: {reason}); "
+            + LOCAL_MODEL_HINT.format(repo_id=repo_id)
         ) from err
     if not (path / "config.json").is_file():
         raise InputError(f"model '{model}': hub repo '{repo_id}' has no config.json")

@@ -42,7 +42,8 @@ def _hub_config_dir(model: str, repo_id: str, revision: str | None) -> Path:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise InputError(
             f"model '{model}': not a local directory with {CONFIG_FILE} and its {CONFIG_FILE} is not "
-            f"reachable on the hub as '{repo_id}' ({type(err).__name__}: {reason})"
+            f"reachable on the hub as '{repo_id}' ({type(err).__name__}: {reason}); "
+            + LOCAL_MODEL_HINT.format(repo_id=repo_id)
         ) from err
 
 
