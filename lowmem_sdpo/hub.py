@@ -54,7 +54,7 @@ def unreachable(subject: str, alternative: str) -> InputError:
     what local thing to give instead."""
     host, _ = hub_host()
     why = (
-        "HF_HUB_OFFLINE is set and it is not in the cache"
+        "HF_HUB_OFFLINE is set (no hub access) and it is not in the cache"
         if hub_offline()
         else f"the hub ({host}) cannot be reached and it is not in the cache"
     )
