@@ -91,7 +91,7 @@ def test_ctrl_c_during_the_heavy_imports_is_one_line_and_130(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "lowmem_sdpo", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
     )
-    time.sleep(1.5)  # past interpreter start-up and argument parsing, inside the imports of datasets / transformers
+    time.sleep(0.8)  # past argument parsing, inside the imports of datasets / transformers
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -71,6 +72,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def entry() -> NoReturn:
+    """The process entry point (`lowmem-sdpo`, `python -m lowmem_sdpo`): main(), then exit with its code. Once
+    main has returned there is nothing left to interrupt, and a Ctrl-C arriving while the interpreter shuts down
+    (after Python has restored the default handler) would otherwise kill it by the signal, with no line at all."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise SystemExit(code)
 
 
 def _dispatch(argv: list[str], debug: bool) -> int:
