@@ -78,7 +78,7 @@ CASES = {
         {"t.jsonl": jsonl(GOOD, {"prompt": "a", "chosen": "b"})},
         "{d}/t.jsonl", [], ["t.jsonl", "line 2", "'rejected'", "missing"],
     ),
-    "hub_dataset_unreachable": ({}, "SomeOrg/absent-dataset", [], ["SomeOrg/absent-dataset", "cannot load"]),
+    "hub_dataset_unreachable": ({}, "SomeOrg/absent-dataset", [], ["SomeOrg/absent-dataset", "not in the cache", "local file"]),
     "empty_step_item": ({"t.jsonl": jsonl(GOOD)}, "{d}/t.jsonl,", [], ["item 2 is empty"]),
 }  # fmt: skip
 

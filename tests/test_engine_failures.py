@@ -74,8 +74,10 @@ def _cli(args: list[str], capsys) -> tuple[int, str]:
 
 
 def test_unknown_model_alias_is_one_line_exit_2(tmp_path, capsys):
+    data = tmp_path / "x.jsonl"  # the data item exists, so the model is what is refused
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
     code, err = _cli(
-        ["run", "--model", "./no/such/model", "--steps", "x.jsonl", "--output-dir", str(tmp_path / "r")],
+        ["run", "--model", "./no/such/model", "--steps", str(data), "--output-dir", str(tmp_path / "r")],
         capsys,
     )
     assert code == 2

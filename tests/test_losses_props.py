@@ -298,3 +298,11 @@ def test_flag_values_are_validated_and_choices_enforced():
         parse(["--aot-cost", "cubic"])
     with pytest.raises(SystemExit):
         parse(["--loss", "orpo"])
+
+
+def test_the_torch_free_registry_names_the_aot_costs_and_sorts_aot_defines():
+    from lowmem_sdpo.losses.aot import COSTS, SORTS
+    from lowmem_sdpo.losses.specs import AOT_COSTS, AOT_SORTS
+
+    assert AOT_COSTS == tuple(COSTS)
+    assert AOT_SORTS == tuple(SORTS)

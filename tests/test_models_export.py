@@ -8,6 +8,7 @@ import pytest
 import torch
 from model_fixtures import read_checkpoint, reference_deltas, write_adapter, write_llama
 
+from lowmem_sdpo.checks import OUTPUT_MARKER, write_marker
 from lowmem_sdpo.models import export_merged
 from lowmem_sdpo.models.checkpoint import INDEX_FILE
 
@@ -101,11 +102,13 @@ def test_failure_midway_leaves_no_output_dir(sharded, tmp_path, monkeypatch):
     assert len(calls) == 2  # it did fail midway, after one shard was written
     assert list(parent.iterdir()) == []  # no out dir, no temp dir left behind
 
-    # An existing export is left as it was.
+    # An existing export (its marker says so) is left as it was.
     (parent / "merged").mkdir()
     (parent / "merged" / "keep.txt").write_text("old")
+    write_marker(parent / "merged", "export")
     calls.clear()
     with pytest.raises(OSError, match="disk full"):
         export_merged(model_dir, adapters, parent / "merged")
     assert [p.name for p in parent.iterdir()] == ["merged"]
-    assert [p.name for p in (parent / "merged").iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in (parent / "merged").iterdir()) == sorted([OUTPUT_MARKER, "keep.txt"])
+    assert (parent / "merged" / "keep.txt").read_text() == "old"

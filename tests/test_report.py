@@ -121,6 +121,6 @@ def test_refuses_to_replace_a_directory_that_is_not_a_report(report, tmp_path, c
     run_dir, _ = report
     (tmp_path / "keep.txt").write_text("mine")
     assert main(["report", str(run_dir), "--out", str(tmp_path)]) == 2
-    assert "not a report directory" in capsys.readouterr().err
+    assert "is not an earlier report output" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").read_text() == "mine"
     assert main(["report", str(tmp_path / "nothing")]) == 2

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from lowmem_sdpo import __version__
+from lowmem_sdpo.cli.quiet import quiet_dependencies
 from lowmem_sdpo.errors import InputError
 
 # Module names under lowmem_sdpo.cli, in the order `--help` lists them.
@@ -30,13 +33,23 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse with its errors on one line (not the usage block), as every other input error is; the
+    subparsers it makes are of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="lowmem-sdpo",
         description="Stepwise DPO (sDPO) on one consumer GPU.",
     )
     parser.add_argument("--version", action="version", version=f"lowmem-sdpo {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks for errors, and the dependencies' warnings"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"lowmem_sdpo.cli.{name}").register(sub)
@@ -48,6 +61,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     # --debug is accepted anywhere on the line, not only before the subcommand.
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    if not debug:
+        quiet_dependencies()
+    # Ctrl-C at any moment -- parsing, the heavy imports, loading, training -- is one line and 130; the
+    # engine's own handler turns one during training into a checkpoint first.
+    try:
+        return _dispatch(argv, debug)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> NoReturn:
+    """The process entry point (`lowmem-sdpo`, `python -m lowmem_sdpo`): main(), then exit with its code. Once
+    main has returned there is nothing left to interrupt, and a Ctrl-C arriving while the interpreter shuts down
+    (after Python has restored the default handler) would otherwise kill it by the signal, with no line at all."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise SystemExit(code)
+
+
+def _dispatch(argv: list[str], debug: bool) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.debug = debug
@@ -62,6 +98,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130

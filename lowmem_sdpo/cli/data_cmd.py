@@ -7,16 +7,11 @@ import json
 import sys
 from typing import Any
 
-from lowmem_sdpo.data import (
-    DATASET_ALIASES,
-    load_steps,
-    load_tokenizer,
-    parse_columns,
-    tokenize_step,
-)
+from lowmem_sdpo.checks import check_number
+from lowmem_sdpo.data.aliases import DATASET_ALIASES
 from lowmem_sdpo.data.spec import __doc__ as STEPS_GRAMMAR
+from lowmem_sdpo.data.spec import parse_steps
 from lowmem_sdpo.data.types import StepData, TokenizedStep
-from lowmem_sdpo.errors import InputError
 
 
 def register(subparsers: Any) -> None:
@@ -113,8 +108,15 @@ def _report(step: StepData, tokenized: TokenizedStep, tokenizer: Any, n_tokens: 
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    if args.tokens < 0:
-        raise InputError(f"--tokens must be 0 or more, got {args.tokens}")
+    # Every flag before the data or the tokenizer is read (tokenize_step checks the lengths again, for callers).
+    check_number("--tokens", args.tokens, low=0, integer=True)
+    check_number("--max-length", args.max_length, low=2, integer=True, note=" (prompt token + answer token)")
+    check_number("--max-prompt-length", args.max_prompt_length, low=1, integer=True)
+    check_number("--desirable-threshold", args.desirable_threshold)
+    parse_steps(args.steps)
+
+    from lowmem_sdpo.data import load_steps, load_tokenizer, parse_columns, tokenize_step
+
     steps = load_steps(
         args.steps,
         columns=parse_columns(args.columns),

@@ -19,9 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lowmem_sdpo.engine import RunConfig, run_sdpo
-from lowmem_sdpo.engine.config import validate
-from lowmem_sdpo.engine.failures import TrainingStopped
+from lowmem_sdpo.engine.config import RunConfig, validate
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.toy.run_settings import TINY_TOY_RUN
 
@@ -139,18 +137,28 @@ def claims(summaries: list[dict[str, Any]]) -> list[tuple[str, bool]]:
     return found
 
 
-def _clear_previous(out: Path) -> None:
-    """Replace an earlier demo run, never anything else."""
+def _clear_previous(out: Path, config: RunConfig) -> None:
+    """Replace an earlier demo run, never anything else: a run directory is the demo's when its run.json holds
+    the demo's own model, data and settings (a user's run of the tiny model on other data is not)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output-dir {out}: exists and is not a directory; choose another")
     if not out.exists():
         return
     run_file = out / "run.json"
-    is_demo = run_file.is_file() and json.loads(run_file.read_text()).get("config", {}).get("model") == "tiny"
+    try:
+        saved = json.loads(run_file.read_text()).get("config", {}) if run_file.is_file() else {}
+    except ValueError:
+        saved = {}
+    mine = {k: v for k, v in config.to_dict().items() if k not in ("output_dir", "quiet")}
+    is_demo = isinstance(saved, dict) and all(saved.get(k) == v for k, v in mine.items())
     if not is_demo and any(out.iterdir()):
         raise InputError(f"--output-dir {out}: exists and is not a demo run; choose another directory")
     shutil.rmtree(out)
 
 
 def demo_command(args: argparse.Namespace) -> int:
+    from lowmem_sdpo.engine import run_sdpo
+    from lowmem_sdpo.engine.failures import TrainingStopped
     from lowmem_sdpo.engine.reporting import Reporter
     from lowmem_sdpo.report import build_report
 
@@ -160,7 +168,7 @@ def demo_command(args: argparse.Namespace) -> int:
         return run_selfreward_demo(args.output_dir or "runs/demo-self-reward", quiet=args.quiet)
     out = Path(args.output_dir or "runs/demo")
     config = demo_config(str(out), quiet=args.quiet)
-    _clear_previous(out)
+    _clear_previous(out, config)
     reporter = Reporter(args.quiet)
     try:
         summaries = run_sdpo(config, reporter=reporter)

@@ -14,7 +14,11 @@ def register(subparsers: Any) -> None:
     export = subparsers.add_parser("export", help="write a step's merged model as a Hugging Face checkpoint")
     export.add_argument("--run", required=True, help="the run directory (holds run.json)")
     export.add_argument("--step", type=int, default=None, help="which M_t (default: the last finished step)")
-    export.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    export.add_argument(
+        "--out",
+        required=True,
+        help="output directory: new, empty, or an earlier export (replaced atomically); anything else is refused",
+    )
     export.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     export.add_argument("--quiet", action="store_true")
     export.set_defaults(handler=export_command)
@@ -48,13 +52,20 @@ def adapter_chain(run_dir: Path, step: int | None) -> tuple[Path, list[Path], in
 
 
 def export_command(args: argparse.Namespace) -> int:
+    from lowmem_sdpo.checks import check_replaceable_dir
+
+    run_dir = Path(args.run)
+    # The target first, before anything is read or imported: an existing path that is not an earlier export
+    # (a user's directory, the run itself, a data file) is refused and left exactly as it is.
+    check_replaceable_dir("--out", Path(args.out), "export", keep=(run_dir,))
+    model_dir, chain, t = adapter_chain(run_dir, args.step)
+
     import torch
 
     from lowmem_sdpo.engine.reporting import Reporter
     from lowmem_sdpo.models import export_merged
 
     reporter = Reporter(args.quiet)
-    model_dir, chain, t = adapter_chain(Path(args.run), args.step)
     out = export_merged(
         model_dir, chain, Path(args.out), dtype=getattr(torch, args.dtype), progress=reporter.merge_progress()
     )

@@ -12,13 +12,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lowmem_sdpo.checks import check_input_file, check_output_file
 from lowmem_sdpo.errors import InputError
 
 SETTINGS_SUFFIX = ".settings.json"
 
 
 def register(subparsers: Any) -> None:
-    from lowmem_sdpo.selfreward.generation import CACHE_CHOICES, SampleSettings
+    from lowmem_sdpo.selfreward.sampling import CACHE_CHOICES, SampleSettings
 
     d = SampleSettings()
     gen = subparsers.add_parser(
@@ -82,23 +83,39 @@ def _model_and_chain(args: argparse.Namespace) -> tuple[str, list[Path], str]:
     return args.model or str(model_dir), chain, f"M_{t} of {args.run}"
 
 
+def _check_out(out: Path, meta: Path, record: dict[str, Any], resume: bool) -> None:
+    """--out's own errors, before the model loads or anything is written. A .jsonl is this command's output
+    when its settings file is beside it: only then is it continued (--resume), and only with the same
+    settings; without that file its rows could hold other settings (-n 1 beside -n 3), so it is refused."""
+    check_output_file("--out", out)
+    check_output_file("--out", meta)
+    if out.exists() and not resume:
+        raise InputError(f"--out {out}: exists; pass --resume to continue it, or choose another file")
+    if resume and out.exists() and not meta.is_file():
+        raise InputError(
+            f"--resume {out}: no {meta.name} beside it, so its settings are unknown; choose another --out"
+        )
+    if resume and meta.is_file():
+        try:
+            saved = json.loads(meta.read_text())
+        except ValueError as err:
+            raise InputError(f"--resume {out}: {meta} is not valid JSON ({err})") from err
+        if saved != record:
+            raise InputError(f"--resume {out}: it was generated with other settings (see {meta})")
+
+
 def generate_command(args: argparse.Namespace) -> int:
-    from lowmem_sdpo.atomic import write_json
-    from lowmem_sdpo.engine import Reporter, RunConfig
-    from lowmem_sdpo.selfreward.generation import SampleSettings, sample_rows
-    from lowmem_sdpo.selfreward.loading import open_sampler
-    from lowmem_sdpo.selfreward.loop import candidate_row
-    from lowmem_sdpo.selfreward.prompts import read_prompts
-    from lowmem_sdpo.selfreward.rowlog import RowLog
+    from lowmem_sdpo.selfreward.sampling import SampleSettings
 
     settings = SampleSettings(
         n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, cache=args.cache, seed=args.seed,
     )  # fmt: skip
     settings.check()
-    prompts = read_prompts(args.prompts)
-    model, chain, what = _model_and_chain(args)
+    check_input_file("--prompts", Path(args.prompts))
     out = Path(args.out) if args.out else Path(args.prompts).with_name("generations.jsonl")
+    check_output_file("--out", out)
+    model, chain, what = _model_and_chain(args)
     record = {
         "model": model,
         "adapters": [str(p) for p in chain],
@@ -106,14 +123,21 @@ def generate_command(args: argparse.Namespace) -> int:
         **settings.__dict__,
     }
     meta = out.with_name(out.name + SETTINGS_SUFFIX)
-    if out.exists() and not args.resume:
-        raise InputError(f"--out {out}: exists; pass --resume to continue it, or choose another file")
-    if args.resume and meta.is_file() and json.loads(meta.read_text()) != record:
-        raise InputError(f"--resume {out}: it was generated with other settings (see {meta})")
-    write_json(meta, record)
+    _check_out(out, meta, record, args.resume)
+
+    from lowmem_sdpo.atomic import write_json
+    from lowmem_sdpo.engine import Reporter, RunConfig
+    from lowmem_sdpo.selfreward.generation import sample_rows
+    from lowmem_sdpo.selfreward.loading import open_sampler
+    from lowmem_sdpo.selfreward.loop import candidate_row
+    from lowmem_sdpo.selfreward.prompts import read_prompts
+    from lowmem_sdpo.selfreward.rowlog import RowLog
+
+    prompts = read_prompts(args.prompts)
     reporter = Reporter(args.quiet)
     config = RunConfig(model=model, device=args.device, compute_dtype=args.compute_dtype)
     sampler = open_sampler(model, config, reporter)
+    write_json(meta, record)  # once the model has loaded: a refused start leaves nothing behind
     log = RowLog(out, key=lambda r: r["prompt_index"])
     try:
         reporter.note(

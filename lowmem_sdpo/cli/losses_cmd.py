@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from lowmem_sdpo.losses import LOSSES, LossSpec
+from lowmem_sdpo.losses.specs import TensorInput
 
 
 def register(subparsers: Any) -> None:
@@ -30,7 +31,7 @@ def _describe(spec: LossSpec) -> dict[str, Any]:
                 # Tensor options (KTO's KL log-probs) are inputs the engine passes, not flags.
                 "flag": "--" + key.replace("_", "-") if opt.is_flag else None,
                 "default": opt.default,
-                "type": opt.type.__name__,
+                "type": "Tensor" if opt.type is TensorInput else opt.type.__name__,
                 "choices": list(opt.choices) if opt.choices else None,
                 "help": opt.help,
             }

@@ -8,6 +8,7 @@ import json
 import sys
 from typing import Any
 
+from lowmem_sdpo.checks import check_number
 from lowmem_sdpo.engine.config import CHOICES, RunConfig
 from lowmem_sdpo.errors import InputError
 
@@ -93,17 +94,14 @@ def parse_steps(text: str | None) -> tuple[int, ...]:
     return tuple(int(item) for item in items)
 
 
-def _positive(value: float | None, flag: str) -> None:
-    if value is not None and not value > 0:
-        raise InputError(f"{flag} must be positive, got {value}")
-
-
 def plan_command(args: argparse.Namespace) -> int:
     from lowmem_sdpo.plan import PlanSettings, make_plan, parse_size
 
     gpu_memory = parse_size(args.gpu_memory, "--gpu-memory")  # before any model is read: bad input fails fast
-    _positive(args.tflops, "--tflops")
-    _positive(args.tokens_per_pair, "--tokens-per-pair")
+    if args.tflops is not None:
+        check_number("--tflops", args.tflops, low=0, low_open=True)
+    if args.tokens_per_pair is not None:
+        check_number("--tokens-per-pair", args.tokens_per_pair, low=1, integer=True)
     settings = PlanSettings(
         max_length=args.max_length,
         batch_size=args.batch_size,

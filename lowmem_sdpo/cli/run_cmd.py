@@ -7,10 +7,8 @@ import sys
 from dataclasses import fields
 from typing import Any
 
-from lowmem_sdpo.engine import RunConfig, build_config, read_config_file, run_sdpo
-from lowmem_sdpo.engine.config import check_run_dir
-from lowmem_sdpo.engine.distributed import launched_rank, launched_world
-from lowmem_sdpo.engine.failures import TrainingStopped
+from lowmem_sdpo.data.spec import parse_steps
+from lowmem_sdpo.engine.config import RunConfig, build_config, check_run_dir, read_config_file
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.losses import add_loss_arguments, loss_options_from_args
 
@@ -148,11 +146,22 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def run_command(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    check_run_dir(config, resume=args.resume)  # before anything is loaded or written
     if args.num_processes < 1:
         raise InputError(f"--num-processes must be at least 1, got {args.num_processes}")
-    if args.num_processes > 1 and launched_world() > 1:
-        raise InputError("--num-processes: this process is already one rank of a launched run; drop the flag")
+    if args.num_processes > 1:
+        from lowmem_sdpo.engine.distributed import launched_world
+
+        if launched_world() > 1:
+            raise InputError("--num-processes: this process is already one rank of a launched run; drop the flag")
+    parse_steps(config.steps)  # each item's grammar, and a named local file exists, before anything loads
+    if config.eval_steps:
+        parse_steps(config.eval_steps, "--eval-steps")
+    check_run_dir(config, resume=args.resume)  # before anything is loaded or written
+
+    from lowmem_sdpo.engine import run_sdpo
+    from lowmem_sdpo.engine.distributed import launched_rank
+    from lowmem_sdpo.engine.failures import TrainingStopped
+
     if args.num_processes > 1:  # bad input has been refused above, once, before any rank starts
         from lowmem_sdpo.cli.launch import launch
 

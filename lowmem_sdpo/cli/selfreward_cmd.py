@@ -21,7 +21,7 @@ TRAIN_DEFAULTS = replace(RunConfig(), learning_rate=1e-6, beta=0.1, batch_size=4
 
 def register(subparsers: Any) -> None:
     from lowmem_sdpo.cli.run_cmd import add_run_arguments
-    from lowmem_sdpo.selfreward.loop import SelfRewardSettings
+    from lowmem_sdpo.selfreward.settings import SelfRewardSettings
 
     d = SelfRewardSettings(model="", prompts="", output_dir="")
     sr = subparsers.add_parser(

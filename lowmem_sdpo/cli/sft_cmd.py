@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields, replace
+from pathlib import Path
 from typing import Any
 
+from lowmem_sdpo.checks import check_run_target
+from lowmem_sdpo.data.spec import parse_steps
 from lowmem_sdpo.engine.config import RunConfig, validate
 from lowmem_sdpo.errors import InputError
 
@@ -75,12 +78,15 @@ def sft_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, int]]:
         raise InputError("--output-dir is required (the SFT run directory; S is written to OUTPUT_DIR/model)")
     config = replace(SFT_DEFAULTS, **values)
     validate(config)
+    parse_steps(config.steps, "--data")  # each item's grammar, and a named local file exists
+    check_run_target("--output-dir", Path(config.output_dir))
     return config, limits
 
 
 def sft_command(args: argparse.Namespace) -> int:
+    config, limits = sft_config(args)  # every flag checked before torch is imported
+
     from lowmem_sdpo.sft.train import run_sft
 
-    config, limits = sft_config(args)
     run_sft(config, resume=args.resume, limits=limits, export_dtype=args.export_dtype)
     return 0

@@ -83,13 +83,13 @@ def _parts(item: StepItem, source: RawSource, seed: int) -> list[list[int]]:
     n = len(source.rows)
     if item.parts > n:
         raise InputError(
-            f"--steps item '{item.text}': {item.parts} parts but {source.name} has only {n} rows"
+            f"{item.flag} item '{item.text}': {item.parts} parts but {source.name} has only {n} rows"
         )
     if item.by is None:
         return random_parts(n, item.parts, seed)
     if item.by not in source.columns:
         raise InputError(
-            f"--steps item '{item.text}': no column '{item.by}' to stratify by in {source.name} "
+            f"{item.flag} item '{item.text}': no column '{item.by}' to stratify by in {source.name} "
             f"(columns found: {', '.join(source.columns)})"
         )
     return stratified_parts([row.get(item.by) for row in source.rows], item.parts, seed)
@@ -121,17 +121,19 @@ def load_steps(
     columns: dict[str, str] | None = None,
     seed: int = 0,
     desirable_threshold: float = 3,
+    flag: str = "--steps",
 ) -> list[StepData]:
     """Every step of `spec` loaded and normalised; all input is checked before anything is returned.
 
     columns: schema name -> your column (see parse_columns); seed: for `@K` splits;
-    desirable_threshold: HelpSteer rows with helpfulness >= this are desirable.
+    desirable_threshold: HelpSteer rows with helpfulness >= this are desirable; flag: the option `spec` came
+    from (--steps, --eval-steps, --data), named in errors.
     """
     if columns:
         _check_mapping(columns)
     options = NormaliseOptions(desirable_threshold=desirable_threshold)
     steps: list[StepData] = []
-    for item in parse_steps(spec):
+    for item in parse_steps(spec, flag):
         source = read_source(item)
         rows, present, mapped = _apply_mapping(source, columns)
         schema = _schema_for(source, rows, present)

@@ -15,6 +15,9 @@ from lowmem_sdpo.data.messages import ROLES
 from lowmem_sdpo.data.types import Message, PreferencePair, UnpairedExample
 
 DROP_IDENTICAL = "identical_answers"
+# An empty (or all-whitespace) chosen, rejected or completion: nothing to prefer or learn. Dropped and counted
+# under this reason by every loader (preference steps, unpaired rows, sft), never trained on.
+DROP_EMPTY = "empty_answer"
 
 
 class RowError(Exception):
@@ -133,7 +136,13 @@ def _number(row: Row, column: str) -> float:
 
 
 def _pair(prompt: list[Message], chosen: str, rejected: str) -> Example:
+    if not chosen.strip() or not rejected.strip():
+        return Drop(DROP_EMPTY)
     return Drop(DROP_IDENTICAL) if chosen == rejected else PreferencePair(prompt, chosen, rejected)
+
+
+def _single(prompt: list[Message], completion: str, desirable: bool) -> Example:
+    return UnpairedExample(prompt, completion, desirable) if completion.strip() else Drop(DROP_EMPTY)
 
 
 # ---- normalisers ------------------------------------------------------------------------------------
@@ -174,16 +183,16 @@ def _orca(row: Row, _: NormaliseOptions) -> Example:
 
 
 def _unpaired(row: Row, _: NormaliseOptions) -> Example:
-    return UnpairedExample(_prompt(row), _string(row, "completion"), _flag(row, "label"))
+    return _single(_prompt(row), _string(row, "completion"), _flag(row, "label"))
 
 
 def _beavertails(row: Row, _: NormaliseOptions) -> Example:
-    return UnpairedExample(_prompt(row), _string(row, "response"), _flag(row, "is_safe"))
+    return _single(_prompt(row), _string(row, "response"), _flag(row, "is_safe"))
 
 
 def _helpsteer(row: Row, options: NormaliseOptions) -> Example:
     desirable = _number(row, "helpfulness") >= options.desirable_threshold
-    return UnpairedExample(_prompt(row), _string(row, "response"), desirable)
+    return _single(_prompt(row), _string(row, "response"), desirable)
 
 
 # ---- detectors --------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 
 from lowmem_sdpo.data.spec import DEFAULT_SPLIT, StepItem
 from lowmem_sdpo.errors import InputError
+from lowmem_sdpo.hub import hub_offline, hub_reachable, unreachable
 
 Row = dict[str, Any]
 
@@ -162,6 +163,10 @@ def _read_saved_dataset(path: Path, split: str) -> RawSource:
     return _from_dataset(name, loaded)
 
 
+# What to give instead of a dataset hub id that cannot be fetched.
+LOCAL_DATA_HINT = "give a local file (.jsonl, .json, .parquet, .csv) or dataset directory instead"
+
+
 def _load_dataset(location: str, split: str) -> RawSource:
     """A hub id or a directory of data files, through a `datasets` builder (what load_dataset does; downloads
     are cached), asked for its split names first."""
@@ -170,6 +175,10 @@ def _load_dataset(location: str, split: str) -> RawSource:
     path = Path(location)
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         return _read_saved_dataset(path, split)
+    hub_id = not path.is_dir()
+    if hub_id and not hub_offline() and not hub_reachable():
+        # datasets would retry for most of a minute; with HF_HUB_OFFLINE=1 it reads its cache instead.
+        raise unreachable(f"dataset '{location}'", f"{LOCAL_DATA_HINT}, or set HF_HUB_OFFLINE=1 to read the cache")
     try:
         # The builder knows the split names before anything is downloaded: a wrong split fails fast.
         builder = datasets.load_dataset_builder(location)
@@ -181,6 +190,8 @@ def _load_dataset(location: str, split: str) -> RawSource:
     except InputError:
         raise
     except Exception as err:  # network, missing repo, gated access, bad files: all reach the user as one line
+        if hub_id and hub_offline():
+            raise unreachable(f"dataset '{location}'", LOCAL_DATA_HINT) from err
         raise InputError(f"cannot load dataset '{location}' split '{split}': {_first_line(err)}") from err
     return _from_dataset(f"{location}:{split}", dataset)
 

@@ -34,13 +34,14 @@ class StepItem:
     split: str | None  # None = the default for that source
     parts: int = 1
     by: str | None = None  # stratification column
+    flag: str = "--steps"  # the option the user wrote it in (--steps, --eval-steps, --data), for errors
 
     @property
     def effective_split(self) -> str:
         return self.split or DEFAULT_SPLIT
 
 
-def _classify(source: str, split: str | None, text: str) -> tuple[str, str, str | None]:
+def _classify(source: str, split: str | None, text: str, flag: str) -> tuple[str, str, str | None]:
     """(kind, location, split) for one source name."""
     path = Path(source)
     if path.is_file():
@@ -48,7 +49,7 @@ def _classify(source: str, split: str | None, text: str) -> tuple[str, str, str 
     if path.is_dir():
         return "dir", source, split
     if source.lower().endswith(LOCAL_SUFFIXES):
-        raise InputError(f"--steps item '{text}': file {source} does not exist")
+        raise InputError(f"{flag} item '{text}': file {source} does not exist")
     alias = DATASET_ALIASES.get(source)
     if alias:
         return "hub", alias.hub_id, split or alias.split
@@ -56,20 +57,20 @@ def _classify(source: str, split: str | None, text: str) -> tuple[str, str, str 
         return "hub", source, split
     known = ", ".join(DATASET_ALIASES)
     raise InputError(
-        f"--steps item '{text}': '{source}' is not a known alias ({known}), an existing file or directory, "
+        f"{flag} item '{text}': '{source}' is not a known alias ({known}), an existing file or directory, "
         f"or a hub id Org/name"
     )
 
 
-def parse_item(text: str) -> StepItem:
+def parse_item(text: str, flag: str = "--steps") -> StepItem:
     text = text.strip()
     if Path(text).exists():  # an existing path wins over the grammar
-        kind, location, split = _classify(text, None, text)
-        return StepItem(text, kind, location, split)
+        kind, location, split = _classify(text, None, text, flag)
+        return StepItem(text, kind, location, split, flag=flag)
     match = _ITEM.match(text)
     if not match:
         raise InputError(
-            f"--steps item '{text}': expected SOURCE[:SPLIT][@K[:by=COLUMN]], e.g. ultrafeedback@2:by=source"
+            f"{flag} item '{text}': expected SOURCE[:SPLIT][@K[:by=COLUMN]], e.g. ultrafeedback@2:by=source"
         )
     parts, by = 1, None
     if match["k"] is not None:
@@ -78,19 +79,20 @@ def parse_item(text: str) -> StepItem:
         except ValueError:
             parts = 0
         if parts < 1:
-            raise InputError(f"--steps item '{text}': @K needs a whole number K >= 1, got '{match['k']}'")
+            raise InputError(f"{flag} item '{text}': @K needs a whole number K >= 1, got '{match['k']}'")
     if match["option"] is not None:
         key, _, column = match["option"].partition("=")
         if key != "by" or not column:
-            raise InputError(f"--steps item '{text}': after @K only ':by=COLUMN' is understood")
+            raise InputError(f"{flag} item '{text}': after @K only ':by=COLUMN' is understood")
         by = column
-    kind, location, split = _classify(match["source"], match["split"], text)
-    return StepItem(text, kind, location, split, parts, by)
+    kind, location, split = _classify(match["source"], match["split"], text, flag)
+    return StepItem(text, kind, location, split, parts, by, flag)
 
 
-def parse_steps(spec: str) -> list[StepItem]:
+def parse_steps(spec: str, flag: str = "--steps") -> list[StepItem]:
+    """The items of `spec`; `flag` is the option it came from, named in every error."""
     items = spec.split(",")
     for position, item in enumerate(items, start=1):
         if not item.strip():
-            raise InputError(f"--steps '{spec}': item {position} is empty (expected A,B,...)")
-    return [parse_item(item) for item in items]
+            raise InputError(f"{flag} '{spec}': item {position} is empty (expected A,B,...)")
+    return [parse_item(item, flag) for item in items]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from lowmem_sdpo.data.tiny_tokenizer import bundled_tokenizer_dir
 from lowmem_sdpo.data.types import Message
 from lowmem_sdpo.errors import InputError
+from lowmem_sdpo.hub import LOCAL_MODEL_HINT, hub_reachable, unreachable
 from lowmem_sdpo.model_aliases import resolve_model_alias
 
 if TYPE_CHECKING:
@@ -55,9 +56,12 @@ def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
         location = str(Path(location).expanduser())
         if not Path(location).exists():
             raise InputError(f"--model {model}: directory {location} does not exist")
+    online = Path(location).is_dir() or hub_reachable()  # a hub id offline: the cache only, no retries
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
+        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=not online)
     except (OSError, ValueError, KeyError) as err:
+        if not online:
+            raise unreachable(f"model '{model}'", LOCAL_MODEL_HINT.format(repo_id=location)) from err
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"cannot load a tokenizer for model '{model}': {reason}") from err
     if tokenizer.eos_token_id is None:

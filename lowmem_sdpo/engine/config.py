@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lowmem_sdpo.checks import check_number, check_type
 from lowmem_sdpo.errors import InputError
 
 
@@ -98,6 +99,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "report_to": ("none", "tensorboard", "wandb", "trackio"),
 }
 POSITIVE: tuple[str, ...] = (
+    "lora_alpha",
     "max_length",
     "max_prompt_length",
     "batch_size",
@@ -136,11 +138,21 @@ def read_config_file(path: str | Path, extra_keys: set[str] | frozenset[str] = f
     if not isinstance(data, dict):
         raise InputError(f"--config {path}: expected a mapping of option: value, got {type(data).__name__}")
     known = set(field_names()) | set(extra_keys)
+    defaults = RunConfig()
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in known:
             raise InputError(f"--config {path}: unknown option '{key}' (known: {', '.join(sorted(known))})")
+        default = getattr(defaults, name, None)
+        if isinstance(default, float) and isinstance(value, str):
+            # YAML 1.1 reads 5e-6 (no dot) as a string; a number written that way is still a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if hasattr(defaults, name):  # a RunConfig field (loss options are checked by their own specs)
+            check_type(f"--config {path}: {key}", value, default)
         out[name] = value
     return out
 
@@ -184,7 +196,31 @@ def default_output_dir(model: str, steps: str) -> str:
     return f"{RUNS_ROOT}/{slug}"
 
 
+# Ranges of the float options: (low, high, low_open, high_open, note); None is unbounded. Every float is also
+# refused when NaN or infinite (a NaN passes any `x <= 0` test and would reach the optimiser).
+FLOAT_RANGES: dict[str, tuple[float | None, float | None, bool, bool, str]] = {
+    "beta": (0.0, None, True, False, ""),
+    "learning_rate": (0.0, None, True, False, ""),
+    "epochs": (0.0, None, True, False, ""),
+    "warmup_ratio": (0.0, 1.0, False, True, ""),
+    "weight_decay": (0.0, None, False, False, ""),
+    "max_grad_norm": (0.0, None, True, False, ""),
+    "lora_dropout": (0.0, 1.0, False, True, ""),
+    "eval_split": (0.0, 1.0, False, True, " (0: no held-out split)"),
+    "desirable_threshold": (None, None, False, False, ""),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def validate(config: RunConfig) -> None:
+    """Every field of the right type and in range, before anything is loaded: a config file's
+    `epochs: "lots"` or a flag's `nan` is one line here, not a traceback (or a NaN in run.json) later."""
+    defaults = RunConfig()
+    for f in fields(RunConfig):
+        check_type(_flag(f.name), getattr(config, f.name), getattr(defaults, f.name))
     if not config.model:
         raise InputError("--model is required (a hub id, a local directory, or an alias such as 'tiny')")
     if not config.steps:
@@ -193,38 +229,22 @@ def validate(config: RunConfig) -> None:
         raise InputError("--output-dir is required (the run directory, e.g. runs/NAME)")
     for name, choices in CHOICES.items():
         if getattr(config, name) not in choices:
-            raise InputError(
-                f"--{name.replace('_', '-')} {getattr(config, name)!r}: expected one of {', '.join(choices)}"
-            )
+            raise InputError(f"{_flag(name)} {getattr(config, name)!r}: expected one of {', '.join(choices)}")
     for name in POSITIVE:
-        if int(getattr(config, name)) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+        check_number(_flag(name), getattr(config, name), low=1, integer=True)
     for name in NON_NEGATIVE:
-        if int(getattr(config, name)) < 0:
-            raise InputError(
-                f"--{name.replace('_', '-')} must be at least 0 (0: auto), got {getattr(config, name)}"
-            )
+        check_number(_flag(name), getattr(config, name), low=0, integer=True, note=" (0: auto)")
+    for name, (low, high, low_open, high_open, note) in FLOAT_RANGES.items():
+        check_number(_flag(name), getattr(config, name), low=low, high=high, low_open=low_open, high_open=high_open, note=note)
     if config.max_prompt_length >= config.max_length:
         raise InputError(
             f"--max-prompt-length {config.max_prompt_length} must be less than --max-length {config.max_length} "
             "(the answer needs tokens of its own)"
         )
-    if config.beta <= 0:
-        raise InputError(f"--beta must be positive, got {config.beta}")
-    if config.learning_rate <= 0:
-        raise InputError(f"--learning-rate must be positive, got {config.learning_rate}")
-    if config.epochs <= 0:
-        raise InputError(f"--epochs must be positive, got {config.epochs}")
-    if not 0 <= config.warmup_ratio < 1:
-        raise InputError(f"--warmup-ratio must be in [0, 1), got {config.warmup_ratio}")
-    if not 0 <= config.lora_dropout < 1:
-        raise InputError(f"--lora-dropout must be in [0, 1), got {config.lora_dropout}")
     _validate_heldout(config)
 
 
 def _validate_heldout(config: RunConfig) -> None:
-    if not 0 <= config.eval_split < 1:
-        raise InputError(f"--eval-split must be in [0, 1) (0: no held-out split), got {config.eval_split}")
     if config.eval_split and config.eval_steps:
         raise InputError("--eval-split and --eval-steps: give one source of held-out pairs, not both")
     if config.eval_every and not (config.eval_split or config.eval_steps):

@@ -38,6 +38,7 @@ def heldout_data(config: RunConfig, steps: list[StepData]) -> tuple[list[StepDat
         columns=parse_columns(config.columns),
         seed=config.seed,
         desirable_threshold=config.desirable_threshold,
+        flag="--eval-steps",
     )
     if len(held) == 1:
         return steps, held * len(steps)

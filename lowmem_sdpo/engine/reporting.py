@@ -155,20 +155,6 @@ class Reporter:
         self.console.print(table)
 
 
-@contextlib.contextmanager
-def hf_bars_off() -> Iterator[None]:
-    """transformers' own per-load "Loading weights" bar off while a model loads (our notes say more)."""
-    from transformers.utils import logging as hf_logging
-
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
-
-
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"

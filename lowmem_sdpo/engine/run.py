@@ -38,7 +38,7 @@ from lowmem_sdpo.engine.metrics import SUMMARY_FILE, read_summary
 from lowmem_sdpo.engine.objective import Objective
 from lowmem_sdpo.engine.phases import PhasePeaks
 from lowmem_sdpo.engine.reference import LogpTable, adapter_chain_digest, cached_logps, compute_logps
-from lowmem_sdpo.engine.reporting import Reporter, hf_bars_off
+from lowmem_sdpo.engine.reporting import Reporter
 from lowmem_sdpo.engine.rundir import (
     ADAPTER_DIR,
     BASE_CACHE,
@@ -53,6 +53,7 @@ from lowmem_sdpo.engine.summary import print_step_summary, training_figures
 from lowmem_sdpo.engine.trainer import StepCallback, StepJob, train_step
 from lowmem_sdpo.engine.units import Unit, build_units
 from lowmem_sdpo.errors import InputError
+from lowmem_sdpo.hf_progress import hf_bars_off
 from lowmem_sdpo.models import QuantSettings, add_lora, model_fingerprint, resolve_model
 from lowmem_sdpo.models.lora import enable_checkpointing
 from lowmem_sdpo.trackers import check_tracker, open_tracker

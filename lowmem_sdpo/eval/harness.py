@@ -74,6 +74,17 @@ def task_manager(include: str | None, include_only: bool) -> Any:
     return TaskManager(include_path=include, include_defaults=not include_only)
 
 
+def check_tasks(tasks: Sequence[HarnessTask], manager: Any) -> None:
+    """Every task name is one the harness (or --lm-eval-include) knows: looked up before any model loads."""
+    known = set(manager.all_tasks)
+    unknown = [t.name for t in tasks if t.name not in known]
+    if unknown:
+        raise InputError(
+            f"--lm-eval: unknown task(s) {', '.join(unknown)} (lm_eval {harness_version()}; "
+            "add your own task YAMLs with --lm-eval-include DIR)"
+        )
+
+
 def run_harness(
     lm: Any,
     tasks: Sequence[HarnessTask],
@@ -85,13 +96,7 @@ def run_harness(
     """The harness's results of every call, and the preset's figure per task (where the task names one)."""
     import lm_eval
 
-    known = set(manager.all_tasks)
-    unknown = [t.name for t in tasks if t.name not in known]
-    if unknown:
-        raise InputError(
-            f"--lm-eval: unknown task(s) {', '.join(unknown)} (lm_eval {harness_version()}; "
-            "add your own task YAMLs with --lm-eval-include DIR)"
-        )
+    check_tasks(tasks, manager)
     runs = []
     for shots, names in calls(tasks):
         result = lm_eval.simple_evaluate(

@@ -99,7 +99,8 @@ def evaluate_preferences(
     cfg = models.config
     written = []
     data_sets = load_steps(
-        spec, columns=parse_columns(cfg.columns), seed=cfg.seed, desirable_threshold=cfg.desirable_threshold
+        spec, columns=parse_columns(cfg.columns), seed=cfg.seed, desirable_threshold=cfg.desirable_threshold,
+        flag="--data",
     )
     for data in data_sets:
         tokenized = tokenize_step(

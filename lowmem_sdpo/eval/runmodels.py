@@ -19,6 +19,7 @@ from lowmem_sdpo.engine.reporting import Reporter
 from lowmem_sdpo.engine.rundir import RUN_FILE, read_run_file, step_dir
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.models import QuantSettings, model_fingerprint, resolve_model
+from lowmem_sdpo.models.adapters import WEIGHTS_FILE
 
 EVAL_DIR = "eval"  # RUN/eval/*.json
 
@@ -86,6 +87,10 @@ def open_run(run_dir: Path, reporter: Reporter) -> RunModels:
     chains = finished_chains(run_dir, run)
     if not chains:
         raise InputError(f"--run {run_dir}: no finished step yet (no step-1/summary.json)")
+    for t, chain in chains.items():  # before any model loads: a deleted adapter is one line, not a traceback
+        for adapter in chain:
+            if not (adapter / WEIGHTS_FILE).is_file():
+                raise InputError(f"--run {run_dir}: M_{t} needs {adapter / WEIGHTS_FILE}, which is missing")
     model_dir = Path(run.get("model_dir", ""))
     if not (model_dir / "config.json").is_file():  # the run was moved to another machine: resolve again
         model_dir = resolve_model(config.model, run.get("model_revision"))

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lowmem_sdpo.atomic import atomic_dir
+from lowmem_sdpo.checks import check_replaceable_dir, write_marker
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.models.adapters import LoraFactor, check_against_checkpoint, load_all_factors
 from lowmem_sdpo.models.checkpoint import INDEX_FILE, Checkpoint
@@ -33,6 +34,8 @@ TOKENIZER_FILES = (
 )
 # Copied verbatim next to the weights (whichever exist).
 SIDE_FILES = ("generation_config.json", *TOKENIZER_FILES)
+# The marker kind of an exported checkpoint: only a directory holding it may be replaced by a new export.
+EXPORT_KIND = "export"
 DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.bfloat16: "bfloat16",
     torch.float16: "float16",
@@ -86,7 +89,9 @@ def export_merged(
     dtype: torch.dtype = torch.bfloat16,
     progress: Progress | None = None,
 ) -> Path:
-    """Write S + sum dW to `out_dir` (replaced atomically), keeping S's sharding; returns out_dir."""
+    """Write S + sum dW to `out_dir`, keeping S's sharding; returns out_dir. `out_dir` must be new, empty, or an
+    earlier export (its marker file says so): anything else there is refused, never replaced. The write is
+    atomic (a temp directory beside it, renamed into place)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -95,6 +100,7 @@ def export_merged(
         raise InputError(f"export dtype {dtype}: expected one of {', '.join(DTYPE_NAMES.values())}")
     if not (model_dir / "config.json").is_file():
         raise InputError(f"model {model_dir}: no config.json")
+    check_replaceable_dir("export to", out_dir, EXPORT_KIND, keep=(model_dir, *map(Path, adapters)))
     checkpoint = Checkpoint(model_dir)
     if checkpoint.is_prequantized():
         raise InputError(f"model {model_dir} is stored in 4 bit; export needs its full-precision weights")
@@ -125,4 +131,5 @@ def export_merged(
         for side in SIDE_FILES:
             if (model_dir / side).is_file():
                 shutil.copyfile(model_dir / side, tmp / side)
+        write_marker(tmp, EXPORT_KIND)
     return out_dir

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lowmem_sdpo.errors import InputError
+from lowmem_sdpo.hub import LOCAL_MODEL_HINT, hub_reachable, unreachable
 from lowmem_sdpo.model_aliases import resolve_model_alias
 
 # What a training run needs from a hub repo: configs, safetensors weights, tokenizer files (no *.bin, no
@@ -55,24 +56,33 @@ def resolve_model(model: str, revision: str | None = None, fetch: HubFetch | Non
     if local.is_dir() and (local / "config.json").is_file():
         return local
     if local.exists() or _looks_like_path(target):
+        state = "has no config.json" if local.is_dir() else "is a file" if local.exists() else "does not exist"
         raise InputError(
-            f"model '{model}': not a local directory with config.json and not a hub id "
-            f"({local} {'has no config.json' if local.is_dir() else 'does not exist'})"
+            f"model '{model}': not a local directory with config.json and not a hub id ({local} {state})"
         )
     return (fetch or _download)(model, target, revision)
 
 
 def _download(model: str, repo_id: str, revision: str | None = None) -> Path:
-    """snapshot_download honours HF_HOME / the HF cache and HF_HUB_OFFLINE (then it only looks in the cache)."""
+    """snapshot_download honours HF_HOME / the HF cache and HF_HUB_OFFLINE (then it only looks in the cache).
+    When the hub cannot be reached the cache alone is asked, at once, instead of the library's retries."""
     from huggingface_hub import snapshot_download
 
+    online = hub_reachable()
     try:
-        path = Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        path = Path(
+            snapshot_download(
+                repo_id=repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=not online
+            )
+        )
     except Exception as err:  # unknown repo, gated, offline and not cached, bad id: all one user error
+        if not online:
+            raise unreachable(f"model '{model}'", LOCAL_MODEL_HINT.format(repo_id=repo_id)) from err
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise InputError(
             f"model '{model}': not a local directory with config.json and not reachable on the hub "
-            f"as '{repo_id}'{f' at revision {revision}' if revision else ''} ({type(err).__name__}: {reason})"
+            f"as '{repo_id}'{f' at revision {revision}' if revision else ''} ({type(err).__name__}: {reason}); "
+            + LOCAL_MODEL_HINT.format(repo_id=repo_id)
         ) from err
     if not (path / "config.json").is_file():
         raise InputError(f"model '{model}': hub repo '{repo_id}' has no config.json")

@@ -42,6 +42,7 @@ from lowmem_sdpo.data import (
     tokenize_step,
 )
 from lowmem_sdpo.data.tiny_tokenizer import bundled_tokenizer_dir
+from lowmem_sdpo.hf_progress import hf_bars_off
 from lowmem_sdpo.toy import task as carry_task
 
 RECIPE_FILE = "tiny_recipe.json"
@@ -238,7 +239,8 @@ def build_tiny_model(
     with single_thread():
         model, numbers = train_tiny(tokenizer, recipe)
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
+        with hf_bars_off():  # a bar for a one-shard save is noise on the terminal of whichever command built it
+            model.save_pretrained(tmp)
         for path in bundled_tokenizer_dir().glob("*.json"):
             shutil.copyfile(path, tmp / path.name)
         record = {

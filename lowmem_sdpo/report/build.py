@@ -7,12 +7,13 @@ import html
 from pathlib import Path
 
 from lowmem_sdpo.atomic import atomic_dir
-from lowmem_sdpo.errors import InputError
+from lowmem_sdpo.checks import check_replaceable_dir, write_marker
 from lowmem_sdpo.report.plots import Plot, draw_plots
 from lowmem_sdpo.report.rundata import RunData, read_run
 from lowmem_sdpo.report.tables import Table, settings_table, summary_table
 
 REPORT_DIR = "report"
+REPORT_KIND = "report"  # the marker kind: only a directory holding it is replaced by a new report
 MARKDOWN = "report.md"
 HTML = "report.html"
 
@@ -71,12 +72,13 @@ def html_page(data: RunData, plots: list[tuple[Plot, Path]]) -> str:
 
 
 def build_report(run_dir: Path, out: Path | None = None) -> Path:
-    """Writes the report of `run_dir` into `out` (default RUN/report, replaced); returns report.md's path."""
-    data = read_run(Path(run_dir))
+    """Writes the report of `run_dir` into `out` (default RUN/report; new, empty or an earlier report, which is
+    replaced; anything else is refused); returns report.md's path."""
     out = Path(out) if out is not None else Path(run_dir) / REPORT_DIR
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKDOWN).is_file())):
-        raise InputError(f"--out {out}: exists and is not a report directory (no {MARKDOWN}); choose another")
+    check_replaceable_dir("--out", out, REPORT_KIND, keep=(Path(run_dir),))
+    data = read_run(Path(run_dir))
     with atomic_dir(out) as tmp:
+        write_marker(tmp, REPORT_KIND)
         plots = draw_plots(data, tmp)
         (tmp / MARKDOWN).write_text(markdown(data, plots), encoding="utf-8")
         (tmp / HTML).write_text(html_page(data, plots), encoding="utf-8")

@@ -18,40 +18,9 @@ from torch import nn
 
 from lowmem_sdpo.data.tokenizer import adds_bos, encode_prompts, find_answer_end
 from lowmem_sdpo.data.types import Message
-from lowmem_sdpo.errors import InputError
+from lowmem_sdpo.selfreward.sampling import CACHE_CHOICES, SampleSettings
 
-# "auto": a static KV cache on CUDA, the dynamic one on CPU, where it saves nothing. The static cache is
-# allocated once at its full length, so each token is written in place instead of the cache growing step by
-# step; that is all it does here. It brings no torch.compile: transformers compiles generation only for a
-# model whose quantizer is compileable, and its bitsandbytes 4-bit quantizer is not (is_compileable False), so
-# our NF4 models always decode eagerly. Whether it beats the dynamic cache on a GPU is not measured yet.
-CACHE_CHOICES = ("auto", "static", "dynamic")
-
-
-@dataclass(frozen=True)
-class SampleSettings:
-    n: int = 4  # answers per prompt (num_return_sequences)
-    temperature: float = 0.7  # 0: greedy
-    top_p: float = 0.9
-    max_new_tokens: int = 512
-    batch_size: int = 8  # prompts per generate call
-    cache: str = "auto"
-    seed: int = 0
-
-    def check(self) -> None:
-        if self.n < 1:
-            raise InputError(f"-n must be at least 1, got {self.n}")
-        if self.temperature < 0:
-            raise InputError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1:
-            raise InputError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.cache not in CACHE_CHOICES:
-            raise InputError(f"--cache {self.cache!r}: expected one of {', '.join(CACHE_CHOICES)}")
-
+__all__ = ["CACHE_CHOICES", "SampleSettings"]  # their home is sampling.py (torch-free, for the CLI)
 
 @dataclass(frozen=True)
 class Completion:

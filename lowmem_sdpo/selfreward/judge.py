@@ -13,6 +13,8 @@ The rubric is a text file with {prompt} and {response} placeholders (`--judge-pr
 from __future__ import annotations
 
 import importlib
+import inspect
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,7 +104,34 @@ def _checked(label: str, value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InputError(f"--judge {label}: returned {type(value).__name__}; expected a float or None")
+    if not math.isfinite(value):
+        # A NaN score would sort anywhere and end as a pair "dropped for identical texts": refuse it by name.
+        raise InputError(f"--judge {label}: returned {value}; expected a finite float or None")
     return float(value)
+
+
+# The pair a python judge is tried on before anything is generated: its signature, its return type and
+# whether it raises are then known in a second, not after hours of sampling.
+DUMMY_PAIR = ("What is 2 + 2?", "2 + 2 = 4.")
+
+
+def try_python_judge(spec: str, fn: ScoreFn) -> None:
+    """Call `fn` once on DUMMY_PAIR: a function that cannot take (prompt, response), raises, or returns
+    something other than a finite float or None is refused now, in one line."""
+    try:
+        inspect.signature(fn).bind("prompt", "response")
+    except TypeError as err:
+        raise InputError(f"--judge {spec}: must take (prompt, response): {err}") from err
+    except ValueError:
+        pass  # a builtin without an introspectable signature: the call below decides
+    try:
+        value = fn(*DUMMY_PAIR)
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise InputError(
+            f"--judge {spec}: raised {type(err).__name__} on a test pair ({reason}); expected a float or None"
+        ) from err
+    _checked(spec, value)
 
 
 def load_function(spec: str) -> ScoreFn:

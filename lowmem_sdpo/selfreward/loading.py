@@ -12,7 +12,8 @@ from lowmem_sdpo.data import load_tokenizer
 from lowmem_sdpo.engine.config import RunConfig
 from lowmem_sdpo.engine.hardware import Hardware, resolve_hardware
 from lowmem_sdpo.engine.materialise import ExactHolder, load_for
-from lowmem_sdpo.engine.reporting import Reporter, hf_bars_off
+from lowmem_sdpo.engine.reporting import Reporter
+from lowmem_sdpo.hf_progress import hf_bars_off
 from lowmem_sdpo.models import QuantSettings, resolve_model
 
 

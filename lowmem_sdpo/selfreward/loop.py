@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from lowmem_sdpo.atomic import write_json, write_text
+from lowmem_sdpo.checks import check_run_target
 from lowmem_sdpo.data.types import Message
 from lowmem_sdpo.engine import Reporter, RunConfig, run_sdpo
 from lowmem_sdpo.engine.config import validate
 from lowmem_sdpo.engine.metrics import read_summary
 from lowmem_sdpo.engine.rundir import RUN_FILE, step_dir
 from lowmem_sdpo.errors import InputError
-from lowmem_sdpo.selfreward.generation import Completion, SampleSettings, batch_seed, batches, sample_rows
+from lowmem_sdpo.models.resolve import resolve_model
+from lowmem_sdpo.selfreward.generation import Completion, batch_seed, batches, sample_rows
 from lowmem_sdpo.selfreward.judge import (
     Judge,
     ModelJudge,
@@ -36,12 +38,14 @@ from lowmem_sdpo.selfreward.judge import (
     judge_kind,
     load_function,
     read_rubric,
+    try_python_judge,
 )
 from lowmem_sdpo.selfreward.loading import Sampler, open_sampler
 from lowmem_sdpo.selfreward.pairs import build_pairs
 from lowmem_sdpo.selfreward.prompts import read_prompts
 from lowmem_sdpo.selfreward.rowlog import RowLog
 from lowmem_sdpo.selfreward.scores import MAX_SCORE, mean_score
+from lowmem_sdpo.selfreward.settings import SelfRewardSettings
 from lowmem_sdpo.settings_record import check_settings_record
 
 SETTINGS_FILE = "selfreward.json"
@@ -52,57 +56,6 @@ PAIRS = "pairs.jsonl"
 SUMMARY = "summary.json"
 # Settings that may change between a run and its resume without changing a single row.
 RESUME_EXEMPT = ("quiet",)
-
-
-@dataclass(frozen=True)
-class SelfRewardSettings:
-    """The paper's settings are the defaults: 4 candidates at temperature 0.7, top-p 0.9; the model judges
-    each 3 times with the additive 5-point rubric."""
-
-    model: str
-    prompts: str
-    output_dir: str
-    iterations: int = 2
-    candidates: int = 4
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_new_tokens: int = 512
-    judge: str = "self"
-    judge_samples: int = 3
-    judge_prompt: str | None = None
-    judge_temperature: float = 0.7
-    judge_max_new_tokens: int = 1024  # generous: the score comes last, after the justification
-    batch_size: int = 8  # prompts (or judged candidates) per generate call
-    seed: int = 0
-    quiet: bool = False
-
-    def check(self) -> None:
-        if self.iterations < 1:
-            raise InputError(f"--iterations must be at least 1, got {self.iterations}")
-        if self.candidates < 2:
-            raise InputError(f"--candidates must be at least 2 (a pair needs two), got {self.candidates}")
-        if self.judge_samples < 1:
-            raise InputError(f"--judge-samples must be at least 1, got {self.judge_samples}")
-
-    def sampling(self, t: int) -> SampleSettings:
-        return SampleSettings(
-            n=self.candidates,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size,
-            seed=self.seed * 1000 + t,
-        )
-
-    def judging(self, t: int) -> SampleSettings:
-        return SampleSettings(
-            n=self.judge_samples,
-            temperature=self.judge_temperature,
-            top_p=self.top_p,
-            max_new_tokens=self.judge_max_new_tokens,
-            batch_size=self.batch_size,
-            seed=self.seed * 1000 + 500 + t,
-        )
 
 
 def iteration_dir(out: Path, t: int) -> Path:
@@ -124,12 +77,21 @@ class SelfRewardRun:
         settings.check()
         self.settings, self.reporter = settings, reporter
         self.out = Path(settings.output_dir)
+        check_run_target("--output-dir", self.out)
         self.train = replace(train, model=settings.model, output_dir=str(self.out / SDPO_DIR))
         self.prompts = read_prompts(settings.prompts)
+        if judge_kind(settings.judge) == "python" and settings.judge_prompt:
+            raise InputError("--judge-prompt applies to model judges (self or MODEL); a python judge has no rubric")
         self.rubric = read_rubric(Path(settings.judge_prompt) if settings.judge_prompt else None)
         self.kind = judge_kind(settings.judge)
-        # A python judge is imported before anything slow, so a typo fails at once.
+        # A python judge is imported and called once on a test pair, and a judge model is resolved, before
+        # anything slow or written: a typo, a wrong signature or a raising judge fails at once.
         self.score_fn = load_function(settings.judge) if self.kind == "python" else None
+        if self.score_fn is not None:
+            try_python_judge(settings.judge, self.score_fn)
+        if self.kind == "model":
+            resolve_model(settings.judge)
+        resolve_model(settings.model)  # S too: a typo or an unreachable hub id before selfreward.json is written
         self._sampler: Sampler | None = None
         self._judge_sampler: Sampler | None = None
 

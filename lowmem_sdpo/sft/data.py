@@ -12,12 +12,14 @@ Tokenisation is the data layer's (prompt rendered by the chat template, answer c
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from lowmem_sdpo.data import StepData, UnpairedExample, load_steps
 from lowmem_sdpo.data.messages import MessageError, message_list
+from lowmem_sdpo.data.schemas import DROP_EMPTY
 from lowmem_sdpo.data.sources import RawSource, read_source
 from lowmem_sdpo.data.spec import parse_steps
 from lowmem_sdpo.data.types import Message
@@ -93,7 +95,7 @@ def _layout(source: RawSource) -> SftLayout | None:
 
 
 def _examples_from(
-    source: RawSource, layout: SftLayout, limit: int | None, seed: int
+    source: RawSource, layout: SftLayout, limit: int | None, seed: int, drops: Counter[str]
 ) -> list[UnpairedExample]:
     indices = list(range(len(source.rows)))
     if limit is not None and limit < len(indices):
@@ -105,7 +107,8 @@ def _examples_from(
         except (_RowError, MessageError) as err:
             raise InputError(f"{source.name}: {source.where(i)}: {err} ({layout.name} rows)") from err
         if not answer.strip():
-            continue  # nothing to learn from an empty answer
+            drops[DROP_EMPTY] += 1  # nothing to learn from an empty answer: counted, as run counts its own
+            continue
         out.append(UnpairedExample(prompt=prompt, completion=answer, label=True))
     return out
 
@@ -114,16 +117,20 @@ def load_sft_examples(spec: str, *, seed: int = 0, limits: dict[str, int] | None
     """Every item of the comma-separated `spec` (files, local dataset directories, hub ids[:split]) as one
     SFT set; `limits` caps an item's rows with a seeded sample (the recipe's documented sizes)."""
     examples: list[UnpairedExample] = []
+    drops: Counter[str] = Counter()
+    rows = 0
     sources = []
-    for item in parse_steps(spec):
+    for item in parse_steps(spec, "--data"):
         source = read_source(item)
         sources.append(source.name)
         layout = _layout(source)
         if layout is not None:
-            examples += _examples_from(source, layout, (limits or {}).get(item.text), seed)
+            before = len(examples) + sum(drops.values())
+            examples += _examples_from(source, layout, (limits or {}).get(item.text), seed, drops)
+            rows += len(examples) + sum(drops.values()) - before
             continue
         try:
-            steps = load_steps(item.text, seed=seed)
+            steps = load_steps(item.text, seed=seed, flag="--data")
         except InputError as err:
             known = "; ".join(f"{lay.name} ({', '.join(lay.columns)})" for lay in SFT_LAYOUTS.values())
             raise InputError(f"{source.name}: not SFT rows ({known}) nor preference rows: {err}") from err
@@ -133,8 +140,12 @@ def load_sft_examples(spec: str, *, seed: int = 0, limits: dict[str, int] | None
                     f"{source.name}: unpaired rows carry no answer to imitate; expected SFT or pair rows"
                 )
             examples += [UnpairedExample(p.prompt, p.chosen, True) for p in step.pairs]
+            drops.update(step.drops)
+            rows += step.n_source_rows
     if not examples:
-        raise InputError(f"--data {spec}: no SFT examples")
+        dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(drops.items()))
+        raise InputError(f"--data {spec}: no SFT examples{f' (dropped: {dropped})' if dropped else ''}")
     return StepData(
-        label=spec, source=", ".join(sources), schema="sft", unpaired=examples, n_source_rows=len(examples)
-    )
+        label=spec, source=", ".join(sources), schema="sft", unpaired=examples, n_source_rows=rows,
+        drops=dict(sorted(drops.items())),
+    )  # fmt: skip

@@ -26,9 +26,9 @@ from lowmem_sdpo.engine.hardware import resolve_hardware, resolve_logprob_impl
 from lowmem_sdpo.engine.materialise import release_memory
 from lowmem_sdpo.engine.metrics import METRICS_FILE, MetricsLog
 from lowmem_sdpo.engine.optim import cosine_with_warmup, make_optimizer, resolve_optimizer
-from lowmem_sdpo.engine.reporting import hf_bars_off
 from lowmem_sdpo.engine.schedule import build_schedule
 from lowmem_sdpo.errors import InputError
+from lowmem_sdpo.hf_progress import hf_bars_off
 from lowmem_sdpo.models import (
     QuantSettings,
     add_lora,
@@ -91,7 +91,11 @@ def run_sft(
     check_settings_record(out / RUN_FILE, record, what="SFT run", resume=resume, resume_needs_record=True)
     impl = resolve_logprob_impl(hw, config.logprob_impl)
     quant = QuantSettings(double_quant=config.double_quant, compute_dtype=hw.compute_dtype)
-    reporter.note(f"SFT: {len(examples)} examples, loading {model_dir} in 4 bit")
+    dropped = tokenized.stats.get("dropped") or {}
+    why = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
+    reporter.note(
+        f"SFT: {len(examples)} examples{f' ({why} dropped)' if why else ''}, loading {model_dir} in 4 bit"
+    )
     with hf_bars_off():
         base = load_quantized(model_dir, quant=quant, device=hw.device, progress=reporter.merge_progress())
     policy = add_lora(
