@@ -585,6 +585,8 @@ def trl_worker(spec: dict[str, Any], clock: PhaseClock, result: dict[str, Any]) 
     from trl import DPOConfig, DPOTrainer
     from trl.trainer import dpo_trainer
 
+    from lowmem_sdpo.models import disable_cpu_repacking
+
     preimport()
     system = spec["system"]
     shape = Shape(**spec["shape"])
@@ -597,7 +599,12 @@ def trl_worker(spec: dict[str, Any], clock: PhaseClock, result: dict[str, Any]) 
 
     def timed_load(*args: Any, **kwargs: Any) -> Any:
         with clock.phase("load", 1):
-            return load_fn(*args, **kwargs)
+            model = load_fn(*args, **kwargs)
+            # TRL's reference forwards run in eval mode without grad: on an AVX512-BF16 host bitsandbytes would
+            # repack every layer there and TRL would then train without the base weights' gradient path. The
+            # same switch as ours, so that both sides compute correct gradients (lowmem_sdpo/models/quant.py).
+            disable_cpu_repacking(model)
+            return model
 
     precompute_fn = DPOTrainer._precompute_ref_logps
 
@@ -980,6 +987,7 @@ class Report:
         data = {
             "device": device,
             "torch": versions.get("torch"),
+            "host": _host_record(),
             **{k: v for k, v in self.meta.items() if k != "device"},
             "loadavg_end": loadavg(),
             "settings": {
@@ -1092,3 +1100,10 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _host_record() -> dict[str, Any]:
+    # Imported here: the script sets up its environment before lowmem_sdpo loads.
+    from lowmem_sdpo.host import host_record
+
+    return host_record()

@@ -517,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name(device),
         "torch": torch.__version__,
         "triton": triton.__version__,
+        "host": _host_record(),
         "commit": git_commit(),
         "mode": "smoke" if smoke else "full",
         "timer": "cuda-events" if device == "cuda" else "perf_counter",
@@ -545,3 +546,10 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _host_record() -> dict[str, Any]:
+    # Imported here: the script sets up its environment before lowmem_sdpo loads.
+    from lowmem_sdpo.host import host_record
+
+    return host_record()

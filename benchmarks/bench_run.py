@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "transformers": run_json["versions"]["transformers"],
         "bitsandbytes": run_json["versions"]["bitsandbytes"],
+        "host": run_json["host"],
         "commit": run_json["commit"],
         "model": config.model,
         "options": options,

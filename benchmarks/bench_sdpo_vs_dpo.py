@@ -40,6 +40,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from lowmem_sdpo.host import host_record
 from lowmem_sdpo.toy.run_settings import TINY_TOY_RUN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -303,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores; load average {load_before:.1f} at start, "
         f"{os.getloadavg()[0]:.1f} at end; {args.jobs} job(s), 1 torch thread each)",
         "torch": torch.__version__,
+        "host": host_record(),
         "commit": commit,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }

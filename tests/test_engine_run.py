@@ -11,6 +11,8 @@ import torch
 from engine_fixtures import adapter_tensors, run, small_config
 from safetensors.torch import load_file
 
+from lowmem_sdpo.host import NUMERIC_CPU_FLAGS
+
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
@@ -35,6 +37,9 @@ def test_run_directory_layout(finished):
     assert run_json["config"]["steps"] == config.steps
     assert len(run_json["data"]) == 2 and all(len(d["fingerprint"]) == 64 for d in run_json["data"])
     assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(run_json["versions"])
+    host = run_json["host"]  # what the numbers can depend on (lowmem_sdpo/host.py)
+    assert host["libraries"]["bitsandbytes"] == run_json["versions"]["bitsandbytes"]
+    assert set(host["cpu_flags"]) == set(NUMERIC_CPU_FLAGS) and host["bitsandbytes_cpu_repacking"] == "off"
     for t, s in enumerate(summaries, start=1):
         step = out / f"step-{t}"
         assert (step / "adapter" / "adapter_config.json").is_file()

@@ -58,7 +58,8 @@ HELP: dict[str, str] = {
     "deterministic": "bit-identical log-prob gradients run to run: the ordered torch kernel instead of Triton's atomics",
     "device": "auto, cpu, cuda",
     "save_every": "write a resumable checkpoint every N optimiser steps",
-    "diagnostics": "also compute gamma of S on each step's data",
+    "diagnostics": "also compute gamma of S on each step's data, and in exact mode each step's training shift "
+    "(P_t on a sample of D_t; requantized mode always measures it)",
     "eval_split": "a seeded fraction of each step's data held out of training and evaluated (0: none)",
     "eval_steps": "held-out pairs in the --steps grammar: one item for every step, or one item per step",
     "eval_every": "also evaluate the held-out pairs every N optimiser steps (0: at the end of each step only)",

@@ -291,6 +291,14 @@ def _run_step(session: Session, t: int, step: StepData, chain: list[Path], *, re
         raise OutOfMemory(out_of_memory_message(where, peaks.overall(), breakdown, str(err))) from err
 
 
+def measures_shift(cfg: RunConfig) -> bool:
+    """Whether a step ends with P_t's pass over the drift sample (its training shift). The figure is what the
+    requantized mode's drift is read against; in exact mode, where the drift is 0 by construction, the pass
+    would cost as much as the reference pass on a small step for a figure nobody asked for, so it waits for
+    --diagnostics."""
+    return cfg.diagnostics or cfg.reference == "requantized"
+
+
 def drift_sample(n_units: int, seed: int, t: int) -> list[int]:
     """A fixed, seeded sample of D_t's units (sorted: the same sample reads the same in any listing)."""
     k = min(DRIFT_SAMPLE, n_units)
@@ -437,8 +445,10 @@ def _run_step_inner(
             session, t, units, refs.table, policy_chain, sdir, step_seed, resume=resume, evaluate=heldout
         )
     with peaks.phase("save"):
-        trained = _table(session, policy, [units[i] for i in sample], f"step {t}: P_{t} on the drift sample")
-        training_shift = _mean_abs_diff(_ratios(trained), refs.sample_ratios)
+        training_shift = None
+        if measures_shift(cfg):
+            trained = _table(session, policy, [units[i] for i in sample], f"step {t}: P_{t} on the drift sample")
+            training_shift = _mean_abs_diff(_ratios(trained), refs.sample_ratios)
         if session.ranks.is_main:
             with atomic_dir(sdir / ADAPTER_DIR) as tmp:
                 policy.save_pretrained(str(tmp), safe_serialization=True)
@@ -459,9 +469,10 @@ def _run_step_inner(
         # mean |log-ratio of the reference used - log-ratio of the trained P_{t-1}| on a fixed sample of
         # D_t; 0 by construction in exact mode, where the reference is P_{t-1}'s own weights.
         "reference_drift": refs.drift,
-        # the same sample's mean |log-ratio of P_t - log-ratio of the reference|: what this step moved.
+        # the same sample's mean |log-ratio of P_t - log-ratio of the reference|: what this step moved
+        # (None where not measured: exact mode without --diagnostics).
         "training_shift": training_shift,
-        "drift_sample_units": len(sample),
+        "drift_sample_units": len(sample) if measures_shift(cfg) else 0,
         "frozen_delta_parameters": session.holder.delta_parameters(),
         **training_figures(rows),
         # the allocator's peak counter is reset per phase: the step's peak is the largest phase peak

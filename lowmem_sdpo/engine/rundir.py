@@ -13,6 +13,7 @@ from lowmem_sdpo import __version__
 from lowmem_sdpo.atomic import write_json
 from lowmem_sdpo.engine.config import resume_differences
 from lowmem_sdpo.errors import InputError
+from lowmem_sdpo.host import host_record
 
 RUN_FILE = "run.json"
 ADAPTER_DIR = "adapter"
@@ -166,6 +167,7 @@ def prepare_run_dir(session: Any, resume: bool, extend: bool = False) -> None:
             "compute_dtype": session.hw.compute_dtype,
             "logprob_impl": session.impl,
             "versions": versions(),
+            "host": host_record(),
             "commit": git_commit(),
             "seed": session.config.seed,
             # ranks of data-parallel training; effective batch = batch_size x grad_accum x world_size

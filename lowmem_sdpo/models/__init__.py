@@ -15,7 +15,7 @@ from lowmem_sdpo.models.head import HeadSpec, check_head, read_head
 from lowmem_sdpo.models.loading import load_quantized
 from lowmem_sdpo.models.lora import add_lora
 from lowmem_sdpo.models.merge import MERGES
-from lowmem_sdpo.models.quant import QuantSettings, dequantize_weight, quantize_weight
+from lowmem_sdpo.models.quant import QuantSettings, dequantize_weight, disable_cpu_repacking, quantize_weight
 from lowmem_sdpo.models.resolve import model_fingerprint, resolve_model
 from lowmem_sdpo.models.tiny import build_tiny_model
 
@@ -28,6 +28,7 @@ __all__ = [
     "build_tiny_model",
     "check_head",
     "dequantize_weight",
+    "disable_cpu_repacking",
     "export_merged",
     "load_lora_factors",
     "load_quantized",

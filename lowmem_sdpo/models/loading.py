@@ -14,7 +14,7 @@ from lowmem_sdpo.models.blocks import meta_skeleton, other_linear_names
 from lowmem_sdpo.models.checkpoint import Checkpoint
 from lowmem_sdpo.models.head import check_head
 from lowmem_sdpo.models.merge import MERGES, Progress
-from lowmem_sdpo.models.quant import QuantSettings
+from lowmem_sdpo.models.quant import QuantSettings, disable_cpu_repacking
 
 
 def load_quantized(
@@ -57,6 +57,7 @@ def load_quantized(
         skip = [re.escape(n) for n in other_linear_names(meta_skeleton(str(model_dir)))]
         kwargs["quantization_config"] = quant.bnb_config(skip)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    disable_cpu_repacking(model)  # before any forward: the reference pass would otherwise repack (models/quant.py)
     model.requires_grad_(False)
     model.eval()
     if factors:

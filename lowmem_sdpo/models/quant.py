@@ -81,6 +81,51 @@ def dequantize_weight(param: Any) -> torch.Tensor:
     return bnbf.dequantize_4bit(param.data, param.quant_state)
 
 
+# bitsandbytes' CPU inference repacking. On a CPU with AVX512-BF16, bitsandbytes >= 0.48 repacks a Linear4bit's
+# weight, permanently, the first time the layer runs with `training=False` and an input without grad; from then
+# on every call goes through `gemv_4bit`, a bf16 kernel with no autograd. Our reference pass is exactly such a
+# call and runs before training, so the repacking would silently drop the base weight's part of every later
+# gradient, change the cached reference by the bf16 rounding, and make results depend on the host's CPU.
+# Every 4-bit layer we hold is therefore kept on the plain dequantise-and-matmul path, which is the path the
+# numbers of a host without the feature (and of CUDA) come from. The switch is the per-module attribute that
+# bitsandbytes' own Linear4bit.forward reads; nothing is patched in bitsandbytes itself.
+CPU_REPACKING_SWITCH = "support_avx512bf16_for_cpu"
+
+
+def _bitsandbytes_can_repack() -> bool:
+    """Whether the installed bitsandbytes has the CPU inference repacking at all (0.48 and later)."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    return hasattr(bnb_modules, "_convert_weight_packed_for_cpu")
+
+
+def disable_cpu_repacking(model: torch.nn.Module) -> int:
+    """Keep every bitsandbytes Linear4bit inside `model` off the CPU inference repacking; returns how many.
+
+    Call it before the layers' first forward. A bitsandbytes that can repack but lacks the switch this code knows
+    is refused (InputError, one line naming the version): training on it would compute wrong gradients.
+    """
+    import bitsandbytes as bnb
+
+    count = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        if not hasattr(module, CPU_REPACKING_SWITCH):
+            if _bitsandbytes_can_repack():
+                raise InputError(
+                    f"bitsandbytes {bnb.__version__} repacks 4-bit weights for CPU inference but has no "
+                    f"'{CPU_REPACKING_SWITCH}' switch to keep training layers off it: install bitsandbytes 0.50"
+                )
+            continue
+        setattr(module, CPU_REPACKING_SWITCH, False)
+        if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            # Only a forward before this call can have packed it: a bug in the caller, not bad input.
+            raise RuntimeError(f"{name}: 4-bit weight already repacked for CPU inference before it was switched off")
+        count += 1
+    return count
+
+
 def is_linear4bit(module: torch.nn.Module) -> bool:
     import bitsandbytes as bnb
 
@@ -99,6 +144,7 @@ def set_4bit_weight(module: torch.nn.Module, param: Any) -> None:
     param.module = module
     module.weight = param
     module.quant_state = param.quant_state
+    disable_cpu_repacking(module)  # a fresh weight is unpacked; keep the module from repacking it
 
 
 def requantize_like(old: Any, weight: torch.Tensor) -> Any:

@@ -1,0 +1,60 @@
+"""What a run or benchmark ran on, as far as its numbers can depend on it.
+
+Library versions and CPU features change numerics and speed on CPU: bitsandbytes' CPU kernels branch on
+AVX512-BF16 (its inference repacking, which models/quant.py switches off), oneDNN and torch's CPU matmuls on
+AVX-512 and AMX. run.json and every benchmark JSON carry `host_record()`, so a figure can be traced to its host.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+# /proc/cpuinfo flags whose presence changes which CPU kernels bitsandbytes and torch run.
+NUMERIC_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def _cpuinfo_field(text: str, key: str) -> str | None:
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip() == key:
+            return value.strip()
+    return None
+
+
+def cpu_features(cpuinfo: str | None = None) -> dict[str, Any]:
+    """The CPU's model name and which of NUMERIC_CPU_FLAGS it has (None each where /proc/cpuinfo is absent)."""
+    if cpuinfo is None:
+        cpuinfo = CPUINFO.read_text() if CPUINFO.is_file() else ""
+    flags = set((_cpuinfo_field(cpuinfo, "flags") or "").split())
+    known = bool(flags)
+    return {
+        "cpu_model": _cpuinfo_field(cpuinfo, "model name") or platform.processor() or None,
+        "cpu_flags": {flag: (flag in flags) if known else None for flag in NUMERIC_CPU_FLAGS},
+    }
+
+
+def _version(dist: str) -> str:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return "absent"
+
+
+def host_record() -> dict[str, Any]:
+    """Machine, cores, CPU features, torch's CPU dispatch level and the numerics-relevant library versions."""
+    import torch
+
+    return {
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        **cpu_features(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "libraries": {d: _version(d) for d in ("torch", "triton", "transformers", "peft", "bitsandbytes")},
+        # models/quant.py keeps every Linear4bit off bitsandbytes' AVX512-BF16 repacking, on every host.
+        "bitsandbytes_cpu_repacking": "off",
+    }
