@@ -24,7 +24,6 @@ from real_smollm2 import (
     REPO,
     independent_nf4,
     pairs_slice,
-    repacking_off,
     sequence_logp,
     skip_without_package,
     unit_logps,
@@ -75,7 +74,7 @@ def independent(model_dir):
 
 @pytest.fixture(scope="module")
 def ours(model_dir):
-    return repacking_off(load_quantized(model_dir, quant=QuantSettings(compute_dtype="float32")))
+    return load_quantized(model_dir, quant=QuantSettings(compute_dtype="float32"))  # repacking off (issue 22)
 
 
 @contextlib.contextmanager
@@ -100,15 +99,22 @@ def assert_close(table, expected: tuple[list[float], list[float]], tol: float) -
         assert float(diff) <= tol, (side, float(diff))
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton", "naive"])
-def test_nf4_logprobs_equal_transformers_bitsandbytes(ours, independent, data, impl):
-    units = units_of(data[0])
+@pytest.fixture(scope="module")
+def s_on_step1(independent, data) -> tuple[list[float], list[float]]:
+    """S's per-sequence log-probs of step 1's pairs, from the independent NF4 forward."""
+    return unit_logps(independent, units_of(data[0]))
+
+
+# Interpreted Triton walks the 49,152-word vocabulary tile by tile in numpy: two pairs keep it to seconds.
+@pytest.mark.parametrize(("impl", "n"), [("torch", 4), ("naive", 4), ("triton", 2)])
+def test_nf4_logprobs_equal_transformers_bitsandbytes(ours, s_on_step1, data, impl, n):
+    units = units_of(data[0])[:n]
     table = compute_logps(
         ours, units, pad_id=load_tokenizer(ALIAS).pad_token_id, batch_size=4, hw=CPU,
         impl=resolve_logprob_impl(CPU, impl), with_kl=False, reporter=Reporter(True), description="x",
     )  # fmt: skip
     assert ours.get_output_embeddings().weight is ours.get_input_embeddings().weight  # the tied head
-    assert_close(table, unit_logps(independent, units), 1e-4)
+    assert_close(table, tuple(side[:n] for side in s_on_step1), 1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +122,7 @@ def two_steps(model_dir, data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("real-run") / "run"
     argv = ["run", "--model", ALIAS, "--steps", f"{data[0]},{data[1]}", "--output-dir", str(out),
             "--max-length", str(MAX_LENGTH), "--max-prompt-length", str(MAX_PROMPT_LENGTH),
-            "--batch-size", "2", "--grad-accum", "1", "--learning-rate", "5e-4", "--warmup-ratio", "0",
+            "--batch-size", "2", "--grad-accum", "1", "--learning-rate", "1e-4", "--warmup-ratio", "0",
             "--lora-r", "8", "--lora-dropout", "0", "--no-gradient-checkpointing", "--device", "cpu",
             "--quiet"]  # fmt: skip
     assert main(argv) == 0
@@ -138,9 +144,9 @@ def chain(out: Path, t: int) -> list[Path]:
     return [out / c for c in (read_summary(step_dir(out, t)) or {})["adapter_chain"]]
 
 
-def test_run_references_are_s_then_the_trained_p1(two_steps, ours, independent, data):
+def test_run_references_are_s_then_the_trained_p1(two_steps, ours, independent, s_on_step1, data):
     # step 1: M_0 = S, against the independent NF4 forward
-    assert_close(cached(two_steps, 1), unit_logps(independent, units_of(data[0])), 1e-4)
+    assert_close(cached(two_steps, 1), s_on_step1, 1e-4)
     # step 2: M_1 = Q(S) + step 1's adapter as a frozen delta equals the trained P_1 through peft's layers
     units = units_of(data[1])
     (adapter,) = chain(two_steps, 1)
@@ -157,12 +163,14 @@ def test_run_references_are_s_then_the_trained_p1(two_steps, ours, independent, 
 
 def test_generate_from_the_run_stops_at_end_of_turn(two_steps, tmp_path):
     prompts = tmp_path / "prompts.txt"
+    # Questions S answers in one short sentence; the run's small steps (learning rate 1e-4) keep M_2 close
     prompts.write_text(
-        "What is the capital of France?\nName a fruit.\nHow many legs does a cat have?\nSay hello.\n"
+        "What is the capital of France?\nHow many days are in a week?\n"
+        "What is the capital of Japan?\nWhich month comes after March?\n"
     )
     out = tmp_path / "gen.jsonl"
     argv = ["generate", "--run", str(two_steps), "--prompts", str(prompts), "-n", "1", "--temperature", "0",
-            "--max-new-tokens", "48", "--batch-size", "4", "--device", "cpu", "--out", str(out), "--quiet"]  # fmt: skip
+            "--max-new-tokens", "32", "--batch-size", "4", "--device", "cpu", "--out", str(out), "--quiet"]  # fmt: skip
     assert main(argv) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 4
