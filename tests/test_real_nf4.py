@@ -163,10 +163,11 @@ def test_run_references_are_s_then_the_trained_p1(two_steps, ours, independent, 
 
 def test_generate_from_the_run_stops_at_end_of_turn(two_steps, tmp_path):
     prompts = tmp_path / "prompts.txt"
-    # Questions S answers in one short sentence; the run's small steps (learning rate 1e-4) keep M_2 close
+    # Questions S in NF4 answers in one short sentence (to "What is the capital of France?" it goes on about
+    # the City of Light); the run's small steps (learning rate 1e-4) keep M_2 close to S.
     prompts.write_text(
-        "What is the capital of France?\nHow many days are in a week?\n"
         "What is the capital of Japan?\nWhich month comes after March?\n"
+        "What is the plural of mouse?\nWhat is 12 times 3?\n"
     )
     out = tmp_path / "gen.jsonl"
     argv = ["generate", "--run", str(two_steps), "--prompts", str(prompts), "-n", "1", "--temperature", "0",
