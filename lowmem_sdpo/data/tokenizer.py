@@ -27,7 +27,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BUILTIN_TOKENIZERS = {"builtin:tiny": bundled_tokenizer_dir, "builtin:tiny-carry": bundled_tokenizer_dir}
+
+
+def _smollm2_dir() -> Path:
+    # Its tokenizer (and chat template) comes out of the same GGUF build as its weights.
+    from lowmem_sdpo.models.smollm2 import build_smollm2
+
+    return build_smollm2()
+
+
+BUILTIN_TOKENIZERS = {
+    "builtin:tiny": bundled_tokenizer_dir,
+    "builtin:tiny-carry": bundled_tokenizer_dir,
+    "builtin:smollm2-135m-instruct-q4": _smollm2_dir,
+}
 
 FALLBACK_HEADERS: dict[str, str] = {
     "system": "### System:\n",

@@ -29,9 +29,16 @@ def _builtin_tiny_carry() -> Path:
     return build_tiny_model(recipe=CARRY_RECIPE)
 
 
+def _builtin_smollm2() -> Path:
+    from lowmem_sdpo.models.smollm2 import build_smollm2
+
+    return build_smollm2()
+
+
 BUILTINS: dict[str, Callable[[], Path]] = {
     "builtin:tiny": _builtin_tiny,
     "builtin:tiny-carry": _builtin_tiny_carry,
+    "builtin:smollm2-135m-instruct-q4": _builtin_smollm2,
 }
 
 
