@@ -123,8 +123,8 @@ def _run_all(
     hw = resolve_hardware(config)
     if not hw.is_cuda:
         reporter.note_once("no CUDA device: running on CPU; 4-bit layers on CPU are slow beyond toy models")
-        # glibc's heap would otherwise keep ~10x the live activations of a checkpointed step (cpu_heap.py)
-        bound_cpu_heap()
+        if config.bound_cpu_heap:  # glibc's heap would keep ~10x a checkpointed step's live tensors (cpu_heap.py)
+            bound_cpu_heap()
     objective = Objective(config.loss, config.beta, dict(config.loss_options))
     objective.spec  # noqa: B018 - raises InputError for an unknown loss before anything is loaded
     # A resumed run loads the very commit it started from, whatever the branch points at now.
