@@ -283,6 +283,7 @@ def test_the_training_plan_counts_the_kernel_per_impl():
         gradient_scatter,
         kernel_backward,
         kernel_forward,
+        kernel_kept,
         row_compaction,
     )
 
@@ -315,9 +316,72 @@ def test_the_training_plan_counts_the_kernel_per_impl():
         for impl in ("triton", "torch")
     }
     assert kernel["torch"] - kernel["triton"] == (
-        kernel_forward(shapes, b, "torch") + kernel_backward(shapes, b, "torch")
-        - kernel_forward(shapes, b, "triton") - kernel_backward(shapes, b, "triton")
+        kernel_kept(shapes, b, "torch") + kernel_backward(shapes, b, "torch")
+        - kernel_kept(shapes, b, "triton") - kernel_backward(shapes, b, "triton")
     )  # fmt: skip
+    # The torch impl's logits chunk is a forward workspace, freed before the backward: 2048 rows x 4096 fp32.
+    assert kernel_forward(shapes, b, "torch") - kernel_kept(shapes, b, "torch") == 2048 * 4096 * 4
+    assert kernel_kept(shapes, b, "triton") == kernel_forward(shapes, b, "triton")
+
+
+def test_cpu_training_activations_match_a_real_steps_live_tensors(tmp_path):
+    """The plan's training-phase activations in its CPU mode (fp32, torch log-prob impl) against the live tensors
+    at the peak of a real optimiser step, read from the allocator's events (plan.measure): a 4-layer random model
+    of SmolLM2's family (Llama, grouped-query attention, tied head), the engine's own forward and log-prob op,
+    LoRA r 16 with dropout, checkpointing, every row padded to max length as the plan assumes. The LoRA
+    gradients (an exact part of the plan's, not an activation) are taken out of the measured figure."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowmem_sdpo.engine.hardware import Hardware
+    from lowmem_sdpo.engine.logprobs import batch_logprobs
+    from lowmem_sdpo.engine.units import Unit, collate_units
+    from lowmem_sdpo.models.lora import enable_checkpointing
+    from lowmem_sdpo.plan.measure import trace_live_tensors
+
+    config = LlamaConfig(
+        vocab_size=16384,  # 4 x the torch impl's vocabulary chunk, as real vocabularies are many times it
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+    model = load_quantized(tmp_path / "m", quant=QuantSettings(compute_dtype="float32"))
+    policy = add_lora(model, r=16, dropout=0.05, seed=0)
+    enable_checkpointing(policy.get_base_model())
+    policy.train()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    pairs, length, prompt = 2, 256, 32
+    ids = torch.Generator().manual_seed(0)
+
+    def row(n: int) -> list[int]:
+        return torch.randint(0, 16384, (n,), generator=ids).tolist()
+
+    batch = collate_units([Unit(row(prompt), row(length - prompt), row(prompt), row(length - prompt))] * pairs, 0)
+    hw = Hardware(torch.device("cpu"), "float32")
+
+    def step() -> None:
+        logp, _ = batch_logprobs(policy, batch, hw=hw, impl="torch")
+        (logp[:pairs] - logp[pairs:]).sum().backward()
+        optimizer.step()
+
+    step()  # the optimiser state is made in the first step; the plan counts it as static
+    optimizer.zero_grad(set_to_none=True)
+    trace = trace_live_tensors(step, attribute=False)
+    grads = {p.grad.untyped_storage().data_ptr() for p in params}
+    measured = trace.peak_bytes - trace.bytes_where(lambda a: a.ptr in grads)
+    settings = PlanSettings(
+        max_length=length, batch_size=pairs, lora_r=16, compute_dtype="float32", logprob_impl="torch",
+        optim="adamw", device="cpu", pairs_per_step=(pairs,),
+    )  # fmt: skip
+    plan = plan_for_shapes("m", str(tmp_path / "m"), shapes_of(tmp_path / "m", "float32"), settings, gpu_memory=GIB)
+    planned = next(p for p in plan.phases if p.key == "training").activation_bytes
+    assert measured == pytest.approx(planned, rel=0.15), (measured, planned, trace.top(8))
 
 
 # --- hand-worked figures for the shipped configs ------------------------------------------------------------

@@ -125,6 +125,9 @@ def _forward(
             # the chunk's logits buffer becomes its exp, so one [R, C] buffer is the workspace.
             run_sum = run_sum * torch.exp(run_max - new_max) + z.sub_(new_max[:, None]).exp_().sum(dim=1)
             run_max = new_max
+            # Drop the name now: otherwise this chunk stays alive while the next one is computed (two [R, C]
+            # buffers at the peak instead of one).
+            del z
         lse[r0:r1] = run_max + torch.log(run_sum)
         logp[r0:r1] = tgt - lse[r0:r1]
     return logp, lse
@@ -175,6 +178,7 @@ def _backward(
             p = z.sub_(lse_r[:, None]).exp_()  # softmax chunk, in place
             inside, local = _target_in_chunk(t, v0, v1)
             if skip_test is not None and not bool(inside.any()) and skip_test(p, threshold):
+                del z, p, tanh  # as at the loop's end
                 continue  # gradient filtering: this chunk's softmax is negligible (configs.py's bounds)
             dz = p.mul_(-g[:, None])
             dz.scatter_add_(1, local[:, None], torch.where(inside, g, 0.0)[:, None])
@@ -189,6 +193,8 @@ def _backward(
                 _add_mm_(grad_w_acc[v0:v1], dz_op.T, h_acc)
             if grad_b_acc is not None:
                 grad_b_acc[v0:v1] += dz.sum(dim=0)
+            # Every name of this chunk's [R, C] buffers, dropped before the next chunk is computed (one at a time).
+            del z, p, dz, dz_op, tanh
         if grad_h is not None and dh_acc is not None:
             grad_h[r0:r1] = dh_acc.to(hidden.dtype)
     grad_w = grad_w_acc.to(weight.dtype) if grad_w_acc is not None else None

@@ -24,6 +24,7 @@ import torch
 from lowmem_sdpo.atomic import atomic_dir, write_json
 from lowmem_sdpo.data import StepData, TokenizedStep, load_steps, load_tokenizer, parse_columns, tokenize_step
 from lowmem_sdpo.engine.config import RunConfig, check_run_dir, reference_batch_size
+from lowmem_sdpo.engine.cpu_heap import bound_cpu_heap
 from lowmem_sdpo.engine.distributed import Ranks, process_group
 from lowmem_sdpo.engine.failures import OutOfMemory, is_cuda_oom, out_of_memory_message
 from lowmem_sdpo.engine.hardware import (
@@ -123,6 +124,8 @@ def _run_all(
     hw = resolve_hardware(config)
     if not hw.is_cuda:
         reporter.note_once("no CUDA device: running on CPU; 4-bit layers on CPU are slow beyond toy models")
+        if config.bound_cpu_heap:  # glibc's heap would keep ~10x a checkpointed step's live tensors (cpu_heap.py)
+            bound_cpu_heap()
     objective = Objective(config.loss, config.beta, dict(config.loss_options))
     objective.spec  # noqa: B018 - raises InputError for an unknown loss before anything is loaded
     # A resumed run loads the very commit it started from, whatever the branch points at now.

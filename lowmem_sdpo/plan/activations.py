@@ -17,8 +17,9 @@ Backward recomputes one layer at a time and keeps, until that layer's backward i
   * SDPA's q, repeated k and v (transformers repeats GQA heads whenever there is a padding mask) and output,
     4 x N·Q·c, its fp32 log-sum-exp N·heads·4, and the mask as an additive compute-dtype copy rows·L²·c;
   * the MLP's gate output (SiLU's input), SiLU output and up output (the product's inputs): 3 x N·I·c.
-For SOLAR at N = 4096 that is about 1.0 GiB, and the layer's backward adds its gradient buffers
-(about 3 x N·I·c for the MLP, 336 MiB) and the dequantised weight (I·H·c = 112 MiB).
+For SOLAR at N = 4096 that is about 1.0 GiB, with the gradient flowing through the layer (2 x N·H·c) and the
+dequantised weight (I·H·c = 112 MiB). The MLP's gradient buffers (N·I·c each) appear only after the saved
+tensors they replace are freed: they do not add to the peak (measured on CPU, layer_backward_transient).
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from lowmem_sdpo_kernels.configs import DEFAULT_TRITON_CONFIG, MAX_VOCAB_SPLITS,
 from lowmem_sdpo_kernels.linear_logprobs import ROW_INDEXED
 
 BOOL = 1
+# The engine's CPU path (fp32, no autocast) keeps two things differently from CUDA under autocast:
+#   * dropout keeps its mask as a tensor of the input's dtype (CUDA's fused dropout: a bool mask);
+#   * there is no autocast, so no compute-dtype copies of the fp32 LoRA factors.
+DEVICES = ("cuda", "cpu")
 
 
 @dataclass(frozen=True)
@@ -60,13 +65,15 @@ def sdpa_mask_copy(s: ModelShapes, b: Batch) -> int:
     return b.rows * b.length * b.length * s.element_size
 
 
-def lora_saved(s: ModelShapes, b: Batch, r: int, mask_bytes: int = BOOL) -> int:
+def lora_saved(s: ModelShapes, b: Batch, r: int, mask_bytes: int = BOOL, device: str = "cuda") -> int:
     """Per LoRA'd linear of one layer: its dropout output (lora_A's input, c per element) and dropout mask
     (CUDA's fused dropout keeps a bool mask: `mask_bytes` 1; CPU's keeps a noise tensor of the input's dtype),
     lora_A's output (lora_B's input, N·r·c), and autocast's copies of the fp32 factors."""
     c = s.element_size
+    if device == "cpu":
+        mask_bytes = c
     inputs = sum(b.tokens * (lin.in_features * (c + mask_bytes) + r * c) for lin in s.layer_linears())
-    return inputs + lora_factor_copies(s, r)
+    return inputs + (0 if device == "cpu" else lora_factor_copies(s, r))
 
 
 def lora_factor_copies(s: ModelShapes, r: int) -> int:
@@ -75,21 +82,23 @@ def lora_factor_copies(s: ModelShapes, r: int) -> int:
     return sum(r * (lin.in_features + lin.out_features) * s.element_size for lin in s.layer_linears())
 
 
-def layer_saved(s: ModelShapes, b: Batch, r: int, mask_bytes: int = BOOL) -> int:
+def layer_saved(s: ModelShapes, b: Batch, r: int, mask_bytes: int = BOOL, device: str = "cuda") -> int:
     """What one decoder layer keeps for its backward (see the module docstring)."""
     c, n = s.element_size, b.tokens
     q_width = s.n_heads * s.head_dim
     norms = 2 * n * (s.hidden * FP32 + FP32)  # fp32 input copy and the rsqrt per row
     attention = 4 * n * q_width * c + n * s.n_heads * FP32 + sdpa_mask_copy(s, b)
     mlp = 3 * n * s.intermediate * c
-    return norms + attention + mlp + lora_saved(s, b, r, mask_bytes)
+    return norms + attention + mlp + lora_saved(s, b, r, mask_bytes, device)
 
 
 def layer_backward_transient(s: ModelShapes, b: Batch) -> int:
-    """Gradient buffers alive inside one layer's backward: the MLP's (d product, d gate, d up: 3 x N·I·c) and
-    the gradient flowing between layers, in and out (2 x N·H·c)."""
-    c, n = s.element_size, b.tokens
-    return 3 * n * s.intermediate * c + 2 * n * s.hidden * c
+    """Gradient buffers alive when a layer's peak is reached: the gradient flowing in and out of the layer
+    (2 x N·H·c). Non-reentrant checkpointing recomputes the layer at its backward's first unpack, so every saved
+    tensor is alive with only these; the MLP's gradient buffers (N·I each) come later, each after the saved
+    tensors it replaces have been unpacked and freed, and the live bytes only fall from there (measured on a CPU
+    step: tests/test_plan.py, benchmarks/results/profile_train_memory_smollm2.json)."""
+    return 2 * b.tokens * s.hidden * s.element_size
 
 
 def layer_forward_transient(s: ModelShapes, b: Batch) -> int:
@@ -173,17 +182,28 @@ def kernel_forward(s: ModelShapes, b: Batch, impl: str = "triton") -> int:
     return row_compaction(s, b, impl) + rows * cols * FP32 + 2 * m * FP32 + outputs
 
 
+def kernel_kept(s: ModelShapes, b: Batch, impl: str = "triton") -> int:
+    """What the op's forward leaves alive for its backward: kernel_forward without the torch impl's [rows, vocab]
+    logits chunk, a workspace freed chunk by chunk (the Triton figures are kept whole: its per-split partials
+    feed the backward's filter)."""
+    if impl in ROW_INDEXED:
+        return kernel_forward(s, b, impl)
+    rows, cols = _torch_chunk(s, b)
+    return kernel_forward(s, b, impl) - rows * cols * FP32
+
+
 def kernel_backward(s: ModelShapes, b: Batch, impl: str = "triton") -> int:
     """Its backward; the frozen lm head gets no dW. Triton: fp32 dH [N, D] filled by atomics at the labelled
     rows, and its cast to the compute dtype. torch: the gradient of the M rows in the compute dtype, finished
-    one row chunk at a time in fp32 (the chunk's accumulator, the fp32 product added into it and the
-    accumulator's cast), the chunk's softmax in fp32 and dz rounded to the compute dtype, then index_select's
-    scatter (gradient_scatter)."""
+    one row chunk at a time in an fp32 accumulator, and the chunk's softmax in fp32; in a half compute dtype
+    also the fp32 product added into the accumulator, the accumulator's cast and dz rounded to that dtype (in
+    fp32 those are in place or the tensors themselves); then index_select's scatter (gradient_scatter)."""
     c, m = s.element_size, b.tokens
     if impl in ROW_INDEXED:
         return m * s.hidden * (FP32 + c)
     rows, cols = _torch_chunk(s, b)
-    chunk = rows * s.hidden * (2 * FP32 + c) + rows * cols * (FP32 + c)
+    half = c != FP32
+    chunk = rows * s.hidden * (FP32 + (FP32 + c) * half) + rows * cols * (FP32 + c * half)
     return m * s.hidden * c + chunk + gradient_scatter(s, b, impl)
 
 

@@ -47,6 +47,9 @@ class PlanSettings:
     compute_dtype: str = "bfloat16"  # --compute-dtype auto on an sm80+ card
     reference_batch_size: int = _RUN.reference_batch_size  # 0: auto, 2 x batch_size
     logprob_impl: str = "triton"  # --logprob-impl auto on a card the Triton path runs on; or "torch"
+    # "cpu": the activations of the engine's CPU path (activations.DEVICES: two terms differ), checked against
+    # a real CPU step's live tensors (tests/test_plan.py). The device figures still add a CUDA context.
+    device: str = "cuda"
 
     def __post_init__(self) -> None:
         for name in ("max_length", "batch_size", "lora_r", "grad_accum"):
@@ -56,6 +59,8 @@ class PlanSettings:
             raise InputError(f"--reference-batch-size must be at least 0, got {self.reference_batch_size}")
         if self.logprob_impl not in act.KERNEL_IMPLS:
             raise InputError(f"logprob_impl {self.logprob_impl!r}: expected one of {', '.join(act.KERNEL_IMPLS)}")
+        if self.device not in act.DEVICES:
+            raise InputError(f"--device {self.device}: expected one of {', '.join(act.DEVICES)}")
         if self.optim not in OPTIMIZER_STATE:
             raise InputError(f"--optim {self.optim}: expected one of auto, {', '.join(OPTIMIZER_STATE)}")
 
@@ -114,6 +119,12 @@ class Phase:
         return self.peak.total
 
     @property
+    def activation_bytes(self) -> int:
+        """The peak moment's parts other than the weights, LoRA, gradients and optimiser state: what a step's
+        forward and backward add (the figure compared with a real step's live tensors)."""
+        return sum(p.bytes for p in self.peak.parts if p.name not in STATIC_PARTS)
+
+    @property
     def device(self) -> int:
         return device_bytes(self.allocated)
 
@@ -140,6 +151,8 @@ LAYER = "one layer's activations"
 DEQUANT = "dequantised weight"
 KERNEL = "final norm + log-prob kernel"
 IN_FLIGHT = "weight being quantised"
+# Parts that exist before a step's forward and after its optimiser step (Phase.activation_bytes leaves them out).
+STATIC_PARTS = frozenset({NF4, UNQUANTISED, DELTA, LORA, GRADS, OPTIM})
 
 
 @dataclass(frozen=True)
@@ -227,12 +240,12 @@ def training_phase(ctx: Context) -> tuple[Moment, ...]:
     static = (*ctx.weights(), ctx.delta(), *ctx.lora(), Part(MASK, act.mask_and_rotary(s, b), "estimate"))
     if ctx.settings.gradient_checkpointing:
         kept = Part(CHECKPOINTS, act.checkpoints(s, b), "estimate")
-        layer = act.layer_saved(s, b, r) + act.layer_backward_transient(s, b)
+        layer = act.layer_saved(s, b, r, device=ctx.settings.device) + act.layer_backward_transient(s, b)
     else:
-        kept = Part(ALL_LAYERS, s.n_layers * act.layer_saved(s, b, r), "estimate")
+        kept = Part(ALL_LAYERS, s.n_layers * act.layer_saved(s, b, r, device=ctx.settings.device), "estimate")
         layer = act.layer_backward_transient(s, b)
     impl = ctx.settings.logprob_impl
-    kernel = act.final_norm_saved(s, b) + act.kernel_forward(s, b, impl) + act.kernel_backward(s, b, impl)
+    kernel = act.final_norm_saved(s, b) + act.kernel_kept(s, b, impl) + act.kernel_backward(s, b, impl)
     return (
         Moment("the log-prob op's backward", (*static, kept, Part(KERNEL, kernel, "estimate"))),
         Moment(
