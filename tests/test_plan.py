@@ -356,7 +356,7 @@ def test_cpu_training_activations_match_a_real_steps_live_tensors(tmp_path):
     policy.train()
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    pairs, length, prompt = 2, 256, 32
+    pairs, length, prompt = 2, 128, 16
     ids = torch.Generator().manual_seed(0)
 
     def row(n: int) -> list[int]:

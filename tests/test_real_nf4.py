@@ -225,3 +225,22 @@ def test_lm_eval_on_the_local_task_equals_peft(two_steps, independent):
             assert theirs == pytest.approx(ours, abs=1e-3)
             right += max(range(len(ours)), key=ours.__getitem__) == doc["label"]
     assert call["results"]["toy_addition"]["acc,none"] == pytest.approx(right / len(docs))
+
+
+def test_sft_first_loss_is_s_answer_nll(independent, data, tmp_path):
+    """Two optimiser steps of `sft` on 4 pairs' chosen answers (batch 2 x 2 micro-batches, 2 epochs): the first
+    step's logged loss is S's mean answer-token NLL over all 4, from the independent NF4 forward."""
+    out = tmp_path / "sft"
+    argv = ["sft", "--model", ALIAS, "--data", str(data[0]), "--output-dir", str(out), "--batch-size", "2",
+            "--grad-accum", "2", "--epochs", "2", "--lora-r", "8", "--lora-dropout", "0", "--device", "cpu",
+            "--no-gradient-checkpointing", "--max-length", str(MAX_LENGTH),
+            "--max-prompt-length", str(MAX_PROMPT_LENGTH), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    units = units_of(data[0])
+    nll = -sum(sequence_logp(independent, u.chosen_prompt, u.chosen) for u in units)
+    tokens = sum(len(u.chosen) for u in units)
+    assert metrics[0]["answer_tokens"] == tokens
+    assert metrics[0]["loss"] == pytest.approx(nll / tokens, abs=1e-4)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["optimizer_steps"] == 2 and (out / "model" / "config.json").is_file()

@@ -68,7 +68,7 @@ class RunConfig:
     deterministic: bool = False
     device: str = "auto"
     # CPU runs: fix glibc malloc's mmap threshold so freed activations go back to the system (engine/cpu_heap.py):
-    # ~2.5x less peak RSS on SmolLM2-135M, for more CPU time per step (page faults); off keeps glibc's default.
+    # 3x less peak RSS on SmolLM2-135M, for 20-50% more CPU time per step (page faults); off: glibc's default.
     bound_cpu_heap: bool = True
     # held-out evaluation (engine/heldout.py)
     eval_split: float = 0.0  # a seeded fraction of each step's data kept out of training; 0: none

@@ -5,11 +5,12 @@ torch's CPU allocator is malloc. glibc's malloc serves a request at or above its
 mmap, returned to the system on free, and smaller ones from its heap, which keeps freed memory for reuse. The
 threshold starts at 128 KiB, but every free of an mmap'd block raises it to that block's size (up to 32 MiB on
 64-bit). After the first few frees every activation of a small model's step (SmolLM2-135M at 4 x 512 tokens:
-hidden 4.5 MiB, MLP 12 MiB, attention 36 MiB) comes from the heap. A checkpointed forward then keeps one
-small tensor per layer (its input, for the recompute) between large temporaries that are freed; the kept
-ones split the freed space, the next layer's large temporaries no longer fit the holes, and the heap grows
-by about a layer's temporaries per layer. Measured (benchmarks/profile_train_memory.py, SmolLM2 at 4 x 512
-tokens): 0.3 GiB of live tensors at the training peak, 3.3 GiB of heap, almost all of it free.
+hidden 4.5 MiB, MLP 12 MiB, the log-prob op's 30 MiB chunks) comes from the heap. Most likely (the free heap
+is measured, this reason inferred) a checkpointed forward keeps one small tensor per layer (its input, for the
+recompute) between large temporaries that are freed; the kept ones split the freed space, the next layer's
+large temporaries no longer fit the holes, and the heap grows by about a layer's temporaries per layer.
+Measured (benchmarks/profile_train_memory.py, SmolLM2 at 4 x 512 tokens): 297 MiB of live tensors at the
+training peak, 4.8 GiB RSS in the first step, 3.8 GiB of the heap free; bounded, 1.5 GiB RSS.
 
 `bound_cpu_heap` fixes the threshold (glibc's `mallopt(M_MMAP_THRESHOLD, ...)`; setting it switches the
 adjustment off), so large tensors go back to the system when freed and RSS follows the live tensors. The cost
