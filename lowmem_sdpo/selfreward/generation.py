@@ -22,6 +22,7 @@ from lowmem_sdpo.selfreward.sampling import CACHE_CHOICES, SampleSettings
 
 __all__ = ["CACHE_CHOICES", "SampleSettings"]  # their home is sampling.py (torch-free, for the CLI)
 
+
 @dataclass(frozen=True)
 class Completion:
     text: str
