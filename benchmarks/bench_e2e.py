@@ -25,7 +25,9 @@ step, each counted once per pass over the data (one epoch). tokens_per_s = T / w
 and step rows (the total row: T_1 + T_2); TRL's in-step reference forwards and ours' drift pass earn nothing.
 Memory: CPU, peak_rss_bytes: a phase's peak resident set (the process's high-water mark when the phase set a
 new one, else the largest 5 ms sample); the step/total/process rows hold the process's high-water mark (VmHWM).
-CUDA: peak_allocated_bytes / peak_reserved_bytes from torch.cuda.max_memory_allocated / max_memory_reserved.
+CUDA: peak_allocated_bytes / peak_reserved_bytes from the allocator's figures, sampled without resetting its
+statistics (the engine's own per-phase peaks stay right); peak_device_used_bytes, the card's total - free
+(torch.cuda.mem_get_info), against device_total_bytes.
 Time: wall_s is the median over --repeats interleaved runs (wall_s_runs keeps each, wall_s_min the least
 disturbed, cpu_s the process CPU time); load averages are recorded, the machine may be shared.
 
@@ -144,6 +146,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def git_commit() -> str | None:
+    """LOWMEM_SDPO_COMMIT when set (gpu_pass.sh passes the CPU side's: the device copy may have no .git)."""
+    if os.environ.get("LOWMEM_SDPO_COMMIT"):
+        return os.environ["LOWMEM_SDPO_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
@@ -215,6 +220,8 @@ class PhaseRecord:
     peak_rss_bytes: int = 0
     peak_allocated_bytes: int | None = None
     peak_reserved_bytes: int | None = None
+    peak_device_used_bytes: int | None = None  # the card's whole use (total - free): every context and process
+    device_total_bytes: int | None = None
     started: float = 0.0
     cpu_started: float = 0.0
     hwm_at_start: int = 0
@@ -223,9 +230,12 @@ class PhaseRecord:
 class PhaseClock:
     """Wall time and peak memory of (possibly nested) phases.
 
-    A thread samples every 5 ms: the resident set on CPU; on CUDA the allocator's high-water marks, which are
-    reset at every phase boundary after being folded into every open phase (so nested phases stay exact and a
-    phase's figure is its own peak).
+    A thread samples every 5 ms: the resident set on CPU. On CUDA it never resets the allocator's statistics
+    (the engine resets them at its own phase boundaries and reads its per-phase peaks from them), so a phase's
+    peak is the larger of what the samples saw allocated / reserved at that moment and every allocator
+    high-water mark that rose, or restarted after a reset, between two samples of the phase: a value reached
+    inside it. Each phase also gets the card's whole use, total - free from torch.cuda.mem_get_info (what
+    `plan`'s allowance for the CUDA context and other processes is checked against), at its most.
     """
 
     def __init__(self, cuda: bool) -> None:
@@ -234,6 +244,7 @@ class PhaseClock:
         self.open: dict[tuple[str, int | None], PhaseRecord] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._marks: tuple[int, int] | None = None  # the allocator's high-water marks at the last sample
         self._thread = threading.Thread(target=self._sample_loop, daemon=True)
         self._thread.start()
 
@@ -241,34 +252,46 @@ class PhaseClock:
         while not self._stop.wait(0.005):
             self._sample()
 
+    def _cuda_figures(self) -> tuple[int, int, int, int]:
+        """(allocated, reserved, device used, device total) reached since the last sample: the marks that
+        moved (rose, or restarted after the engine reset them) and the current figures."""
+        import torch
+
+        marks = (int(torch.cuda.max_memory_allocated()), int(torch.cuda.max_memory_reserved()))
+        now = (int(torch.cuda.memory_allocated()), int(torch.cuda.memory_reserved()))
+        last, self._marks = self._marks, marks
+        moved = [m if last is not None and m != before else 0 for m, before in zip(marks, last or marks, strict=True)]
+        free, total = torch.cuda.mem_get_info()
+        return max(now[0], moved[0]), max(now[1], moved[1]), int(total - free), int(total)
+
     def _sample(self) -> None:
         with self._lock:
             if not self.open:
+                self._marks = None
                 return
             rss = rss_now()
-            alloc = reserved = None
-            if self.cuda:
-                import torch
-
-                alloc = int(torch.cuda.max_memory_allocated())
-                reserved = int(torch.cuda.max_memory_reserved())
+            figures = self._cuda_figures() if self.cuda else None
             for rec in self.open.values():
                 rec.peak_rss_bytes = max(rec.peak_rss_bytes, rss)
-                if alloc is not None:
+                if figures is not None:
+                    alloc, reserved, used, total = figures
                     rec.peak_allocated_bytes = max(rec.peak_allocated_bytes or 0, alloc)
-                    rec.peak_reserved_bytes = max(rec.peak_reserved_bytes or 0, reserved or 0)
+                    rec.peak_reserved_bytes = max(rec.peak_reserved_bytes or 0, reserved)
+                    rec.peak_device_used_bytes = max(rec.peak_device_used_bytes or 0, used)
+                    rec.device_total_bytes = total
 
     def _boundary(self) -> None:
-        """Fold the high-water marks into the open phases, then (CUDA) reset them for what comes next."""
+        """Fold what happened since the last sample into the open phases (the statistics are left alone)."""
         if self.cuda:
             import torch
 
             torch.cuda.synchronize()
         self._sample()
         if self.cuda:
-            import torch
+            with self._lock:  # the marks as the next phase starts: only a later move counts for it
+                import torch
 
-            torch.cuda.reset_peak_memory_stats()
+                self._marks = (int(torch.cuda.max_memory_allocated()), int(torch.cuda.max_memory_reserved()))
 
     def start(self, phase: str, step: int | None = None) -> None:
         self._boundary()
@@ -325,6 +348,8 @@ class PhaseClock:
             "peak_rss_bytes",
             "peak_allocated_bytes",
             "peak_reserved_bytes",
+            "peak_device_used_bytes",
+            "device_total_bytes",
         )
         return [{k: getattr(r, k) for k in keep} for r in self.records]
 
@@ -734,10 +759,8 @@ def run_worker(system: str, spec_path: Path, result_path: Path, profile: str | N
         clock.close()
     result["phases"] = clock.as_dicts()
     result["process_peak_rss_bytes"] = peak_rss_self()
-    if (
-        cuda
-    ):  # the clock resets the allocator's peaks at phase boundaries: the process's are the phases' largest
-        for key in ("peak_allocated_bytes", "peak_reserved_bytes"):
+    if cuda:  # the engine resets the allocator's peaks at its phase boundaries: the process's are the phases'
+        for key in ("peak_allocated_bytes", "peak_reserved_bytes", "peak_device_used_bytes"):
             result[f"process_{key}"] = max((p[key] or 0 for p in result["phases"]), default=None)
     result["loadavg_end"] = loadavg()
     write_json_atomic(result_path, result)
@@ -868,6 +891,8 @@ def system_rows(
             "step": step,
             "peak_allocated_bytes": median([p["peak_allocated_bytes"] for p in found]),
             "peak_reserved_bytes": median([p["peak_reserved_bytes"] for p in found]),
+            "peak_device_used_bytes": median([p.get("peak_device_used_bytes") for p in found]),
+            "device_total_bytes": median([p.get("device_total_bytes") for p in found]),
             "peak_rss_bytes": median(rss),
             "tokens": t,
             # a failed run's phases are cut short: their time is no rate
@@ -886,6 +911,7 @@ def system_rows(
         **base, "phase": "process", "step": None,
         "peak_allocated_bytes": median([r.get("process_peak_allocated_bytes") for r in good]),
         "peak_reserved_bytes": median([r.get("process_peak_reserved_bytes") for r in good]),
+        "peak_device_used_bytes": median([r.get("process_peak_device_used_bytes") for r in good]),
         "peak_rss_bytes": median([r.get("process_peak_rss_bytes") for r in good]),
         "wait4_maxrss_bytes": median([f.get("wait4_maxrss_bytes") for _, _, f in runs]),
         "tokens": None, "tokens_per_s": None,
@@ -1009,6 +1035,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="default: per device")
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--pairs", type=int, help="pairs per sDPO step (default: the shape's)")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the shape's); named SHAPE-lK")
     parser.add_argument("--repeats", type=int, default=1, help="runs per system; rows hold the median")
     parser.add_argument("--out", help="result JSON (default benchmarks/results/e2e_<device>.json); rows of "
                         "systems and shapes not run now are kept")  # fmt: skip
@@ -1033,6 +1060,9 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [SHAPES[n] for n in (args.shapes or DEFAULT_SHAPES[args.device])]
     if args.pairs:
         shapes = [replace(s, pairs=args.pairs) for s in shapes]
+    if args.layers:  # the width of a real model at fewer layers: a first look that builds and loads in seconds
+        shapes = [replace(s, layers=args.layers, name=f"{s.name}-l{args.layers}", model=f"{s.model}-l{args.layers}")
+                  for s in shapes]
     out = Path(args.out or RESULTS / f"e2e_{args.device}.json")
     cache = Path(args.cache or Path.home() / ".cache" / "lowmem-sdpo" / "bench_e2e")
     timeout = args.worker_timeout or (540.0 if args.device == "cuda" else 1200.0)
@@ -1098,12 +1128,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def _host_record() -> dict[str, Any]:
     # Imported here: the script sets up its environment before lowmem_sdpo loads.
     from lowmem_sdpo.host import host_record
 
     return host_record()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -55,14 +55,17 @@ class Case:
     logits: str = "normal"  # a key of LOGITS
 
 
-def full_cases(ns: list[int], vs: list[int], d: int, logits: list[str]) -> list[Case]:
+def full_cases(
+    ns: list[int], vs: list[int], d: int, logits: list[str],
+    grad_weights: tuple[bool, ...] = (False, True), ignored: tuple[float, ...] = (0.0, 0.5),
+) -> list[Case]:
     return [
         Case(n, d, v, torch.bfloat16, grad_weight, frac, kind)
         for n in ns
         for v in vs
         for kind in logits
-        for grad_weight in (False, True)
-        for frac in (0.0, 0.5)
+        for grad_weight in grad_weights
+        for frac in ignored
     ]
 
 
@@ -135,15 +138,23 @@ def _naive_compiled(case: Case, device: str, args: argparse.Namespace) -> StepFn
     return torch.compile(_naive_fn, dynamic=False)
 
 
-def _liger_flce(case: Case, device: str, args: argparse.Namespace) -> StepFn:
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError as exc:
-        raise Skip(f"skipped: liger_kernel not importable ({exc})") from exc
-    if device != "cuda":
-        raise Skip("skipped: Liger's Triton kernels would run in the interpreter on CPU (too slow to time)")
-    loss = LigerFusedLinearCrossEntropyLoss(reduction="none", ignore_index=-100)
-    return lambda h, w, t: -loss(w, h, t)  # per-token loss = -log p
+def _liger_flce_with(reduction: str) -> Callable[[Case, str, argparse.Namespace], StepFn]:
+    """Liger's fused linear cross-entropy. reduction "none" gives the per-row loss (our op's output), but
+    liger-kernel 0.8.5 then keeps every gradient for the backward and recomputes the logits there: its slow
+    path. "sum" computes the gradients in the forward pass (its fast path); under .sum().backward() both give
+    the same gradients, so both are timed and the ratios name which."""
+
+    def factory(case: Case, device: str, args: argparse.Namespace) -> StepFn:
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except ImportError as exc:
+            raise Skip(f"skipped: liger_kernel not importable ({exc})") from exc
+        if device != "cuda":
+            raise Skip("skipped: Liger's Triton kernels would run in the interpreter on CPU (too slow to time)")
+        loss = LigerFusedLinearCrossEntropyLoss(reduction=reduction, ignore_index=-100)
+        return lambda h, w, t: -loss(w, h, t)  # per-token loss (or its sum) = -log p
+
+    return factory
 
 
 def _dpo_layout(n: int) -> tuple[int, int]:
@@ -186,7 +197,8 @@ PEERS: dict[str, Callable[[Case, str, argparse.Namespace], StepFn]] = {
     "ours-torch": _ours("torch"),
     "naive-torch": _naive,
     "naive-torch-compile": _naive_compiled,
-    "liger-flce": _liger_flce,
+    "liger-flce": _liger_flce_with("none"),
+    "liger-flce-sum": _liger_flce_with("sum"),
     "liger-dpo": _liger_dpo,
     "apple-cce": _apple_cce,
 }
@@ -204,7 +216,7 @@ VARIANTS: dict[str, Callable[[Case, str, argparse.Namespace], StepFn]] = {
 RUNNABLE = {**PEERS, **VARIANTS}
 
 # Ratios are taken against these peers on the same case.
-BASELINES = {"vs_cce": "apple-cce", "vs_liger": "liger-flce"}
+BASELINES = {"vs_cce": "apple-cce", "vs_liger": "liger-flce", "vs_liger_sum": "liger-flce-sum"}
 
 
 # ---- measurement ----
@@ -332,7 +344,7 @@ def run_one(name: str, case: Case, device: str, args: argparse.Namespace) -> dic
         "floor_ms": None,
         "vs_floor": None,
         **{key: None for key in BASELINES},
-        "mem_vs_cce": None,
+        **{f"mem_{key}": None for key in BASELINES},
         "status": "ok",
     }
     h = w = t = None
@@ -424,9 +436,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         for field, peer in BASELINES.items():
             base = ok.get((key(r), peer))
             r[field] = None if base is None else r["ms_median"] / base["ms_median"]
-        cce = ok.get((key(r), BASELINES["vs_cce"]))
-        if cce is not None and cce["peak_extra_bytes"] and r["peak_extra_bytes"] is not None:
-            r["mem_vs_cce"] = r["peak_extra_bytes"] / cce["peak_extra_bytes"]
+            known = base is not None and base["peak_extra_bytes"] and r["peak_extra_bytes"] is not None
+            r[f"mem_{field}"] = r["peak_extra_bytes"] / base["peak_extra_bytes"] if known else None
 
 
 # ---- output ----
@@ -442,6 +453,10 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 
 
 def git_commit() -> str | None:
+    """LOWMEM_SDPO_COMMIT when set (gpu_pass.sh passes the CPU side's: the device copy may have no .git),
+    else git's HEAD."""
+    if os.environ.get("LOWMEM_SDPO_COMMIT"):
+        return os.environ["LOWMEM_SDPO_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
@@ -461,7 +476,7 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
 
     table = Table(title=title)
     for col in ("impl", "N", "D", "V", "logits", "dW", "ignored", "ms", "TFLOP/s", "peak MiB", "/CCE", "/Liger",
-                "/floor"):
+                "/Liger-sum", "/floor"):
         table.add_column(col, justify="left" if col in ("impl", "dtype") else "right", no_wrap=True)
     table.add_column("status", max_width=70, overflow="ellipsis", no_wrap=True)
 
@@ -473,7 +488,8 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
         table.add_row(
             r["impl"], str(r["N"]), str(r["D"]), str(r["V"]), r["logits"], "yes" if r["grad_weight"] else "no",
             f"{r['ignored_frac']:.1f}", num(r["ms_median"], ".3f"), num(r["tflops"], ".2f"), peak,
-            num(r["vs_cce"], ".2f"), num(r["vs_liger"], ".2f"), num(r["vs_floor"], ".2f"), r["status"],
+            num(r["vs_cce"], ".2f"), num(r["vs_liger"], ".2f"), num(r["vs_liger_sum"], ".2f"),
+            num(r["vs_floor"], ".2f"), r["status"],
         )
     Console(width=None if sys.stdout.isatty() else 170).print(table)
 
@@ -490,6 +506,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, nargs="+", default=[4096, 16384], help="row counts (full mode)")
     parser.add_argument("--v", type=int, nargs="+", default=[32000, 128256], help="vocab sizes (full mode)")
     parser.add_argument("--d", type=int, default=4096, help="hidden size (full mode)")
+    parser.add_argument("--weight", nargs="+", choices=["frozen", "trained"], default=["frozen", "trained"],
+                        help="lm-head weight without / with its gradient (full mode)")
+    parser.add_argument("--ignored", type=float, nargs="+", default=[0.0, 0.5],
+                        help="shares of rows without a target (full mode)")
     parser.add_argument("--runs", type=int, default=20, help="timed runs per row (>= 20)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up runs (default 3 on CUDA, 1 on CPU)")
     parser.add_argument("--autotune", action="store_true", help="ours-triton: triton_config='autotune'")
@@ -510,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup = 3 if device == "cuda" else 1
     import triton
 
-    cases = SMOKE_CASES if smoke else full_cases(args.n, args.v, args.d, args.logits)
+    weights = tuple(w == "trained" for w in args.weight)
+    cases = SMOKE_CASES if smoke else full_cases(args.n, args.v, args.d, args.logits, weights, tuple(args.ignored))
     args.matmul_tflops = {dtype: matmul_tflops(dtype, device) for dtype in {c.dtype for c in cases}}
     out = args.out or RESULTS_DIR / ("bench_kernels_smoke.json" if smoke else "bench_kernels.json")
     payload: dict[str, Any] = {
@@ -544,12 +565,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _host_record() -> dict[str, Any]:
     # Imported here: the script sets up its environment before lowmem_sdpo loads.
     from lowmem_sdpo.host import host_record
 
     return host_record()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,10 +5,17 @@ Triton's NVIDIA backend ships ptxas and cuobjdump, so a kernel compiles for sm80
 machine. `cuobjdump -res-usage` on the cubin gives the registers per thread (REG) and the local stack a
 thread spills to (STACK, 0 = no spill); Triton's metadata gives the shared memory a block needs.
 
-    python benchmarks/kernel_resources.py                      # the dtype defaults and the autotune set
-    python benchmarks/kernel_resources.py --arch 90 --config 128,128,32,8,3 --json out.json
+What is compiled is what a launch compiles: the op's own launches (triton_logprobs.call_launches, over meta
+tensors of SHAPE's sizes) go through the JIT's own binder, so unit strides become constants and sizes and
+leading strides carry divisibility-by-16 hints, as they do at run time. (Compiled without that
+specialisation the kernels need far less shared memory than the ones that run: 16,384 B against 49,152 B
+for the default forward on sm90.)
 
-Run it with TRITON_INTERPRET unset (the interpreter's kernels cannot be compiled).
+    python benchmarks/kernel_resources.py --arch 90 80 86 --dtype bf16 fp32 --json OUT.json  # defaults + autotune set
+    python benchmarks/kernel_resources.py --arch 90 --config 128,128,32,8,3 --kernels forward backward-dW
+
+Run it with TRITON_INTERPRET unset (the interpreter's kernels cannot be compiled), under the Triton the GPU
+runs (benchmarks/results/kernel_resources_compiled.json: 3.6, the GPU image's).
 """
 
 from __future__ import annotations
@@ -25,54 +32,59 @@ from pathlib import Path
 from typing import Any
 
 # Variants of the backward worth telling apart: a trained weight (dW product) or a frozen one, the filter
-# off / the mass bound / the per-element rule. name -> (COMPUTE_DW, FILTER code)
-BACKWARD_VARIANTS: dict[str, tuple[bool, int]] = {
-    "backward-dW": (True, 0),
-    "backward-dW-bound": (True, 1),
-    "backward-frozen": (False, 0),
-    "backward-frozen-bound": (False, 1),
-    "backward-frozen-element": (False, 2),
+# off / the mass bound / the per-element rule. name -> (weight gradient wanted, filter mode or None)
+BACKWARD_VARIANTS: dict[str, tuple[bool, str | None]] = {
+    "backward-dW": (True, None),
+    "backward-dW-bound": (True, "bound"),
+    "backward-frozen": (False, None),
+    "backward-frozen-bound": (False, "bound"),
+    "backward-frozen-element": (False, "element"),
 }
-ELEMENT = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
-SCALARS_I32 = {"M", "V", "D", "n_splits", "tiles_per_split"}
-SCALARS_F32 = {"thr_dh", "thr_split", "thr_dw", "scale", "softcap", "inv_softcap"}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# The launch compiled: issue 13's shape (N 16384, D 4096, V 32000), every row valid but passed as a row
+# index (the engine's way: HAS_ROWS). Every size and leading stride is then a multiple of 16 and the
+# inner strides are 1, so the JIT specialises all of them (unit strides as constants, divisibility-by-16
+# hints on the rest): the case with the most software pipelining, hence the most shared memory.
+SHAPE = {"n": 16384, "d": 4096, "v": 32000}
 
 
-def _signature(kernel: Any, elt: str) -> dict[str, str]:
-    """Triton types of the runtime arguments: H, W, B in the input dtype; targets and rows int64; every
-    other upper-case pointer fp32; sizes and strides int32 (a launch with tensors under 2**31 elements)."""
-    typed = {"H": f"*{elt}", "W": f"*{elt}", "B": f"*{elt}", "T": "*i64", "ROWS": "*i64"}
-    sig: dict[str, str] = {}
-    for name in kernel.arg_names:
-        if name in typed:
-            sig[name] = typed[name]
-        elif name in SCALARS_I32 or name.startswith("stride"):
-            sig[name] = "i32"
-        elif name in SCALARS_F32:
-            sig[name] = "fp32"
-        elif name.isupper() and name not in ("M", "V", "D"):
-            sig[name] = "*fp32"
-    return sig
+def launches(cfg: Any, dtype: str, variant: str, shape: dict[str, int]) -> list[Any]:
+    """The launch the op's own shared-memory check compiles for this variant (triton_logprobs.call_launches,
+    on meta tensors of the shape's sizes: nothing is allocated)."""
+    import torch
+
+    from lowmem_sdpo_kernels.configs import OpOptions
+    from lowmem_sdpo_kernels.triton_logprobs import call_launches
+
+    dt = getattr(torch, DTYPES[dtype])
+    n, d, v = shape["n"], shape["d"], shape["v"]
+    hidden = torch.empty(n, d, dtype=dt, device="meta")
+    weight = torch.empty(v, d, dtype=dt, device="meta")
+    targets = torch.empty(n, dtype=torch.int64, device="meta")
+    rows = torch.empty(n, dtype=torch.int64, device="meta")
+    if variant == "forward":
+        return call_launches(cfg, hidden, weight, None, targets, rows, OpOptions(), (False, False, False))
+    need_w, mode = BACKWARD_VARIANTS[variant]
+    # The threshold is a float argument, which the JIT never specialises: its value changes no code.
+    options = OpOptions(None if mode is None else 2.0**-7, filter_mode=mode or "bound")
+    return call_launches(cfg, hidden, weight, None, targets, rows, options, (True, need_w, False))[1:]
 
 
-def compile_kernel(kernel: Any, cfg: Any, elt: str, arch: int, constants: dict[str, Any]) -> Any:
+def jit_compile(launch: Any, arch: int) -> Any:
+    """Compile launch as `kernel[grid](*args, **kwargs)` would on an sm{arch} card: the JIT's own binder
+    specialises the arguments (constants, divisibility hints) and _pack_args turns them into the source's
+    signature, constants and attributes (as JITFunction.run does before it compiles)."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
 
-    const = {
-        "BLOCK_M": cfg.block_m, "BLOCK_V": cfg.block_v, "BLOCK_D": cfg.block_d, "GROUP_M": cfg.group_m,
-        "DOT_PRECISION": "ieee" if elt == "fp32" else "tf32", "HAS_ROWS": True,
-        "HAS_BIAS": False, "HAS_SCALE": False, "HAS_SOFTCAP": False, **constants,
-    }
-    sig = _signature(kernel, elt)
-    sig.update({name: "constexpr" for name in const})
-    missing = [name for name in kernel.arg_names if name not in sig]
-    if missing:
-        raise ValueError(f"kernel_resources: no type for {kernel.__name__} arguments {missing}")
-    src = ASTSource(kernel, sig, {(kernel.arg_names.index(n),): v for n, v in const.items()})
-    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    kernel, target = launch.kernel, GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, launch.kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
 def register_use(cubin: bytes) -> tuple[int, int]:
@@ -90,34 +102,48 @@ def register_use(cubin: bytes) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
-def measure(cfg: Any, elt: str, arch: int, variants: list[str]) -> list[dict[str, Any]]:
-    from lowmem_sdpo_kernels.triton_logprobs import _backward_kernel, _forward_kernel
-
+def measure(cfg: Any, dtype: str, arch: int, variants: list[str], shape: dict[str, int]) -> list[dict[str, Any]]:
     rows = []
     for variant in variants:
-        if variant == "forward":
-            kernel, const = _forward_kernel, {}
-        else:
-            need_w, code = BACKWARD_VARIANTS[variant]
-            kernel, const = _backward_kernel, {"COMPUTE_DH": True, "COMPUTE_DW": need_w, "COMPUTE_DB": False,
-                                               "FILTER": code}
-        compiled = compile_kernel(kernel, cfg, elt, arch, const)
+        (launch,) = launches(cfg, dtype, variant, shape)
+        compiled = jit_compile(launch, arch)
         regs, stack = register_use(compiled.asm["cubin"])
-        rows.append({"arch": arch, "dtype": elt, "kernel": variant, **asdict(cfg),
+        rows.append({"arch": arch, "dtype": dtype, "kernel": variant, **asdict(cfg),
                      "registers": regs, "spill_stack_bytes": stack, "shared_bytes": compiled.metadata.shared})
     return rows
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities (90 = H100)")
-    parser.add_argument("--dtype", choices=sorted(ELEMENT), default="bf16")
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80, 86], help="compute capabilities (90 = H100)")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16"])
     parser.add_argument("--config", nargs="*", default=None,
                         help="BLOCK_M,BLOCK_V,BLOCK_D,WARPS,STAGES[,GROUP_M] (default: dtype defaults + autotune set)")
     parser.add_argument("--kernels", nargs="+", choices=["forward", *BACKWARD_VARIANTS],
                         default=["forward", *BACKWARD_VARIANTS])
-    parser.add_argument("--json", type=Path, default=None, help="write the rows here")
+    for name, value in SHAPE.items():
+        parser.add_argument(f"--{name}", type=int, default=value, help=f"shape of the launch compiled ({value})")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows here (rewritten after each)")
     return parser.parse_args(argv)
+
+
+def _configs(args: argparse.Namespace, dtype: str) -> list[Any]:
+    import torch
+
+    from lowmem_sdpo_kernels.configs import AUTOTUNE_TRITON_CONFIGS, TRITON_CONFIGS_BY_DTYPE, TritonConfig
+
+    if args.config:
+        return [TritonConfig(*(int(x) for x in c.split(","))) for c in args.config]
+    ours = TRITON_CONFIGS_BY_DTYPE[getattr(torch, DTYPES[dtype])]
+    # The autotune set is offered to half-precision inputs only (fp32 keeps its own list).
+    return list(dict.fromkeys([*ours, *(AUTOTUNE_TRITON_CONFIGS if dtype != "fp32" else ())]))
+
+
+def _write(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,38 +151,34 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("kernel_resources: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)", file=sys.stderr)
         return 2
-    import torch
+    try:
+        configs = {dtype: _configs(args, dtype) for dtype in args.dtype}
+    except (TypeError, ValueError):
+        print(f"kernel_resources: --config wants 5 or 6 comma-separated ints, got {args.config}", file=sys.stderr)
+        return 2
+    import triton
 
-    from lowmem_sdpo_kernels.configs import AUTOTUNE_TRITON_CONFIGS, TRITON_CONFIGS_BY_DTYPE, TritonConfig
-
-    if args.config:
-        try:
-            configs = [TritonConfig(*(int(x) for x in c.split(","))) for c in args.config]
-        except (TypeError, ValueError):
-            print(f"kernel_resources: --config wants 5 or 6 comma-separated ints, got {args.config}", file=sys.stderr)
-            return 2
-    else:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-        configs = list(dict.fromkeys([*TRITON_CONFIGS_BY_DTYPE[dtype], *AUTOTUNE_TRITON_CONFIGS]))
-    rows = []
+    shape = {name: getattr(args, name) for name in SHAPE}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True).stdout.strip() or None
+    meta = {"triton": triton.__version__, "commit": commit, "tool": "cuobjdump -res-usage (REG, STACK)",
+            "shared": "CompiledKernel.metadata.shared", "shape": shape,
+            "specialisation": "the JIT's own (its binder on the launch's arguments): unit strides constant, "
+                              "sizes and leading strides divisible by 16, rows passed as an index"}
+    rows: list[dict[str, Any]] = []
     for arch in args.arch:
-        for cfg in configs:
-            for row in measure(cfg, ELEMENT[args.dtype], arch, args.kernels):
-                rows.append(row)
-                print(
-                    f"sm{arch} {row['dtype']} {row['kernel']:<24} {cfg.block_m}x{cfg.block_v}x{cfg.block_d} "
-                    f"w{cfg.num_warps} s{cfg.num_stages} g{cfg.group_m}: {row['registers']} regs, "
-                    f"{row['spill_stack_bytes']} B spill stack, {row['shared_bytes']} B shared",
-                    flush=True,
-                )
-    if args.json is not None:
-        import triton
-
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-                                capture_output=True, text=True).stdout.strip() or None
-        meta = {"triton": triton.__version__, "commit": commit, "tool": "cuobjdump -res-usage (REG, STACK)"}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+        for dtype in args.dtype:
+            for cfg in configs[dtype]:
+                for row in measure(cfg, dtype, arch, args.kernels, shape):
+                    rows.append(row)
+                    print(
+                        f"sm{arch} {row['dtype']} {row['kernel']:<24} {cfg.block_m}x{cfg.block_v}x{cfg.block_d} "
+                        f"w{cfg.num_warps} s{cfg.num_stages} g{cfg.group_m}: {row['registers']} regs, "
+                        f"{row['spill_stack_bytes']} B spill stack, {row['shared_bytes']} B shared",
+                        flush=True,
+                    )
+                if args.json is not None:
+                    _write(args.json, {**meta, "rows": rows})
     return 0
 
 

@@ -10,10 +10,14 @@ from pathlib import Path
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
-PEERS = {"ours-triton", "ours-torch", "naive-torch", "naive-torch-compile", "liger-flce", "liger-dpo", "apple-cce"}
+PEERS = {
+    "ours-triton", "ours-torch", "naive-torch", "naive-torch-compile", "liger-flce", "liger-flce-sum", "liger-dpo",
+    "apple-cce",
+}
 ROW_KEYS = {
     "impl", "N", "D", "V", "dtype", "grad_weight", "ignored_frac", "logits", "ms_median", "peak_extra_bytes", "tflops",
-    "floor_ms", "vs_floor", "vs_cce", "vs_liger", "mem_vs_cce", "status",
+    "floor_ms", "vs_floor", "vs_cce", "vs_liger", "vs_liger_sum", "mem_vs_cce", "mem_vs_liger", "mem_vs_liger_sum",
+    "status",
 }
 
 

@@ -155,3 +155,13 @@ def test_a_bitsandbytes_that_repacks_without_the_switch_is_refused():
     del layer.support_avx512bf16_for_cpu  # as a bitsandbytes with the repacking under another switch would be
     with pytest.raises(InputError, match=rf"^bitsandbytes {bnb.__version__} repacks .* install bitsandbytes 0\.50$"):
         disable_cpu_repacking(layer)
+
+
+def test_spawned_processes_see_the_simulated_host(bnb_cpu_kind):
+    """The CLI, kill-and-resume and gloo-rank tests run in spawned processes: the simulation must reach them."""
+    import subprocess
+    import sys
+
+    code = "import bitsandbytes as b; print(b.nn.Linear4bit(64, 64).support_avx512bf16_for_cpu)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == str(bnb_cpu_kind == "present")

@@ -17,6 +17,7 @@ Memory arithmetic (why no N x V tensor exists anywhere):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -56,15 +57,15 @@ DEFAULT_TRITON_CONFIG = TritonConfig()
 
 # First choice for bf16/fp16 (issue 13): 128-row blocks halve how often each weight tile is read
 # (N / BLOCK_M times) and give 2*128*128 / ((128 + 128) * 2) = 64 FLOP per byte loaded per K step,
-# against 43 for 64 x 128. Registers, as ptxas allocates them for sm90 and sm80 (benchmarks/
-# kernel_resources.py compiles every config on a CPU and reads the cubin's register and stack use):
-# at 8 warps the [128, 128] fp32 logits accumulator alone is 64 of a thread's 255 registers; the
-# backward adds p, the bf16 dz tile kept across the D loop, the [128, BLOCK_D] products and the
-# K-step operands. With BLOCK_D = 64 that spills (672 B of stack per thread on sm90, 312 B with a
-# frozen weight, filter off); with BLOCK_D = 32 the frozen-weight (sDPO) backward and the forward use 254
-# registers and no stack, and the trained-weight backward with the filter 160 B. 128 x 256 tiles
-# spill at any warp count tried (8 or 16): offered to the autotuner only. Shared memory at 32-wide
-# K steps: 3 * (128*32 + 32*128) * 2 + 128*128*2 = 81,920 B, which fits sm80, sm86/89 and sm90.
+# against 43 for 64 x 128. Registers, as ptxas allocates them (benchmarks/kernel_resources.py compiles
+# every config on a CPU as the JIT specialises a launch, and reads the cubin's register and stack use;
+# Triton 3.6, sm90): at 8 warps the [128, 128] fp32 logits accumulator alone is 64 of a thread's 255
+# registers; the backward adds p, the bf16 dz tile kept across the D loop, the [128, BLOCK_D] products and
+# the K-step operands. At BLOCK_D = 32 the forward takes 204 registers, the frozen-weight (sDPO) backward
+# with the filter 176 and the trained-weight backward 198-244, none spilling (compiled without the run-time
+# specialisation, as first measured, they sat at 254-255 and spilled at BLOCK_D = 64). 128 x 256 tiles
+# spill at 16 warps: offered to the autotuner only. Shared memory, compiled: 49,152 B for the forward and
+# 49,152-98,304 B for the backward on sm90 (32,768-81,920 B on sm80 / sm86): it fits all three.
 HALF_TRITON_CONFIG = TritonConfig(128, 128, 32, 8, 3)
 
 # ---- Shared memory: which tile fits which card ----
@@ -77,24 +78,29 @@ HALF_TRITON_CONFIG = TritonConfig(128, 128, 32, 8, 3)
 #     fp32 (4 B):       3 * (64*64 + 64*128) * 4 + 64*128*4 = 147,456 + 32,768 = 180,224 B
 #     bf16/fp16 (2 B):  3 * (64*64 + 64*128) * 2 + 64*128*2 =  73,728 + 16,384 =  90,112 B
 # against the per-block opt-in limits (torch.cuda.get_device_properties(d).shared_memory_per_block_optin)
-#     sm80 (A100) 166,912 B;  sm86 / sm89 (RTX 30xx / 40xx) 101,376 B;  sm90 (H100) 232,448 B,
-# so fp32 at the default tile fits an H100 only, and raised OutOfResources on RTX 30xx/40xx.
-# It is a bound, not an exact figure: the compiler decides the layouts. Triton 3.9's own count
-# (CompiledKernel.metadata.shared, compiled on CPU for sm80/86/90) for the fp32 default backward is
-# 147,456 B (114,688 B with a frozen weight, the figure in issue 17) and 65,536 B at
-# bf16 on sm90; for every config in TRITON_CONFIGS_BY_DTYPE it stays within this bound on all three.
-# (BLOCK_V = 256 tiles can exceed it on sm90, whose wgmma stages dz twice: kept out of the defaults.)
+#     sm80 (A100) 166,912 B;  sm86 / sm89 (RTX 30xx / 40xx) 101,376 B;  sm90 (H100) 232,448 B.
+# It is an estimate, NOT a bound: the compiler decides the layouts, and what it allocates at run time is
+# often more. Compiled as the JIT compiles a launch (unit strides constant, sizes divisible by 16:
+# benchmarks/kernel_resources.py, benchmarks/results/kernel_resources_compiled.json, Triton 3.6), the bf16
+# default tile's trained-weight backward needs 98,304 B on sm90 against the estimate's 81,920, and
+# 128 x 256 x 32 at 3 stages 237,568 B against 139,264 (sm90 stages dz for both wgmma products and
+# pipelines the second D loop too); elsewhere it is less (fp32 at the default tile: 147,456 B on all three,
+# so it fits an A100 too). So the estimate only orders configs and stands in where no compiler count can be
+# had (the CPU, a failed compile): on CUDA every config is checked against the compiler's own count before
+# its first launch (fitting_configs, with triton_logprobs.compiled_shared_bytes), and OutOfResources during
+# autotuning skips that config.
 ELEMENT_SIZE: dict[torch.dtype, int] = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
 def shared_memory_bytes(cfg: TritonConfig, dtype: torch.dtype) -> int:
-    """Upper bound of the shared memory one block of the forward or backward kernel needs (above)."""
+    """Estimate of the shared memory one block of the backward kernel needs (above): it orders configs and
+    stands in where no compiler count can be had; it never proves that one fits (fitting_configs does)."""
     size = ELEMENT_SIZE[dtype]
     pipelined = cfg.num_stages * (cfg.block_m * cfg.block_d + cfg.block_d * cfg.block_v) * size
     return pipelined + cfg.block_m * cfg.block_v * size
 
 
-# Per dtype, in order of preference: the first that fits the device's limit is used. Bounds:
+# Per dtype, in order of preference: the first that fits the device's limit is used. Estimates:
 #   fp32: 180,224 (H100) > 131,072 (A100: 2 stages) > 81,920 (RTX 30xx/40xx: 32-wide K steps) > 32,768
 #   bf16/fp16: 81,920 (all three) > 53,248 > 16,384
 _HALF_CONFIGS = (HALF_TRITON_CONFIG, TritonConfig(64, 128, 32, 8, 3), TritonConfig(32, 64, 32, 4, 2))
@@ -111,9 +117,10 @@ TRITON_CONFIGS_BY_DTYPE: dict[torch.dtype, tuple[TritonConfig, ...]] = {
 
 
 def select_triton_config(dtype: torch.dtype, smem_limit: int | None) -> TritonConfig | None:
-    """The first of TRITON_CONFIGS_BY_DTYPE[dtype] whose shared_memory_bytes fits smem_limit (bytes per
-    block); None if none does. smem_limit None (no CUDA device: the interpreter) takes
-    DEFAULT_TRITON_CONFIG, the tile the CPU tests were sized for."""
+    """The first of TRITON_CONFIGS_BY_DTYPE[dtype] whose estimate (shared_memory_bytes) fits smem_limit
+    (bytes per block); None if none does. smem_limit None (no CUDA device: the interpreter) takes
+    DEFAULT_TRITON_CONFIG, the tile the CPU tests were sized for. By the estimate: on CUDA the op takes
+    the first of the list that fits by the compiler's count instead (fitting_configs)."""
     if smem_limit is None:
         return DEFAULT_TRITON_CONFIG
     for cfg in TRITON_CONFIGS_BY_DTYPE[dtype]:
@@ -121,10 +128,29 @@ def select_triton_config(dtype: torch.dtype, smem_limit: int | None) -> TritonCo
             return cfg
     return None
 
+
+def fitting_configs(
+    configs: Iterable[TritonConfig], dtype: torch.dtype, smem_limit: int | None,
+    compiled_bytes: Callable[[TritonConfig], int | None],
+) -> Iterator[TritonConfig]:
+    """The configs, in order, that fit smem_limit (bytes per block; None: no limit known, all of them).
+    compiled_bytes(cfg) is the compiler's own count for the launches a call makes with cfg (the largest of
+    them); only where it could not be had (None) does the estimate decide. Lazy: taking the first compiles
+    only up to it."""
+    for cfg in configs:
+        if smem_limit is None:
+            yield cfg
+            continue
+        size = compiled_bytes(cfg)
+        if (shared_memory_bytes(cfg, dtype) if size is None else size) <= smem_limit:
+            yield cfg
+
+
 # Tried only when triton_config="autotune" is requested (off by default): the benchmark script sweeps
-# these. Those whose shared_memory_bytes exceeds the device's limit are not even tried.
-# The K=64 and 128 x 256 tiles spill in the backward (above) but may still win where the spill is
-# cheap; 128 x 256 x 64 at bf16 needs 3 * (128*64 + 64*256) * 2 + 128*256*2 = 212,992 B: sm90 only.
+# these, through fitting_configs (a config over the device's limit is never launched). The K=64 and
+# 128 x 256 tiles spill in the backward but may still win where the spill is cheap. 128 x 256 x 32 runs at
+# 2 stages: its trained-weight backward needs 212,992 B on sm90 compiled (237,568 B at 3 stages, over
+# sm90's 232,448); 128 x 256 x 64 was dropped (294,912 B at 2 stages, 344,064 B at 3).
 # Group sizes 1 (the old row-fastest order), 4 and 16 are there to measure the launch order.
 AUTOTUNE_TRITON_CONFIGS: tuple[TritonConfig, ...] = (
     HALF_TRITON_CONFIG,
@@ -134,8 +160,7 @@ AUTOTUNE_TRITON_CONFIGS: tuple[TritonConfig, ...] = (
     TritonConfig(64, 128, 64, 8, 3),
     TritonConfig(128, 128, 64, 8, 3),
     TritonConfig(128, 64, 64, 4, 3),
-    TritonConfig(128, 256, 64, 16, 3),
-    TritonConfig(128, 256, 32, 16, 3),
+    TritonConfig(128, 256, 32, 16, 2),
 )
 
 # The forward splits the vocabulary across at most this many programs per row block, so a row

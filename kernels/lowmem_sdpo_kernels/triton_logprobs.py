@@ -37,7 +37,9 @@ scattered, and offsets are int64 (row * stride never wraps).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -49,10 +51,11 @@ from .configs import (
     FILTER_MODES,
     GRAD_ACCUM,
     MAX_VOCAB_SPLITS,
+    TRITON_CONFIGS_BY_DTYPE,
     OpOptions,
     TritonConfig,
+    fitting_configs,
     select_triton_config,
-    shared_memory_bytes,
 )
 from .logit_transform import LogitTransform
 
@@ -303,6 +306,52 @@ def _head_args(transform: LogitTransform, bias: torch.Tensor | None) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One kernel launch, built but not yet run: what the launchers run, what the autotuner's shared-memory
+    check compiles (warmup: the JIT's own specialisation of these very arguments, nothing launched), and what
+    benchmarks/kernel_resources.py compiles for another GPU on a CPU."""
+
+    kernel: triton.runtime.jit.JITFunction
+    grid: tuple[int, ...]
+    args: tuple
+    kwargs: dict
+
+    def run(self) -> None:
+        self.kernel[self.grid](*self.args, **self.kwargs)
+
+    def compile(self):  # -> triton.compiler.CompiledKernel (CUDA only: the current device's target)
+        return self.kernel.warmup(*self.args, grid=self.grid, **self.kwargs)
+
+
+def forward_launch(
+    hidden, weight, bias, targets, rows, transform: LogitTransform, cfg: TritonConfig
+) -> tuple[KernelLaunch, torch.Tensor]:
+    """-> (the forward's launch, its partials [3, n_splits, K] fp32, allocated on hidden's device). K > 0."""
+    m_rows = hidden.shape[0] if rows is None else rows.shape[0]
+    vocab = weight.shape[0]
+    n_splits, tiles_per_split = _vocab_splits(vocab, cfg.block_v)
+    parts = torch.empty((3, n_splits, m_rows), dtype=torch.float32, device=hidden.device)
+    launch = KernelLaunch(
+        _forward_kernel,
+        (triton.cdiv(m_rows, cfg.block_m) * n_splits,),
+        (
+            hidden, weight, bias if bias is not None else parts, targets, rows if rows is not None else targets,
+            parts[0], parts[1], parts[2],
+            m_rows, vocab, hidden.shape[1], n_splits, tiles_per_split,
+        ),
+        dict(
+            stride_hm=hidden.stride(0), stride_hd=hidden.stride(1),
+            stride_wv=weight.stride(0), stride_wd=weight.stride(1), stride_t=targets.stride(0),
+            BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_M=cfg.group_m,
+            DOT_PRECISION=_dot_precision(hidden.dtype), HAS_ROWS=rows is not None,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **_head_args(transform, bias),
+        ),
+    )
+    return launch, parts
+
+
 def _launch_forward(
     hidden, weight, bias, targets, rows, transform: LogitTransform, cfg: TritonConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -310,25 +359,11 @@ def _launch_forward(
     or k when rows is None). split_mass: each row's softmax mass in each vocabulary split, from the
     partials (sum of exp(z - max) * exp(max - lse)), for the backward's mass-bound filter."""
     m_rows = hidden.shape[0] if rows is None else rows.shape[0]
-    dim = hidden.shape[1]
-    vocab = weight.shape[0]
     if m_rows == 0:  # every row ignored: an empty grid is not launchable
         empty = torch.empty(0, dtype=torch.float32, device=hidden.device)
         return empty, empty, empty.view(0, 0)
-    n_splits, tiles_per_split = _vocab_splits(vocab, cfg.block_v)
-    parts = torch.empty((3, n_splits, m_rows), dtype=torch.float32, device=hidden.device)
-    grid = (triton.cdiv(m_rows, cfg.block_m) * n_splits,)
-    _forward_kernel[grid](
-        hidden, weight, bias if bias is not None else parts, targets, rows if rows is not None else targets,
-        parts[0], parts[1], parts[2],
-        m_rows, vocab, dim, n_splits, tiles_per_split,
-        stride_hm=hidden.stride(0), stride_hd=hidden.stride(1),
-        stride_wv=weight.stride(0), stride_wd=weight.stride(1), stride_t=targets.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_M=cfg.group_m,
-        DOT_PRECISION=_dot_precision(hidden.dtype), HAS_ROWS=rows is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **_head_args(transform, bias),
-    )
+    launch, parts = forward_launch(hidden, weight, bias, targets, rows, transform, cfg)
+    launch.run()
     part_max, part_sum, part_tgt = parts[0], parts[1], parts[2]
     gmax = part_max.amax(dim=0)
     lse = gmax + torch.log((part_sum * torch.exp(part_max - gmax)).sum(dim=0))
@@ -350,6 +385,49 @@ def _filter_args(options: OpOptions, n_row_blocks: int, n_tiles: int, n_splits: 
     return {"FILTER": code, "thr_dh": eps, "thr_split": 0.0, "thr_dw": eps}
 
 
+def _gradient_buffers(hidden, weight, needs: tuple[bool, bool, bool], options: OpOptions):
+    """(dH, dW, db) accumulation buffers, zeroed; None where that gradient is not wanted."""
+    need_hidden, need_weight, need_bias = needs
+    acc = GRAD_ACCUM[options.grad_accum] or hidden.dtype
+    dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+    db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+    return dh, dw, db
+
+
+def backward_launch(
+    hidden, weight, bias, targets, rows, lse, split_mass, grad, cfg: TritonConfig,
+    buffers: tuple, options: OpOptions,
+) -> KernelLaunch:
+    """The backward's launch over K > 0 logical rows, adding into buffers (_gradient_buffers); grad fp32."""
+    dh, dw, db = buffers
+    m_rows = hidden.shape[0] if rows is None else rows.shape[0]
+    vocab, dim = weight.shape
+    dummy = torch.empty(1, dtype=torch.float32, device=hidden.device)
+    n_row_blocks, n_tiles = triton.cdiv(m_rows, cfg.block_m), triton.cdiv(vocab, cfg.block_v)
+    return KernelLaunch(
+        _backward_kernel,
+        (n_row_blocks * n_tiles,),
+        (
+            hidden, weight, bias if bias is not None else dummy, targets, rows if rows is not None else targets,
+            lse, grad, dh if dh is not None else dummy, dw if dw is not None else dummy,
+            db if db is not None else dummy, split_mass,
+            m_rows, vocab, dim, _vocab_splits(vocab, cfg.block_v)[1],
+        ),
+        dict(
+            stride_hm=hidden.stride(0), stride_hd=hidden.stride(1),
+            stride_wv=weight.stride(0), stride_wd=weight.stride(1), stride_t=targets.stride(0),
+            stride_g=grad.stride(0),
+            BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_M=cfg.group_m,
+            DOT_PRECISION=_dot_precision(hidden.dtype), HAS_ROWS=rows is not None,
+            COMPUTE_DH=dh is not None, COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **_filter_args(options, n_row_blocks, n_tiles, split_mass.shape[0]),
+            **_head_args(options.transform, bias),
+        ),
+    )
+
+
 def _launch_backward(
     hidden, weight, bias, targets, rows, lse, split_mass, grad_out, cfg: TritonConfig,
     needs: tuple[bool, bool, bool], options: OpOptions,
@@ -359,38 +437,15 @@ def _launch_backward(
     Buffers: dH [N, D] and dW [V, D] in GRAD_ACCUM[options.grad_accum] (fp32 by default), zeroed, filled
     by atomics and cast once; ignored rows of dH stay zero (no scatter). A frozen weight allocates no dW
     and compiles the dW product out (COMPUTE_DW): the sDPO backward is the recompute plus dH only."""
-    need_hidden, need_weight, need_bias = needs
-    n_total, dim = hidden.shape
-    m_rows = n_total if rows is None else rows.shape[0]
-    vocab = weight.shape[0]
-    acc = GRAD_ACCUM[options.grad_accum] or hidden.dtype
-    dh = torch.zeros((n_total, dim), dtype=acc, device=hidden.device) if need_hidden else None
-    dw = torch.zeros((vocab, dim), dtype=acc, device=weight.device) if need_weight else None
-    db = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_bias else None
+    dh, dw, db = buffers = _gradient_buffers(hidden, weight, needs, options)
 
     def cast(buf: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
         return buf.to(like.dtype) if buf is not None and like is not None else None
 
-    if m_rows == 0:
-        return cast(dh, hidden), cast(dw, weight), cast(db, bias)
-    dummy = torch.empty(1, dtype=torch.float32, device=hidden.device)
-    n_row_blocks, n_tiles = triton.cdiv(m_rows, cfg.block_m), triton.cdiv(vocab, cfg.block_v)
-    grad = grad_out if grad_out.dtype == torch.float32 else grad_out.float()
-    _backward_kernel[(n_row_blocks * n_tiles,)](
-        hidden, weight, bias if bias is not None else dummy, targets, rows if rows is not None else targets,
-        lse, grad, dh if dh is not None else dummy, dw if dw is not None else dummy,
-        db if db is not None else dummy, split_mass,
-        m_rows, vocab, dim, _vocab_splits(vocab, cfg.block_v)[1],
-        stride_hm=hidden.stride(0), stride_hd=hidden.stride(1),
-        stride_wv=weight.stride(0), stride_wd=weight.stride(1), stride_t=targets.stride(0),
-        stride_g=grad.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_M=cfg.group_m,
-        DOT_PRECISION=_dot_precision(hidden.dtype), HAS_ROWS=rows is not None,
-        COMPUTE_DH=need_hidden, COMPUTE_DW=need_weight, COMPUTE_DB=need_bias,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **_filter_args(options, n_row_blocks, n_tiles, split_mass.shape[0]),
-        **_head_args(options.transform, bias),
-    )
+    m_rows = hidden.shape[0] if rows is None else rows.shape[0]
+    if m_rows > 0:
+        grad = grad_out if grad_out.dtype == torch.float32 else grad_out.float()
+        backward_launch(hidden, weight, bias, targets, rows, lse, split_mass, grad, cfg, buffers, options).run()
     return cast(dh, hidden), cast(dw, weight), cast(db, bias)
 
 
@@ -432,15 +487,106 @@ def device_smem_limit(device: torch.device) -> int | None:
 
 
 def default_config(dtype: torch.dtype, device: torch.device) -> TritonConfig | None:
-    """configs.select_triton_config for this device: None when no config fits its shared memory."""
+    """configs.select_triton_config for this device, by the estimate: None when no config can fit its shared
+    memory (linear_logprobs then runs impl="torch"). The op's launches take fitting_default_config."""
     return select_triton_config(dtype, device_smem_limit(device))
+
+
+def _meta(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+def call_launches(
+    cfg: TritonConfig, hidden, weight, bias, targets, rows, options: OpOptions, needs: tuple[bool, bool, bool],
+) -> list[KernelLaunch]:
+    """The launches one call makes with tile cfg: the forward, and the backward when a gradient is wanted
+    (needs: hidden, weight, bias). Built over meta tensors of the same shapes, strides and dtypes: the
+    JIT specialises on those (and on 16-byte alignment, which every CUDA allocation has), never on values,
+    so compiling these is compiling the real launches, and building them allocates nothing."""
+    h, w, b, t, r = (_meta(x) for x in (hidden, weight, bias, targets, rows))
+    if (hidden.shape[0] if rows is None else rows.shape[0]) == 0:
+        return []  # nothing is launched
+    forward, parts = forward_launch(h, w, b, t, r, options.transform, cfg)
+    if not any(needs):
+        return [forward]
+    grad = torch.empty(hidden.shape[0], dtype=torch.float32, device="meta")
+    buffers = _gradient_buffers(h, w, needs, options)
+    return [forward, backward_launch(h, w, b, t, r, parts[0, 0], parts[1], grad, cfg, buffers, options)]
+
+
+_SIZE_CHECK_FAILED: list[str] = []  # the first failure of the compiled-size check, warned about once
+
+
+def compiled_shared_bytes(launches: list[KernelLaunch]) -> int | None:
+    """The largest shared memory the compiler gives these launches (CompiledKernel.metadata.shared), from a
+    compile for the current CUDA device without launching (JIT warmup; the real launch reuses it from the
+    JIT's cache). None, with one warning, where the compile fails: the caller falls back on the estimate
+    (and the launch would raise the compiler's error itself)."""
+    sizes = [0]
+    try:
+        for launch in launches:
+            compiled = launch.compile()
+            compiled = compiled.result() if hasattr(compiled, "result") else compiled  # async compile mode
+            sizes.append(int(compiled.metadata.shared))
+    except Exception as exc:  # any compile failure: the estimate decides, and the launch reports it
+        if not _SIZE_CHECK_FAILED:
+            _SIZE_CHECK_FAILED.append(repr(exc))
+            warnings.warn(f"lowmem_sdpo_kernels: shared-memory check by compiling failed ({exc!r:.200}); "
+                          "configs are judged by the estimate", RuntimeWarning, stacklevel=2)
+        return None
+    return max(sizes)
+
+
+_FIT_CACHE: dict[tuple, TritonConfig | None] = {}
+
+
+def _launch_key(hidden, weight, bias, targets, rows, options: OpOptions, needs) -> tuple:
+    """What the fit of a config can depend on: every compile-time property of the launches (dtypes,
+    constexpr flags, and which sizes / strides are 1 or multiples of 16, as the JIT specialises them), the row
+    count aside (_rows_to_16)."""
+    ints = (*hidden.shape[1:], weight.shape[0], *hidden.stride(), *weight.stride(), *targets.stride())
+    return (
+        hidden.device, hidden.dtype, needs, rows is None, bias is None, options.filter_eps is None,
+        options.filter_mode, options.grad_accum, options.transform.has_scale, options.transform.has_softcap,
+        tuple((x == 1, x % 16 == 0) for x in ints),
+    )
+
+
+def _rows_to_16(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A meta stand-in with the row count rounded up to a multiple of 16 (strides kept): the JIT's most
+    specialised launch, so the choice is one per model and settings, never one per batch size (the reference
+    pass and training, with other batches, get the same tile)."""
+    if t is None:
+        return None
+    n = max(16, -(-t.shape[0] // 16) * 16)
+    return torch.empty_strided((n, *t.shape[1:]), t.stride(), dtype=t.dtype, device="meta")
+
+
+def fitting_default_config(hidden, weight, bias, targets, rows, options: OpOptions) -> TritonConfig | None:
+    """The first of TRITON_CONFIGS_BY_DTYPE that fits this device by the compiler's count (fitting_configs),
+    for this call's launches; the estimate's choice off CUDA. Cached per _launch_key."""
+    limit = device_smem_limit(hidden.device)
+    if limit is None:
+        return default_config(hidden.dtype, hidden.device)
+    # The backward is checked even where none will run (no_grad, a frozen hidden): the reference pass must get the
+    # tile training gets, or the two log-probs of one sequence would differ by their reduction order.
+    needs = (True, weight.requires_grad, bias is not None and bias.requires_grad)
+    key = _launch_key(hidden, weight, bias, targets, rows, options, needs)
+    if key not in _FIT_CACHE:
+        h, t, r = _rows_to_16(hidden), _rows_to_16(targets), _rows_to_16(rows)
+        candidates = fitting_configs(
+            TRITON_CONFIGS_BY_DTYPE[hidden.dtype], hidden.dtype, limit,
+            lambda c: compiled_shared_bytes(call_launches(c, h, weight, bias, t, r, options, needs)),
+        )
+        _FIT_CACHE[key] = next(candidates, None)
+    return _FIT_CACHE[key]
 
 
 _AUTOTUNE_CACHE: dict[tuple, TritonConfig] = {}
 
 
 def time_configs(
-    configs: tuple[TritonConfig, ...], bench: Callable[[TritonConfig], float]
+    configs: Iterable[TritonConfig], bench: Callable[[TritonConfig], float]
 ) -> dict[TritonConfig, float]:
     """bench(cfg) -> ms for each config; a config the compiler cannot fit (OutOfResources: registers or
     shared memory) is left out. Anything else (a CUDA fault, a bug) propagates: timing it away would
@@ -458,21 +604,24 @@ def autotune_config(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
     rows: torch.Tensor | None, options: OpOptions,
 ) -> TritonConfig:
-    """Time forward+backward for each of AUTOTUNE_TRITON_CONFIGS (CUDA only) and keep the fastest
-    per (power-of-two K bucket, V, D, dtype, weight-grad) key. Off unless asked for."""
+    """Time forward+backward for each of AUTOTUNE_TRITON_CONFIGS that fits the device (fitting_configs: the
+    compiler's count, before any launch) on CUDA and keep the fastest per (power-of-two K bucket, V, D,
+    dtype, weight-grad) key. Off unless asked for."""
     need_w = weight.requires_grad
     k_rows = hidden.shape[0] if rows is None else rows.shape[0]
     key = (triton.next_power_of_2(k_rows), weight.shape[0], hidden.shape[1], hidden.dtype, need_w)
     if key in _AUTOTUNE_CACHE:
         return _AUTOTUNE_CACHE[key]
-    fallback = default_config(hidden.dtype, hidden.device)
+    fallback = fitting_default_config(hidden, weight, bias, targets, rows, options)
     if not hidden.is_cuda or fallback is None:
         return fallback
     from triton.testing import do_bench  # only the tuner needs it
     limit = device_smem_limit(hidden.device)
     grad = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     needs = (True, need_w, bias is not None and bias.requires_grad)
-    fitting = tuple(c for c in AUTOTUNE_TRITON_CONFIGS if limit is None or shared_memory_bytes(c, hidden.dtype) <= limit)
+
+    def compiled_bytes(cfg: TritonConfig) -> int | None:
+        return compiled_shared_bytes(call_launches(cfg, hidden, weight, bias, targets, rows, options, needs))
 
     def bench(cfg: TritonConfig) -> float:
         def run() -> None:
@@ -481,7 +630,7 @@ def autotune_config(
         return do_bench(run, warmup=5, rep=20)
 
     with torch.no_grad():
-        timings = time_configs(fitting, bench)
+        timings = time_configs(fitting_configs(AUTOTUNE_TRITON_CONFIGS, hidden.dtype, limit, compiled_bytes), bench)
     best = min(timings, key=timings.__getitem__) if timings else fallback
     _AUTOTUNE_CACHE[key] = best
     return best
@@ -504,7 +653,7 @@ def triton_linear_logprobs(
     if cfg == "autotune":
         cfg = autotune_config(hidden, weight, bias, targets, rows, options)
     elif cfg is None:
-        cfg = default_config(hidden.dtype, hidden.device)
+        cfg = fitting_default_config(hidden, weight, bias, targets, rows, options)
     elif not isinstance(cfg, TritonConfig):
         raise ValueError(f"triton_config must be a TritonConfig, 'autotune' or None, got {cfg!r}")
     if cfg is None:  # linear_logprobs falls back to impl="torch" before getting here

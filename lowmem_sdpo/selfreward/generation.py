@@ -20,8 +20,11 @@ from lowmem_sdpo.data.tokenizer import adds_bos, encode_prompts, find_answer_end
 from lowmem_sdpo.data.types import Message
 from lowmem_sdpo.errors import InputError
 
-# "auto": a static KV cache on CUDA (fixed shapes, so the per-token step reuses its kernels and memory, and
-# torch.compile can capture it), the dynamic one on CPU, where it saves nothing.
+# "auto": a static KV cache on CUDA, the dynamic one on CPU, where it saves nothing. The static cache is
+# allocated once at its full length, so each token is written in place instead of the cache growing step by
+# step; that is all it does here. It brings no torch.compile: transformers compiles generation only for a
+# model whose quantizer is compileable, and its bitsandbytes 4-bit quantizer is not (is_compileable False), so
+# our NF4 models always decode eagerly. Whether it beats the dynamic cache on a GPU is not measured yet.
 CACHE_CHOICES = ("auto", "static", "dynamic")
 
 
