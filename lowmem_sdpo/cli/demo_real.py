@@ -50,9 +50,10 @@ def chat_pairs() -> Path:
 
 
 def write_steps(out: Path) -> list[Path]:
-    """D_1, D_2: consecutive slices of the bundled pairs, written beside the run (the run records them)."""
+    """D_1, D_2: consecutive slices of the bundled pairs, written beside the run directory (the run records
+    their paths; a run starts in an empty directory)."""
     lines = chat_pairs().read_text().splitlines()
-    data = out / "data"
+    data = out.with_name(f"{out.name}-data")
     data.mkdir(parents=True, exist_ok=True)
     paths = []
     for t in range(2):
