@@ -57,6 +57,9 @@ def small_config(tmp: Path, name: str = "run", n: int = 24, **overrides: Any) ->
         "device": "cpu",
         "gradient_checkpointing": False,
         "quiet": True,
+        # bound_cpu_heap sets glibc's mmap threshold for the whole process (engine/cpu_heap.py): in-process test
+        # runs leave the pytest process's malloc as it is; the CLI tests run it in processes of their own.
+        "bound_cpu_heap": False,
     }
     values.update(overrides)
     return RunConfig(**values)
