@@ -42,6 +42,21 @@ DEMO_SETTINGS: dict[str, Any] = {
 }
 
 
+
+def step_rows(summaries: list[dict[str, Any]], *, margin: bool) -> list[tuple[str, str]]:
+    """The demos' per-step table rows: gamma_ref, gamma of S, first loss, final reward accuracy (and margin)."""
+    rows = []
+    for s in summaries:
+        rows += [
+            (f"step {s['step']} gamma_ref", f"{s['gamma_ref_mean']:.3f}"),
+            (f"step {s['step']} gamma of S", f"{s['gamma_base_mean']:.3f}"),
+            (f"step {s['step']} first loss", f"{s['first_loss']:.4f}"),
+            (f"step {s['step']} reward accuracy (last 10%)", f"{s['reward_accuracy_final']:.3f}"),
+        ]
+        if margin:
+            rows.append((f"step {s['step']} reward margin (last 10%)", f"{s['reward_margin_final']:.3f}"))
+    return rows
+
 def benchmark_result() -> Path:
     return Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "bench_sdpo_vs_dpo.json"
 
@@ -185,15 +200,7 @@ def demo_command(args: argparse.Namespace) -> int:
     except TrainingStopped as err:
         print(f"error: {err}")
         return err.exit_code
-    rows = []
-    for s in summaries:
-        rows += [
-            (f"step {s['step']} gamma_ref", f"{s['gamma_ref_mean']:.3f}"),
-            (f"step {s['step']} gamma of S", f"{s['gamma_base_mean']:.3f}"),
-            (f"step {s['step']} first loss", f"{s['first_loss']:.4f}"),
-            (f"step {s['step']} reward accuracy (last 10%)", f"{s['reward_accuracy_final']:.3f}"),
-            (f"step {s['step']} reward margin (last 10%)", f"{s['reward_margin_final']:.3f}"),
-        ]
+    rows = step_rows(summaries, margin=True)
     held_rows, held_claims = heldout_comparison(benchmark_result())
     reporter.table("sDPO demo", rows + held_rows)
     checked = claims(summaries) + held_claims

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from lowmem_sdpo.cli.demo_cmd import step_rows
 from lowmem_sdpo.engine import RunConfig, run_sdpo
 from lowmem_sdpo.engine.config import validate
 from lowmem_sdpo.engine.failures import TrainingStopped
@@ -104,15 +105,7 @@ def run_real_demo(output_dir: str, *, quiet: bool = False) -> int:
     except TrainingStopped as err:
         print(f"error: {err}")
         return err.exit_code
-    rows = []
-    for s in summaries:
-        rows += [
-            (f"step {s['step']} gamma_ref", f"{s['gamma_ref_mean']:.3f}"),
-            (f"step {s['step']} gamma of S", f"{s['gamma_base_mean']:.3f}"),
-            (f"step {s['step']} first loss", f"{s['first_loss']:.4f}"),
-            (f"step {s['step']} reward accuracy (last 10%)", f"{s['reward_accuracy_final']:.3f}"),
-        ]
-    reporter.table(f"sDPO demo, {MODEL}", rows)
+    reporter.table(f"sDPO demo, {MODEL}", step_rows(summaries, margin=False))
     checked = real_claims(summaries)
     for text, ok in checked:
         reporter.note(f"[{'ok' if ok else 'NOT MET'}] {text}")
