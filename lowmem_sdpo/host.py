@@ -38,7 +38,8 @@ def cpu_features(cpuinfo: str | None = None) -> dict[str, Any]:
     }
 
 
-def _version(dist: str) -> str:
+def library_version(dist: str) -> str:
+    """An installed distribution's version, or "absent"."""
     try:
         return md.version(dist)
     except md.PackageNotFoundError:
@@ -54,7 +55,7 @@ def host_record() -> dict[str, Any]:
         "cores": os.cpu_count(),
         **cpu_features(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "libraries": {d: _version(d) for d in ("torch", "triton", "transformers", "peft", "bitsandbytes")},
+        "libraries": {d: library_version(d) for d in ("torch", "triton", "transformers", "peft", "bitsandbytes")},
         # models/quant.py keeps every Linear4bit off bitsandbytes' AVX512-BF16 repacking, on every host.
         "bitsandbytes_cpu_repacking": "off",
     }

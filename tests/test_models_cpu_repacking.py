@@ -16,7 +16,7 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 from engine_fixtures import run, small_config
-from real_models import write_real_model
+from real_models import VOCAB, write_real_model
 
 from lowmem_sdpo.engine.hardware import Hardware
 from lowmem_sdpo.engine.logprobs import batch_logprobs
@@ -32,7 +32,7 @@ CPU_QUANT = QuantSettings(compute_dtype="float32")
 CPU = Hardware(torch.device("cpu"), "float32")
 
 
-def _ids(vocab: int = 320, seed: int = 0) -> torch.Tensor:
+def _ids(vocab: int = VOCAB, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(seed))
 
 

@@ -13,7 +13,7 @@ from lowmem_sdpo import __version__
 from lowmem_sdpo.atomic import write_json
 from lowmem_sdpo.engine.config import resume_differences
 from lowmem_sdpo.errors import InputError
-from lowmem_sdpo.host import host_record
+from lowmem_sdpo.host import host_record, library_version
 
 RUN_FILE = "run.json"
 ADAPTER_DIR = "adapter"
@@ -27,14 +27,9 @@ def step_dir(output_dir: Path, t: int) -> Path:
 
 
 def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
     found = {"lowmem_sdpo": __version__, "python": platform.python_version()}
     for dist in ("torch", "triton", "transformers", "peft", "bitsandbytes", "datasets"):
-        try:
-            found[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            found[dist] = "absent"
+        found[dist] = library_version(dist)
     return found
 
 
