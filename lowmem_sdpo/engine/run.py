@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from lowmem_sdpo.engine.keys import hub_commit, tokenizer_fingerprint, units_dig
 from lowmem_sdpo.engine.materialise import Holder, load_for, make_holder, release_memory, unwrap_policy
 from lowmem_sdpo.engine.metrics import SUMMARY_FILE, read_summary
 from lowmem_sdpo.engine.objective import Objective
-from lowmem_sdpo.engine.phases import PhasePeaks
+from lowmem_sdpo.engine.phases import PhaseEvents, PhaseListener, PhasePeaks
 from lowmem_sdpo.engine.reference import LogpTable, adapter_chain_digest, cached_logps, compute_logps
 from lowmem_sdpo.engine.reporting import Reporter
 from lowmem_sdpo.engine.rundir import (
@@ -83,6 +84,7 @@ class Session:
     ranks: Ranks
     callbacks: list[StepCallback] = field(default_factory=list)
     heldout: list[StepData | None] = field(default_factory=list)  # each step's held-out pairs (engine/heldout.py)
+    events: PhaseEvents = field(default_factory=PhaseEvents)  # the caller's phase listeners (engine/phases.py)
 
     @property
     def out(self) -> Path:
@@ -99,17 +101,21 @@ def run_sdpo(
     extend: bool = False,
     reporter: Reporter | None = None,
     callbacks: list[StepCallback] | None = None,
+    phase_listeners: Sequence[PhaseListener] = (),
 ) -> list[dict[str, Any]]:
     """Runs every step not yet done; returns the summaries of all steps. Under a launcher, on every rank.
     `extend` (with `resume`): the run may list steps after those it was started with (self-rewarding sDPO
-    appends D_t per iteration)."""
+    appends D_t per iteration). `phase_listeners` hear each phase, pass and model load start and end
+    (engine/phases.py: PHASE_EVENTS)."""
+    events = PhaseEvents(list(phase_listeners))
     with process_group() as ranks:
-        return _run_all(config, ranks, resume=resume, extend=extend, reporter=reporter, callbacks=callbacks)
+        return _run_all(config, ranks, events, resume=resume, extend=extend, reporter=reporter, callbacks=callbacks)
 
 
 def _run_all(
     config: RunConfig,
     ranks: Ranks,
+    events: PhaseEvents,
     *,
     resume: bool,
     extend: bool,
@@ -156,7 +162,7 @@ def _run_all(
         reporter=reporter,
         holder=make_holder(
             config.reference,
-            loader=_quiet_loader(model_dir, quant, hw, reporter),
+            loader=_quiet_loader(model_dir, quant, hw, reporter, events),
             merge=config.merge,
             quant=quant,
             device=hw.device,
@@ -164,6 +170,7 @@ def _run_all(
         ranks=ranks,
         callbacks=list(callbacks or []),
         heldout=heldout,
+        events=events,
     )
     prepare_run_dir(session, resume, extend)
     # one tracker per run: rank 0 feeds it (every rank holds the same rows)
@@ -204,7 +211,7 @@ def _impl(name: str, hw: Hardware, *, deterministic: bool = False) -> str:
     return "torch"
 
 
-def _quiet_loader(model_dir: Path, quant: QuantSettings, hw: Hardware, reporter: Reporter):
+def _quiet_loader(model_dir: Path, quant: QuantSettings, hw: Hardware, reporter: Reporter, events: PhaseEvents):
     """Loads S (plus merged adapters, in requantized mode) in 4 bit, saying what and why, with transformers'
     own per-load "Loading weights" bar switched off (ours says more)."""
     load = load_for(model_dir, quant, hw.device, reporter.merge_progress())
@@ -212,7 +219,7 @@ def _quiet_loader(model_dir: Path, quant: QuantSettings, hw: Hardware, reporter:
     def loader(adapters: list[Path], merge: str) -> torch.nn.Module:
         what = "S" if not adapters else f"quantise(S + {len(adapters)} adapter(s)) ({merge} merge)"
         reporter.note(f"loading {what} in 4 bit from {model_dir}")
-        with hf_bars_off(), reporter.phase(f"loading {what} (quantising to NF4 on load)"):
+        with hf_bars_off(), reporter.phase(f"loading {what} (quantising to NF4 on load)"), events.span("load"):
             return load(adapters, merge)
 
     return loader
@@ -241,7 +248,7 @@ def _cache_parts(
 
 
 def _logps(
-    session: Session, chain: list[Path], step: StepData, units: list[Unit], path: Path, description: str
+    session: Session, chain: list[Path], step: StepData, units: list[Unit], path: Path, description: str, span: str
 ) -> LogpTable:
     """Cached or computed log-probs of the model S + chain on the units."""
     with_kl = session.objective.needs_kl
@@ -249,7 +256,7 @@ def _logps(
     table, reused = cached_logps(
         path,
         _cache_parts(session, chain, step, units, with_kl),
-        lambda: _table(session, session.holder.model_for(chain), units, description, with_kl=with_kl),
+        lambda: _table(session, session.holder.model_for(chain), units, description, span, with_kl=with_kl),
         need_kl=with_kl,
         ranks=session.ranks,
     )
@@ -259,28 +266,23 @@ def _logps(
 
 
 def _table(
-    session: Session, model: torch.nn.Module, units: list[Unit], description: str, *, with_kl: bool = False
+    session: Session, model: torch.nn.Module, units: list[Unit], description: str, span: str, *, with_kl: bool = False
 ) -> LogpTable:
-    return compute_logps(
-        model,
-        units,
-        pad_id=session.tokenizer.pad_token_id,
-        batch_size=reference_batch_size(session.config),
-        hw=session.hw,
-        impl=session.impl,
-        with_kl=with_kl,
-        reporter=session.reporter,
-        description=description,
-        ranks=session.ranks,
-    )
+    """Log-probs of `model` on `units`, told to phase listeners as the pass `span` (PHASE_EVENTS)."""
+    with session.events.span(span):
+        return compute_logps(model, units, pad_id=session.tokenizer.pad_token_id,
+                             batch_size=reference_batch_size(session.config), hw=session.hw, impl=session.impl,
+                             with_kl=with_kl, reporter=session.reporter, description=description,
+                             ranks=session.ranks)  # fmt: skip
 
 
 def _run_step(session: Session, t: int, step: StepData, chain: list[Path], *, resume: bool) -> dict[str, Any]:
     """One step; a CUDA allocation failure anywhere in it (the allocator's, or cuBLAS / cuDNN / Triton's)
     becomes OutOfMemory with where memory went, phase by phase."""
-    peaks = PhasePeaks(session.hw)
+    peaks = PhasePeaks(session.hw, session.events)
     try:
-        return _run_step_inner(session, t, step, chain, peaks, resume=resume)
+        with session.events.in_step(t):
+            return _run_step_inner(session, t, step, chain, peaks, resume=resume)
     except RuntimeError as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
         if not is_cuda_oom(err):
             raise
@@ -336,15 +338,15 @@ def _reference_phase(
     trained_prev = None
     if drift_model is not None:
         trained_prev = _table(
-            session, drift_model, [units[i] for i in sample], f"step {t}: P_{t - 1} on the drift sample"
+            session, drift_model, [units[i] for i in sample], f"step {t}: P_{t - 1} on the drift sample", "drift_pass"
         )
     del drift_model
     gamma_base = None
     if cfg.diagnostics and chain:
-        gamma_base = _logps(session, [], step, units, sdir / BASE_CACHE, f"step {t}: S log-probs").gamma_mean()
-    table = _logps(
-        session, chain, step, units, sdir / REFERENCE_CACHE, f"step {t}: reference log-probs (M_{t - 1})"
-    )
+        base = _logps(session, [], step, units, sdir / BASE_CACHE, f"step {t}: S log-probs", "base_pass")
+        gamma_base = base.gamma_mean()
+    description = f"step {t}: reference log-probs (M_{t - 1})"
+    table = _logps(session, chain, step, units, sdir / REFERENCE_CACHE, description, "reference_pass")
     if cfg.diagnostics and not chain:
         gamma_base = table.gamma_mean()  # M_0 is S
     session.reporter.note(
@@ -415,14 +417,13 @@ def _heldout(session: Session, t: int, chain: list[Path], sdir: Path) -> HeldOut
         return None
     tokenized = tokenize_step(data, session.tokenizer, **session.token_settings())
     units, _ = build_units(tokenized, seed=session.config.seed, label=data.label)
-    reference = _logps(
-        session, chain, data, units, sdir / EVAL_REFERENCE_CACHE, f"step {t}: reference log-probs (held out)"
-    )
+    description = f"step {t}: reference log-probs (held out)"
+    reference = _logps(session, chain, data, units, sdir / EVAL_REFERENCE_CACHE, description, "heldout_pass")
     return HeldOut(
         units,
         reference,
         session.config.beta,
-        score=lambda model, held: _table(session, model, held, f"step {t}: held-out evaluation"),
+        score=lambda model, held: _table(session, model, held, f"step {t}: held-out evaluation", "heldout_pass"),
     )
 
 
@@ -451,7 +452,9 @@ def _run_step_inner(
     with peaks.phase("save"):
         training_shift = None
         if measures_shift(cfg):
-            trained = _table(session, policy, [units[i] for i in sample], f"step {t}: P_{t} on the drift sample")
+            trained = _table(
+                session, policy, [units[i] for i in sample], f"step {t}: P_{t} on the drift sample", "drift_pass"
+            )
             training_shift = _mean_abs_diff(_ratios(trained), refs.sample_ratios)
         if session.ranks.is_main:
             with atomic_dir(sdir / ADAPTER_DIR) as tmp:
