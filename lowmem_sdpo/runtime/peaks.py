@@ -17,7 +17,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from lowmem_sdpo.engine.hardware import Hardware, peak_memory_bytes, reset_peak
+from lowmem_sdpo.runtime.hardware import Hardware, peak_memory_bytes, reset_peak
 
 
 @dataclass
