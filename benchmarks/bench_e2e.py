@@ -583,7 +583,8 @@ def preimport() -> None:
 
 def ours_worker(spec: dict[str, Any], clock: PhaseClock, result: dict[str, Any]) -> None:
     preimport()
-    from lowmem_sdpo.engine import Reporter, RunConfig, run_sdpo
+    from lowmem_sdpo.engine import RunConfig, run_sdpo
+    from lowmem_sdpo.runtime.reporting import Reporter
 
     shape = Shape(**spec["shape"])
     steps_total = len(spec["data"])

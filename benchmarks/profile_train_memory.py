@@ -104,17 +104,17 @@ def one(spec: dict[str, Any]) -> dict[str, Any]:
     """One configuration, in this (fresh) process."""
     import torch
 
-    from lowmem_sdpo.engine.cpu_heap import bound_cpu_heap, heap_bytes
+    from lowmem_sdpo.runtime.cpu_heap import bound_cpu_heap, heap_bytes
 
     bounded = bound_cpu_heap() if spec["heap"] == "bounded" else False
     rss = RssPeaks()
-    from lowmem_sdpo.engine.hardware import Hardware
-    from lowmem_sdpo.engine.logprobs import batch_logprobs
-    from lowmem_sdpo.engine.optim import make_optimizer, resolve_optimizer
+    from lowmem_sdpo.engine.training.optim import make_optimizer, resolve_optimizer
     from lowmem_sdpo.engine.units import Unit, collate_units
     from lowmem_sdpo.models import QuantSettings, add_lora, load_quantized
     from lowmem_sdpo.models.lora import enable_checkpointing
     from lowmem_sdpo.plan.measure import trace_live_tensors
+    from lowmem_sdpo.runtime.hardware import Hardware
+    from lowmem_sdpo.runtime.logprobs import batch_logprobs
 
     torch.manual_seed(0)
     with rss.phase("load"):

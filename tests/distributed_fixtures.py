@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from window_fixtures import WindowSetup, accumulated_grads, window_job, window_setup
 
-from lowmem_sdpo.engine.distributed import SINGLE, Ranks, process_group
-from lowmem_sdpo.engine.objective import Objective
+from lowmem_sdpo.engine.training.objective import Objective
+from lowmem_sdpo.runtime.distributed import SINGLE, Ranks, process_group
 
 # (loss, options, the global micro-batches of the window). AOT: 3 micro-batches whose parts differ in size,
 # one leaving rank 1 nothing; compared with one micro-batch of the whole window in one process. KTO: its KL

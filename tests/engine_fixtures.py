@@ -57,7 +57,7 @@ def small_config(tmp: Path, name: str = "run", n: int = 24, **overrides: Any) ->
         "device": "cpu",
         "gradient_checkpointing": False,
         "quiet": True,
-        # bound_cpu_heap sets glibc's mmap threshold for the whole process (engine/cpu_heap.py): in-process test
+        # bound_cpu_heap sets glibc's mmap threshold for the whole process (runtime/cpu_heap.py): in-process test
         # runs leave the pytest process's malloc as it is; the CLI tests run it in processes of their own.
         "bound_cpu_heap": False,
     }
@@ -93,9 +93,9 @@ def reference_table(model: Any, units: list, pad_id: int, batch_size: int = 4) -
     """compute_logps on CPU with the torch impl, no KL rows, silent: the reference pass the tests compare with."""
     import torch
 
-    from lowmem_sdpo.engine.hardware import Hardware
-    from lowmem_sdpo.engine.reference import compute_logps
-    from lowmem_sdpo.engine.reporting import Reporter
+    from lowmem_sdpo.engine.reference.logps import compute_logps
+    from lowmem_sdpo.runtime.hardware import Hardware
+    from lowmem_sdpo.runtime.reporting import Reporter
 
     cpu = Hardware(torch.device("cpu"), "float32")
     return compute_logps(

@@ -39,7 +39,7 @@ class FakeAllocator:
         self.peak_allocated = max(self.peak_allocated, allocated)
         self.peak_reserved = max(self.peak_reserved, self.reserved)
 
-    def engine_reset(self) -> None:  # what engine.phases.PhasePeaks does at the start of each of its phases
+    def engine_reset(self) -> None:  # what runtime.peaks.PhasePeaks does at the start of each of its phases
         self.engine_resets += 1
         self.peak_allocated, self.peak_reserved = self.allocated, self.reserved
 

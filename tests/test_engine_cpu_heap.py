@@ -1,4 +1,4 @@
-"""engine/cpu_heap.py: after bound_cpu_heap, glibc serves a large tensor from a fresh mapping even after a larger
+"""runtime/cpu_heap.py: after bound_cpu_heap, glibc serves a large tensor from a fresh mapping even after a larger
 block was freed (which, left alone, raises malloc's mmap threshold so that later tensors come from the heap
 and stay in it when freed). Each case runs in its own process: the setting is process-wide."""
 
@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
-from lowmem_sdpo.engine.cpu_heap import heap_bytes
+from lowmem_sdpo.runtime.cpu_heap import heap_bytes
 
 SCRIPT = """
 import json, sys
 import torch
-from lowmem_sdpo.engine.cpu_heap import bound_cpu_heap, heap_bytes
+from lowmem_sdpo.runtime.cpu_heap import bound_cpu_heap, heap_bytes
 bounded = bound_cpu_heap() if sys.argv[1] == "bounded" else False
 big = torch.empty(8 * 2**20, dtype=torch.uint8)
 del big  # freed: unless the threshold is fixed, glibc raises it to this block's size (or it was higher already)

@@ -10,8 +10,8 @@ import torch
 import lowmem_sdpo.engine.run as run_module
 import lowmem_sdpo_kernels
 from lowmem_sdpo.cli.run_cmd import add_run_arguments, config_from_args
-from lowmem_sdpo.engine.hardware import Hardware
 from lowmem_sdpo.errors import InputError
+from lowmem_sdpo.runtime.hardware import Hardware
 
 CPU = Hardware(torch.device("cpu"), "float32")
 
@@ -29,7 +29,7 @@ def test_flag_reaches_the_config_and_defaults_off() -> None:
 
 def test_auto_takes_the_ordered_impl_where_triton_would_run(monkeypatch) -> None:
     # Where "auto" resolves to the Triton kernels (a CUDA device), --deterministic swaps in the torch impl.
-    # (the engine asks lowmem_sdpo_kernels.resolve_impl through engine.hardware.resolve_logprob_impl)
+    # (the engine asks lowmem_sdpo_kernels.resolve_impl through runtime.hardware.resolve_logprob_impl)
     monkeypatch.setattr(lowmem_sdpo_kernels, "resolve_impl", lambda name, tensor: "triton" if name == "auto" else name)
     assert run_module._impl("auto", CPU) == "triton"
     assert run_module._impl("auto", CPU, deterministic=True) == "torch"

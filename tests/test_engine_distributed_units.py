@@ -6,8 +6,8 @@ import pytest
 
 from lowmem_sdpo.cli import main
 from lowmem_sdpo.cli.launch import worker_argv
-from lowmem_sdpo.engine.distributed import SINGLE, Ranks, check_launcher, process_group
 from lowmem_sdpo.errors import InputError
+from lowmem_sdpo.runtime.distributed import SINGLE, Ranks, check_launcher, process_group
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

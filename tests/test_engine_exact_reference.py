@@ -10,8 +10,8 @@ import torch
 from engine_fixtures import reference_table, run, small_config, toy_slice
 
 from lowmem_sdpo.data import load_steps, load_tokenizer, tokenize_step
-from lowmem_sdpo.engine.reference import load_cache
-from lowmem_sdpo.engine.rundir import REFERENCE_CACHE
+from lowmem_sdpo.engine.reference.logps import load_cache
+from lowmem_sdpo.engine.rundir.layout import REFERENCE_CACHE
 from lowmem_sdpo.engine.units import build_units
 from lowmem_sdpo.models import QuantSettings, load_quantized, resolve_model
 from lowmem_sdpo.models.adapters import LoraFactor
@@ -121,7 +121,7 @@ def test_reference_of_step_t_is_the_trained_policy_of_step_t_minus_1(three_steps
 def _key(out: Path, t: int) -> str:
     from safetensors import safe_open
 
-    from lowmem_sdpo.engine.reference import KEY_METADATA
+    from lowmem_sdpo.engine.reference.logps import KEY_METADATA
 
     with safe_open(str(out / f"step-{t}" / REFERENCE_CACHE), framework="pt") as f:
         return f.metadata()[KEY_METADATA]

@@ -10,7 +10,7 @@ import torch
 from engine_fixtures import run, small_config, unpaired_toy
 
 from lowmem_sdpo.cli import main
-from lowmem_sdpo.engine import NonFiniteLoss, OutOfMemory
+from lowmem_sdpo.runtime.failures import NonFiniteLoss, OutOfMemory
 
 
 def test_nan_loss_stops_and_names_step_and_batch(tmp_path):

@@ -1,12 +1,12 @@
 """Which exceptions mean "the GPU ran out of memory": built here with the exact texts torch, cuBLAS, cuDNN, the
-CUDA runtime and Triton produce (see engine.failures.CUDA_OOM_MESSAGES for where each comes from)."""
+CUDA runtime and Triton produce (see runtime.failures.CUDA_OOM_MESSAGES for where each comes from)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lowmem_sdpo.engine.failures import is_cuda_oom
+from lowmem_sdpo.runtime.failures import is_cuda_oom
 
 CUDA_HINT = (
     "\nCUDA kernel errors might be asynchronously reported at some other API call, so the stacktrace below "

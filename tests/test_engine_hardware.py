@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lowmem_sdpo.engine.config import RunConfig
-from lowmem_sdpo.engine.hardware import DeviceCaps, Hardware, cuda_caps, kernel_impl_for, resolve_hardware
 from lowmem_sdpo.errors import InputError
+from lowmem_sdpo.runtime.hardware import DeviceCaps, Hardware, cuda_caps, kernel_impl_for, resolve_hardware
 
 CARDS = {
     "sm61": DeviceCaps((6, 1), bf16=False, name="GTX 1080"),

@@ -14,7 +14,7 @@ from evaluated_run import EVAL_EVERY, EVAL_SPLIT, evaluated_run
 from lowmem_sdpo.data import StepData, load_steps, load_tokenizer, tokenize_step
 from lowmem_sdpo.data.heldout import split_heldout
 from lowmem_sdpo.data.types import PreferencePair
-from lowmem_sdpo.engine.heldout import heldout_data
+from lowmem_sdpo.engine.reference.heldout import heldout_data
 from lowmem_sdpo.engine.units import build_units
 from lowmem_sdpo.errors import InputError
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from engine_fixtures import run, small_config
 
-from lowmem_sdpo.engine.keys import hub_commit, units_digest
+from lowmem_sdpo.engine.rundir.keys import hub_commit, units_digest
 from lowmem_sdpo.engine.units import Unit
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.models import resolve_model

@@ -12,12 +12,12 @@ from window_fixtures import accumulated_grads, window_job, window_setup
 
 from lowmem_sdpo.cli import main
 from lowmem_sdpo.data import load_steps, load_tokenizer, tokenize_step
-from lowmem_sdpo.engine.hardware import Hardware
-from lowmem_sdpo.engine.objective import Objective
-from lowmem_sdpo.engine.trainer import StepJob
+from lowmem_sdpo.engine.training.objective import Objective
+from lowmem_sdpo.engine.training.trainer import StepJob
 from lowmem_sdpo.engine.units import build_units
 from lowmem_sdpo.losses import LOSSES
 from lowmem_sdpo.models import QuantSettings, load_quantized, resolve_model
+from lowmem_sdpo.runtime.hardware import Hardware
 
 CPU = Hardware(torch.device("cpu"), "float32")
 
@@ -152,8 +152,8 @@ def test_aot_window_gradients_equal_one_big_batch(tmp_path, loss, options):
 def _one_graph_grads(policy, job: StepJob, micro: list[list[int]]) -> dict[str, torch.Tensor]:
     """The window loss differentiated directly: every micro-batch's forward kept in one autograd graph, the
     RNG stream drawn in the same order as a window's micro-batches draw it (so the same dropout masks)."""
-    from lowmem_sdpo.engine.objective import LogpBatch
-    from lowmem_sdpo.engine.trainer import _logp_batch, _units_logps
+    from lowmem_sdpo.engine.training.objective import LogpBatch
+    from lowmem_sdpo.engine.training.trainer import _logp_batch, _units_logps
 
     policy.zero_grad(set_to_none=True)
     policy.train()

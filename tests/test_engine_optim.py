@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lowmem_sdpo.engine.config import CHOICES
-from lowmem_sdpo.engine.optim import OPTIMIZERS, make_optimizer, resolve_optimizer
+from lowmem_sdpo.engine.training.optim import OPTIMIZERS, make_optimizer, resolve_optimizer
 from lowmem_sdpo.errors import InputError
 
 

@@ -1,4 +1,4 @@
-"""run_sdpo's phase listeners (engine/phases.py): on a tiny two-step run they hear each step, its measured
+"""run_sdpo's phase listeners (runtime/peaks.py): on a tiny two-step run they hear each step, its measured
 phases and the passes and model loads inside them, in the order the run takes them, every start with its end,
 and only names PHASE_EVENTS documents. benchmarks/bench_e2e.py times its phases from these events."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from engine_fixtures import run, small_config
 
-from lowmem_sdpo.engine.phases import PHASE_EVENTS, PhaseEvent, PhaseEvents
+from lowmem_sdpo.runtime.peaks import PHASE_EVENTS, PhaseEvent, PhaseEvents
 
 
 def _record(config) -> tuple[list[tuple[str, int, str]], list[dict]]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowmem_sdpo.engine.hardware import Hardware
-from lowmem_sdpo.engine.phases import PhasePeaks
+from lowmem_sdpo.runtime.hardware import Hardware
+from lowmem_sdpo.runtime.peaks import PhasePeaks
 
 CPU = Hardware(torch.device("cpu"), "float32")
 MIB = 1 << 20

@@ -10,9 +10,7 @@ from engine_fixtures import reference_table, toy_slice
 
 from lowmem_sdpo.data import load_steps, load_tokenizer, tokenize_step
 from lowmem_sdpo.engine.config import RunConfig, build_config, reference_batch_size
-from lowmem_sdpo.engine.hardware import Hardware
-from lowmem_sdpo.engine.logprobs import batch_logprobs
-from lowmem_sdpo.engine.reference import (
+from lowmem_sdpo.engine.reference.logps import (
     LogpTable,
     cache_key,
     cached_logps,
@@ -23,10 +21,12 @@ from lowmem_sdpo.engine.reference import (
     save_cache,
     unit_length,
 )
-from lowmem_sdpo.engine.reporting import Reporter
 from lowmem_sdpo.engine.units import Unit, build_units, collate_units
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.models import QuantSettings, add_lora, dequantize_weight, load_quantized, resolve_model
+from lowmem_sdpo.runtime.hardware import Hardware
+from lowmem_sdpo.runtime.logprobs import batch_logprobs
+from lowmem_sdpo.runtime.reporting import Reporter
 
 CPU = Hardware(torch.device("cpu"), "float32")
 

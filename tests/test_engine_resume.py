@@ -11,8 +11,8 @@ import pytest
 import torch
 from engine_fixtures import adapter_tensors, cli_flags, run, small_config
 
-from lowmem_sdpo.engine import RunInterrupted
 from lowmem_sdpo.errors import InputError
+from lowmem_sdpo.runtime.failures import RunInterrupted
 
 VOLATILE = {"tokens_per_second", "seconds", "memory_bytes", "peak_memory_bytes"}
 

@@ -26,8 +26,8 @@ from model_fixtures import token_batch, tokenizer_vocab_size, write_llama
 from test_kernels_precision import FACTOR, dz_rounding_bound, fp32_floors
 
 from lowmem_sdpo.data import load_steps, load_tokenizer, tokenize_step
-from lowmem_sdpo.engine.reference import KEY_METADATA, LogpTable, load_cache
-from lowmem_sdpo.engine.rundir import BASE_CACHE, REFERENCE_CACHE
+from lowmem_sdpo.engine.reference.logps import KEY_METADATA, LogpTable, load_cache
+from lowmem_sdpo.engine.rundir.layout import BASE_CACHE, REFERENCE_CACHE
 from lowmem_sdpo.engine.units import build_units
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.models import QuantSettings, dequantize_weight, load_quantized, resolve_model

@@ -12,11 +12,11 @@ import pytest
 import torch
 from real_models import ARCHS, available, expected_head, write_real_model
 
-from lowmem_sdpo.engine.hardware import Hardware
-from lowmem_sdpo.engine.logprobs import batch_logprobs
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.models import HeadSpec, QuantSettings, check_head, load_quantized, read_head
 from lowmem_sdpo.models.head import LOGIT_RULES
+from lowmem_sdpo.runtime.hardware import Hardware
+from lowmem_sdpo.runtime.logprobs import batch_logprobs
 from lowmem_sdpo_kernels import linear_logprobs, sequence_logprobs
 
 CPU_QUANT = QuantSettings(compute_dtype="float32")

@@ -18,8 +18,6 @@ import torch
 from engine_fixtures import run, small_config
 from real_models import VOCAB, write_real_model
 
-from lowmem_sdpo.engine.hardware import Hardware
-from lowmem_sdpo.engine.logprobs import batch_logprobs
 from lowmem_sdpo.models import (
     QuantSettings,
     add_lora,
@@ -27,6 +25,8 @@ from lowmem_sdpo.models import (
     disable_cpu_repacking,
     load_quantized,
 )
+from lowmem_sdpo.runtime.hardware import Hardware
+from lowmem_sdpo.runtime.logprobs import batch_logprobs
 
 CPU_QUANT = QuantSettings(compute_dtype="float32")
 CPU = Hardware(torch.device("cpu"), "float32")

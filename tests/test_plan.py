@@ -332,11 +332,11 @@ def test_cpu_training_activations_match_a_real_steps_live_tensors(tmp_path):
     gradients (an exact part of the plan's, not an activation) are taken out of the measured figure."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lowmem_sdpo.engine.hardware import Hardware
-    from lowmem_sdpo.engine.logprobs import batch_logprobs
     from lowmem_sdpo.engine.units import Unit, collate_units
     from lowmem_sdpo.models.lora import enable_checkpointing
     from lowmem_sdpo.plan.measure import trace_live_tensors
+    from lowmem_sdpo.runtime.hardware import Hardware
+    from lowmem_sdpo.runtime.logprobs import batch_logprobs
 
     config = LlamaConfig(
         vocab_size=16384,  # 4 x the torch impl's vocabulary chunk, as real vocabularies are many times it

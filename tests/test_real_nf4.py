@@ -31,13 +31,13 @@ from real_smollm2 import (
 
 from lowmem_sdpo.cli import main
 from lowmem_sdpo.data import load_steps, load_tokenizer, tokenize_step
-from lowmem_sdpo.engine.hardware import Hardware, resolve_logprob_impl
-from lowmem_sdpo.engine.metrics import read_summary
-from lowmem_sdpo.engine.reference import KEY_METADATA, compute_logps, load_cache
-from lowmem_sdpo.engine.reporting import Reporter
-from lowmem_sdpo.engine.rundir import REFERENCE_CACHE, step_dir
+from lowmem_sdpo.engine.reference.logps import KEY_METADATA, compute_logps, load_cache
+from lowmem_sdpo.engine.rundir.layout import REFERENCE_CACHE, step_dir
+from lowmem_sdpo.engine.rundir.metrics import read_summary
 from lowmem_sdpo.engine.units import build_units
 from lowmem_sdpo.models import QuantSettings, load_quantized, resolve_model
+from lowmem_sdpo.runtime.hardware import Hardware, resolve_logprob_impl
+from lowmem_sdpo.runtime.reporting import Reporter
 
 pytestmark = pytest.mark.real
 

@@ -7,7 +7,7 @@ import io
 
 from rich.console import Console
 
-from lowmem_sdpo.engine.reporting import Reporter
+from lowmem_sdpo.runtime.reporting import Reporter
 
 
 def test_not_a_terminal_gives_one_line_per_phase(capsys):

@@ -12,8 +12,8 @@ from model_fixtures import CPU_QUANT, load_fp32, write_llama
 
 from lowmem_sdpo.cli import main
 from lowmem_sdpo.data import StepData, UnpairedExample, load_tokenizer, tokenize_step
-from lowmem_sdpo.engine.hardware import Hardware
 from lowmem_sdpo.models import add_lora, dequantize_weight, load_quantized, resolve_model
+from lowmem_sdpo.runtime.hardware import Hardware
 from lowmem_sdpo.sft.loss import answer_tokens, collate_examples, sft_loss_part
 
 CPU = Hardware(device=torch.device("cpu"), compute_dtype="float32")

@@ -11,14 +11,14 @@ import torch
 from engine_fixtures import small_config, toy_slice
 
 from lowmem_sdpo.data import load_steps, load_tokenizer, tokenize_step
-from lowmem_sdpo.engine.distributed import SINGLE, Ranks
-from lowmem_sdpo.engine.hardware import Hardware
-from lowmem_sdpo.engine.objective import Objective
-from lowmem_sdpo.engine.reference import LogpTable, compute_logps
-from lowmem_sdpo.engine.reporting import Reporter
-from lowmem_sdpo.engine.trainer import StepJob, _StopFlag, accumulate_window
+from lowmem_sdpo.engine.reference.logps import LogpTable, compute_logps
+from lowmem_sdpo.engine.training.objective import Objective
+from lowmem_sdpo.engine.training.trainer import StepJob, _StopFlag, accumulate_window
 from lowmem_sdpo.engine.units import Unit, build_units
 from lowmem_sdpo.models import QuantSettings, add_lora, load_quantized, resolve_model
+from lowmem_sdpo.runtime.distributed import SINGLE, Ranks
+from lowmem_sdpo.runtime.hardware import Hardware
+from lowmem_sdpo.runtime.reporting import Reporter
 
 CPU = Hardware(torch.device("cpu"), "float32")
 WindowSetup = tuple[Any, list[Unit], LogpTable, torch.nn.Module]

@@ -179,9 +179,9 @@ def _clear_previous(out: Path, config: RunConfig) -> None:
 
 def demo_command(args: argparse.Namespace) -> int:
     from lowmem_sdpo.engine import run_sdpo
-    from lowmem_sdpo.engine.failures import TrainingStopped
-    from lowmem_sdpo.engine.reporting import Reporter
     from lowmem_sdpo.report import build_report
+    from lowmem_sdpo.runtime.failures import TrainingStopped
+    from lowmem_sdpo.runtime.reporting import Reporter
 
     if args.self_reward:
         from lowmem_sdpo.selfreward.demo import run_selfreward_demo

@@ -17,8 +17,8 @@ from typing import Any
 from lowmem_sdpo.cli.demo_cmd import step_rows
 from lowmem_sdpo.engine import RunConfig, run_sdpo
 from lowmem_sdpo.engine.config import validate
-from lowmem_sdpo.engine.failures import TrainingStopped
 from lowmem_sdpo.errors import InputError
+from lowmem_sdpo.runtime.failures import TrainingStopped
 
 MODEL = "smollm2-135m-instruct-q4"
 PAIRS_PER_STEP = 8
@@ -89,8 +89,8 @@ def real_claims(summaries: list[dict[str, Any]]) -> list[tuple[str, bool]]:
 
 
 def run_real_demo(output_dir: str, *, quiet: bool = False) -> int:
-    from lowmem_sdpo.engine.reporting import Reporter
     from lowmem_sdpo.report import build_report
+    from lowmem_sdpo.runtime.reporting import Reporter
 
     out = Path(output_dir)
     _clear_previous(out)

@@ -75,8 +75,8 @@ def check_eval_args(args: argparse.Namespace) -> None:
 def eval_command(args: argparse.Namespace) -> int:
     check_eval_args(args)
 
-    from lowmem_sdpo.engine.reporting import Reporter
     from lowmem_sdpo.eval.runmodels import open_run
+    from lowmem_sdpo.runtime.reporting import Reporter
 
     tasks = manager = None
     if args.lm_eval:

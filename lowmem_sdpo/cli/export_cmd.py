@@ -26,8 +26,8 @@ def register(subparsers: Any) -> None:
 
 def adapter_chain(run_dir: Path, step: int | None) -> tuple[Path, list[Path], int]:
     """(model dir, adapters making M_t, t) from a run directory."""
-    from lowmem_sdpo.engine.metrics import read_summary
-    from lowmem_sdpo.engine.rundir import RUN_FILE, step_dir
+    from lowmem_sdpo.engine.rundir.layout import RUN_FILE, step_dir
+    from lowmem_sdpo.engine.rundir.metrics import read_summary
     from lowmem_sdpo.models import resolve_model
 
     run_file = run_dir / RUN_FILE
@@ -62,8 +62,8 @@ def export_command(args: argparse.Namespace) -> int:
 
     import torch
 
-    from lowmem_sdpo.engine.reporting import Reporter
     from lowmem_sdpo.models import export_merged
+    from lowmem_sdpo.runtime.reporting import Reporter
 
     reporter = Reporter(args.quiet)
     out = export_merged(

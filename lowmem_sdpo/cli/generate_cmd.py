@@ -126,7 +126,8 @@ def generate_command(args: argparse.Namespace) -> int:
     _check_out(out, meta, record, args.resume)
 
     from lowmem_sdpo.atomic import write_json
-    from lowmem_sdpo.engine import Reporter, RunConfig
+    from lowmem_sdpo.engine import RunConfig
+    from lowmem_sdpo.runtime.reporting import Reporter
     from lowmem_sdpo.selfreward.generation import sample_rows
     from lowmem_sdpo.selfreward.loading import open_sampler
     from lowmem_sdpo.selfreward.loop import candidate_row

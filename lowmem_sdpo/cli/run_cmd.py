@@ -152,7 +152,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.num_processes < 1:
         raise InputError(f"--num-processes must be at least 1, got {args.num_processes}")
     if args.num_processes > 1:
-        from lowmem_sdpo.engine.distributed import launched_world
+        from lowmem_sdpo.runtime.distributed import launched_world
 
         if launched_world() > 1:
             raise InputError("--num-processes: this process is already one rank of a launched run; drop the flag")
@@ -162,8 +162,8 @@ def run_command(args: argparse.Namespace) -> int:
     check_run_dir(config, resume=args.resume)  # before anything is loaded or written
 
     from lowmem_sdpo.engine import run_sdpo
-    from lowmem_sdpo.engine.distributed import launched_rank
-    from lowmem_sdpo.engine.failures import TrainingStopped
+    from lowmem_sdpo.runtime.distributed import launched_rank
+    from lowmem_sdpo.runtime.failures import TrainingStopped
 
     if args.num_processes > 1:  # bad input has been refused above, once, before any rank starts
         from lowmem_sdpo.cli.launch import launch

@@ -96,8 +96,8 @@ def train_config(args: argparse.Namespace) -> RunConfig:
 
 
 def selfreward_command(args: argparse.Namespace) -> int:
-    from lowmem_sdpo.engine import Reporter
-    from lowmem_sdpo.engine.failures import TrainingStopped
+    from lowmem_sdpo.runtime.failures import TrainingStopped
+    from lowmem_sdpo.runtime.reporting import Reporter
     from lowmem_sdpo.selfreward.loop import SelfRewardRun, SelfRewardSettings
 
     settings = SelfRewardSettings(

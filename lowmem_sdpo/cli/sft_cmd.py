@@ -28,7 +28,7 @@ NOT_SFT = (
     "reference",
     "merge",
     "diagnostics",
-    "bound_cpu_heap",  # run's CPU heap setting (engine/cpu_heap.py); sft does not apply it
+    "bound_cpu_heap",  # run's CPU heap setting (runtime/cpu_heap.py); sft does not apply it
 )
 # QLoRA SFT defaults (the alignment-handbook's Zephyr SFT QLoRA recipe: lr 2e-4, cosine, 10% warm-up).
 SFT_DEFAULTS = replace(RunConfig(), learning_rate=2e-4, save_every=100)

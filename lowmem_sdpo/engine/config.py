@@ -67,10 +67,10 @@ class RunConfig:
     # tiles with atomics in a varying order (README "Fused log-prob kernels").
     deterministic: bool = False
     device: str = "auto"
-    # CPU runs: fix glibc malloc's mmap threshold so freed activations go back to the system (engine/cpu_heap.py):
+    # CPU runs: fix glibc malloc's mmap threshold so freed activations go back to the system (runtime/cpu_heap.py):
     # 3x less peak RSS on SmolLM2-135M, for 20-50% more CPU time per step (page faults); off: glibc's default.
     bound_cpu_heap: bool = True
-    # held-out evaluation (engine/heldout.py)
+    # held-out evaluation (engine/reference/heldout.py)
     eval_split: float = 0.0  # a seeded fraction of each step's data kept out of training; 0: none
     eval_steps: str = ""  # or held-out data in the --steps grammar: one item for every step, or one per step
     eval_every: int = 0  # also every N optimiser steps (0: only at the end of each step)
@@ -95,7 +95,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "target_init": ("previous", "base"),
     "reference": ("exact", "requantized"),
     "compute_dtype": ("auto", "bfloat16", "float16", "float32"),
-    # The names of engine.optim.OPTIMIZERS (kept literal here so that parsing a config needs no torch import).
+    # The names of engine.training.optim.OPTIMIZERS (kept literal here so that parsing a config needs no torch import).
     "optim": ("auto", "adamw", "adamw_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"),
     "device": ("auto", "cpu", "cuda"),
     # The names of trackers.TRACKERS (literal for the same reason).
@@ -275,7 +275,7 @@ def check_run_dir(config: RunConfig, resume: bool) -> None:
     """The run directory's own input errors, found before any model or data is loaded and before anything is
     written: a file in its place, a parent we cannot create it in, --resume of a directory holding no run,
     a new run over a directory that holds one (or anything else)."""
-    from lowmem_sdpo.engine.rundir import RUN_FILE  # here: rundir imports this module
+    from lowmem_sdpo.engine.rundir.layout import RUN_FILE  # here: rundir imports this module
 
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():

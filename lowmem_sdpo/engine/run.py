@@ -1,12 +1,12 @@
 """`lowmem-sdpo run`: the sDPO pipeline over steps t = 1..T (M_0 = S, the model given).
 
 Per step: materialise M_{t-1} (by default Q(S), loaded once per run, plus the finished steps' adapters as a
-frozen low-rank delta: engine/materialise.py), compute or reuse the cached reference log-probs of D_t, put a
+frozen low-rank delta: runtime/materialise.py), compute or reuse the cached reference log-probs of D_t, put a
 fresh LoRA on M_{t-1} (or on S with --target-init base), train, save the adapter and summary. runs/NAME/
 holds run.json and step-t/ directories; a step is done when its summary.json exists.
 
 Under a launcher (`accelerate launch`, torchrun) every rank runs this same pipeline data-parallel
-(engine/distributed.py): the reference pass and training are shared out, rank 0 alone writes files, and all
+(runtime/distributed.py): the reference pass and training are shared out, rank 0 alone writes files, and all
 ranks wait at the end of each step until rank 0 has written its adapter and summary.
 """
 
@@ -25,23 +25,10 @@ import torch
 from lowmem_sdpo.atomic import atomic_dir, write_json
 from lowmem_sdpo.data import StepData, TokenizedStep, load_steps, load_tokenizer, parse_columns, tokenize_step
 from lowmem_sdpo.engine.config import RunConfig, check_run_dir, reference_batch_size
-from lowmem_sdpo.engine.cpu_heap import bound_cpu_heap
-from lowmem_sdpo.engine.distributed import Ranks, process_group
-from lowmem_sdpo.engine.failures import OutOfMemory, is_cuda_oom, out_of_memory_message
-from lowmem_sdpo.engine.hardware import (
-    Hardware,
-    resolve_hardware,
-    resolve_logprob_impl,
-)
-from lowmem_sdpo.engine.heldout import HeldOut, heldout_data, heldout_summary
-from lowmem_sdpo.engine.keys import hub_commit, tokenizer_fingerprint, units_digest
-from lowmem_sdpo.engine.materialise import Holder, load_for, make_holder, release_memory, unwrap_policy
-from lowmem_sdpo.engine.metrics import SUMMARY_FILE, read_summary
-from lowmem_sdpo.engine.objective import Objective
-from lowmem_sdpo.engine.phases import PhaseEvents, PhaseListener, PhasePeaks
-from lowmem_sdpo.engine.reference import LogpTable, adapter_chain_digest, cached_logps, compute_logps
-from lowmem_sdpo.engine.reporting import Reporter
-from lowmem_sdpo.engine.rundir import (
+from lowmem_sdpo.engine.reference.heldout import HeldOut, heldout_data, heldout_summary
+from lowmem_sdpo.engine.reference.logps import LogpTable, adapter_chain_digest, cached_logps, compute_logps
+from lowmem_sdpo.engine.rundir.keys import hub_commit, tokenizer_fingerprint, units_digest
+from lowmem_sdpo.engine.rundir.layout import (
     ADAPTER_DIR,
     BASE_CACHE,
     EVAL_REFERENCE_CACHE,
@@ -50,14 +37,27 @@ from lowmem_sdpo.engine.rundir import (
     prepare_run_dir,
     step_dir,
 )
-from lowmem_sdpo.engine.schedule import build_schedule
-from lowmem_sdpo.engine.summary import print_step_summary, training_figures
-from lowmem_sdpo.engine.trainer import StepCallback, StepJob, train_step
+from lowmem_sdpo.engine.rundir.metrics import SUMMARY_FILE, read_summary
+from lowmem_sdpo.engine.training.objective import Objective
+from lowmem_sdpo.engine.training.schedule import build_schedule
+from lowmem_sdpo.engine.training.summary import print_step_summary, training_figures
+from lowmem_sdpo.engine.training.trainer import StepCallback, StepJob, train_step
 from lowmem_sdpo.engine.units import Unit, build_units
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.hf_progress import hf_bars_off
 from lowmem_sdpo.models import QuantSettings, add_lora, model_fingerprint, resolve_model
 from lowmem_sdpo.models.lora import enable_checkpointing
+from lowmem_sdpo.runtime.cpu_heap import bound_cpu_heap
+from lowmem_sdpo.runtime.distributed import Ranks, process_group
+from lowmem_sdpo.runtime.failures import OutOfMemory, is_cuda_oom, out_of_memory_message
+from lowmem_sdpo.runtime.hardware import (
+    Hardware,
+    resolve_hardware,
+    resolve_logprob_impl,
+)
+from lowmem_sdpo.runtime.materialise import Holder, load_for, make_holder, release_memory, unwrap_policy
+from lowmem_sdpo.runtime.peaks import PhaseEvents, PhaseListener, PhasePeaks
+from lowmem_sdpo.runtime.reporting import Reporter
 from lowmem_sdpo.trackers import check_tracker, open_tracker
 
 # Units of D_t on which the reference's drift from P_{t-1} and the step's own training shift are measured.
@@ -83,8 +83,8 @@ class Session:
     holder: Holder
     ranks: Ranks
     callbacks: list[StepCallback] = field(default_factory=list)
-    heldout: list[StepData | None] = field(default_factory=list)  # each step's held-out pairs (engine/heldout.py)
-    events: PhaseEvents = field(default_factory=PhaseEvents)  # the caller's phase listeners (engine/phases.py)
+    heldout: list[StepData | None] = field(default_factory=list)  # each step's held-out pairs (engine/reference/heldout.py)
+    events: PhaseEvents = field(default_factory=PhaseEvents)  # the caller's phase listeners (runtime/peaks.py)
 
     @property
     def out(self) -> Path:
@@ -106,7 +106,7 @@ def run_sdpo(
     """Runs every step not yet done; returns the summaries of all steps. Under a launcher, on every rank.
     `extend` (with `resume`): the run may list steps after those it was started with (self-rewarding sDPO
     appends D_t per iteration). `phase_listeners` hear each phase, pass and model load start and end
-    (engine/phases.py: PHASE_EVENTS)."""
+    (runtime/peaks.py: PHASE_EVENTS)."""
     events = PhaseEvents(list(phase_listeners))
     with process_group() as ranks:
         return _run_all(config, ranks, events, resume=resume, extend=extend, reporter=reporter, callbacks=callbacks)

@@ -15,18 +15,18 @@ from typing import Any
 from lowmem_sdpo.atomic import write_json
 from lowmem_sdpo.data import StepData, load_steps, parse_columns, tokenize_step
 from lowmem_sdpo.engine.config import reference_batch_size
-from lowmem_sdpo.engine.heldout import preference_figures
-from lowmem_sdpo.engine.keys import units_digest
-from lowmem_sdpo.engine.reference import (
+from lowmem_sdpo.engine.reference.heldout import preference_figures
+from lowmem_sdpo.engine.reference.logps import (
     LogpTable,
     adapter_chain_digest,
     cache_key,
     cached_logps,
     compute_logps,
 )
-from lowmem_sdpo.engine.reporting import Reporter
+from lowmem_sdpo.engine.rundir.keys import units_digest
 from lowmem_sdpo.engine.units import Unit, build_units
 from lowmem_sdpo.eval.runmodels import RunModels
+from lowmem_sdpo.runtime.reporting import Reporter
 
 # --against: which model step t's rewards are measured from.
 AGAINST: dict[str, Any] = {

@@ -1,5 +1,5 @@
 """A finished run's models, as the run had them: Q(S) loaded once in 4 bit, and M_t = Q(S) + the adapters of
-steps 1..t as a frozen low-rank delta (engine/materialise.py's exact holder: swapping t swaps hooks only).
+steps 1..t as a frozen low-rank delta (runtime/materialise.py's exact holder: swapping t swaps hooks only).
 A run trained in requantized mode is evaluated the same way: M_t exactly as trained, not requantised."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from torch import nn
 
 from lowmem_sdpo.data import load_tokenizer
 from lowmem_sdpo.engine.config import RunConfig
-from lowmem_sdpo.engine.hardware import Hardware, resolve_hardware, resolve_logprob_impl
-from lowmem_sdpo.engine.materialise import ExactHolder, load_for
-from lowmem_sdpo.engine.metrics import read_summary
-from lowmem_sdpo.engine.reporting import Reporter
-from lowmem_sdpo.engine.rundir import RUN_FILE, read_run_file, step_dir
+from lowmem_sdpo.engine.rundir.layout import RUN_FILE, read_run_file, step_dir
+from lowmem_sdpo.engine.rundir.metrics import read_summary
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.models import QuantSettings, model_fingerprint, resolve_model
 from lowmem_sdpo.models.adapters import WEIGHTS_FILE
+from lowmem_sdpo.runtime.hardware import Hardware, resolve_hardware, resolve_logprob_impl
+from lowmem_sdpo.runtime.materialise import ExactHolder, load_for
+from lowmem_sdpo.runtime.reporting import Reporter
 
 EVAL_DIR = "eval"  # RUN/eval/*.json
 

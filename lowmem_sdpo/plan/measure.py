@@ -9,7 +9,7 @@ and the log-prob kernels' tensors included: they are torch tensors). Replaying t
 bytes allocated during the call and still alive at each moment; the largest is the peak, and the allocations
 alive then are listed with the op that made them, the module it ran in and the phase (forward, the
 checkpointed recompute, backward, optimiser). Tensors alive before the call (weights) are not counted.
-This is the tensors' memory, not the process's: RSS adds whatever the C allocator keeps (engine/cpu_heap.py).
+This is the tensors' memory, not the process's: RSS adds whatever the C allocator keeps (runtime/cpu_heap.py).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from lowmem_sdpo.engine.metrics import METRICS_FILE, read_summary
-from lowmem_sdpo.engine.rundir import BASE_CACHE, REFERENCE_CACHE, RUN_FILE, read_run_file, step_dir
+from lowmem_sdpo.engine.rundir.layout import BASE_CACHE, REFERENCE_CACHE, RUN_FILE, read_run_file, step_dir
+from lowmem_sdpo.engine.rundir.metrics import METRICS_FILE, read_summary
 from lowmem_sdpo.errors import InputError
 
 

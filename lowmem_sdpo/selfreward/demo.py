@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from lowmem_sdpo.atomic import write_text
-from lowmem_sdpo.engine import Reporter, RunConfig
+from lowmem_sdpo.engine import RunConfig
 from lowmem_sdpo.errors import InputError
+from lowmem_sdpo.runtime.reporting import Reporter
 from lowmem_sdpo.selfreward.generation import SampleSettings, encode_for_generation, generate_batch
 from lowmem_sdpo.selfreward.loading import open_sampler
 from lowmem_sdpo.selfreward.loop import SETTINGS_FILE, SelfRewardRun, SelfRewardSettings

@@ -10,11 +10,11 @@ from typing import Any
 
 from lowmem_sdpo.data import load_tokenizer
 from lowmem_sdpo.engine.config import RunConfig
-from lowmem_sdpo.engine.hardware import Hardware, resolve_hardware
-from lowmem_sdpo.engine.materialise import ExactHolder, load_for
-from lowmem_sdpo.engine.reporting import Reporter
 from lowmem_sdpo.hf_progress import hf_bars_off
 from lowmem_sdpo.models import QuantSettings, resolve_model
+from lowmem_sdpo.runtime.hardware import Hardware, resolve_hardware
+from lowmem_sdpo.runtime.materialise import ExactHolder, load_for
+from lowmem_sdpo.runtime.reporting import Reporter
 
 
 @dataclass

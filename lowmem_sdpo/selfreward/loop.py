@@ -24,12 +24,13 @@ from typing import Any
 from lowmem_sdpo.atomic import write_json, write_text
 from lowmem_sdpo.checks import check_run_target
 from lowmem_sdpo.data.types import Message
-from lowmem_sdpo.engine import Reporter, RunConfig, run_sdpo
+from lowmem_sdpo.engine import RunConfig, run_sdpo
 from lowmem_sdpo.engine.config import validate
-from lowmem_sdpo.engine.metrics import read_summary
-from lowmem_sdpo.engine.rundir import RUN_FILE, step_dir
+from lowmem_sdpo.engine.rundir.layout import RUN_FILE, step_dir
+from lowmem_sdpo.engine.rundir.metrics import read_summary
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.models.resolve import resolve_model
+from lowmem_sdpo.runtime.reporting import Reporter
 from lowmem_sdpo.selfreward.generation import Completion, batch_seed, batches, sample_rows
 from lowmem_sdpo.selfreward.judge import (
     Judge,

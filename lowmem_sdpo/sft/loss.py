@@ -1,6 +1,6 @@
 """The SFT objective: minus the mean log-prob of the answer tokens (prompt and padding masked), the mean
 taken over every answer token of the optimiser step's window, as transformers' causal-LM loss does for one
-batch. Log-probs come from the fused lm-head kernel (engine.logprobs), so no [tokens, vocab] logits exist."""
+batch. Log-probs come from the fused lm-head kernel (runtime.logprobs), so no [tokens, vocab] logits exist."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from lowmem_sdpo.data import TokenizedExample, pad_rows
-from lowmem_sdpo.engine.hardware import Hardware
-from lowmem_sdpo.engine.logprobs import batch_logprobs
 from lowmem_sdpo.engine.units import shift_labels
+from lowmem_sdpo.runtime.hardware import Hardware
+from lowmem_sdpo.runtime.logprobs import batch_logprobs
 
 
 def collate_examples(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:

@@ -20,13 +20,11 @@ import torch
 
 from lowmem_sdpo.atomic import atomic_dir, write_json
 from lowmem_sdpo.data import load_tokenizer, tokenize_step
-from lowmem_sdpo.engine import Reporter, RunConfig
-from lowmem_sdpo.engine.checkpoint import RngState, TrainState, load_checkpoint, save_checkpoint
-from lowmem_sdpo.engine.hardware import resolve_hardware, resolve_logprob_impl
-from lowmem_sdpo.engine.materialise import release_memory
-from lowmem_sdpo.engine.metrics import METRICS_FILE, MetricsLog
-from lowmem_sdpo.engine.optim import cosine_with_warmup, make_optimizer, resolve_optimizer
-from lowmem_sdpo.engine.schedule import build_schedule
+from lowmem_sdpo.engine import RunConfig
+from lowmem_sdpo.engine.rundir.metrics import METRICS_FILE, MetricsLog
+from lowmem_sdpo.engine.training.checkpoint import RngState, TrainState, load_checkpoint, save_checkpoint
+from lowmem_sdpo.engine.training.optim import cosine_with_warmup, make_optimizer, resolve_optimizer
+from lowmem_sdpo.engine.training.schedule import build_schedule
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.hf_progress import hf_bars_off
 from lowmem_sdpo.models import (
@@ -38,6 +36,9 @@ from lowmem_sdpo.models import (
     resolve_model,
 )
 from lowmem_sdpo.models.lora import enable_checkpointing
+from lowmem_sdpo.runtime.hardware import resolve_hardware, resolve_logprob_impl
+from lowmem_sdpo.runtime.materialise import release_memory
+from lowmem_sdpo.runtime.reporting import Reporter
 from lowmem_sdpo.settings_record import check_settings_record
 from lowmem_sdpo.sft.data import load_sft_examples
 from lowmem_sdpo.sft.loss import answer_tokens, collate_examples, sft_loss_part

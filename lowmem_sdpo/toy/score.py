@@ -6,7 +6,7 @@ Metrics, per pair set:
   preference_accuracy: share of pairs with log p(chosen) > log p(rejected) under the model (the evaluation
       module's ranking accuracy, lowmem_sdpo.eval.preference.ranking_figures);
   reward_accuracy: share where DPO's implicit reward, log p_model - log p_S, is higher for chosen (against S;
-      undefined for S itself, where every reward is 0): lowmem_sdpo.engine.heldout.preference_figures;
+      undefined for S itself, where every reward is 0): lowmem_sdpo.engine.reference.heldout.preference_figures;
   exact_match: share of prompts whose greedy answer (up to EOS) is the chosen answer (the toy's own: its
       answers are short sums, so a greedy match is a meaningful check);
   gamma: the sDPO paper's gamma on these pairs, mean of log p(chosen) - log p(rejected) (ranking_figures).
@@ -25,14 +25,14 @@ from typing import Any
 import torch
 
 from lowmem_sdpo.data import PreferencePair, StepData, load_tokenizer, tokenize_step
-from lowmem_sdpo.engine.hardware import Hardware
-from lowmem_sdpo.engine.heldout import preference_figures
-from lowmem_sdpo.engine.materialise import Holder, load_for, make_holder
-from lowmem_sdpo.engine.reference import LogpTable, compute_logps
-from lowmem_sdpo.engine.reporting import Reporter
+from lowmem_sdpo.engine.reference.heldout import preference_figures
+from lowmem_sdpo.engine.reference.logps import LogpTable, compute_logps
 from lowmem_sdpo.engine.units import Unit, build_units
 from lowmem_sdpo.eval.preference import ranking_figures
 from lowmem_sdpo.models import QuantSettings
+from lowmem_sdpo.runtime.hardware import Hardware
+from lowmem_sdpo.runtime.materialise import Holder, load_for, make_holder
+from lowmem_sdpo.runtime.reporting import Reporter
 from lowmem_sdpo.toy.run_settings import TINY_TOY_RUN
 
 # Tokenised as the runs tokenise their pairs.

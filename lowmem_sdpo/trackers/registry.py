@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from lowmem_sdpo.engine.metrics import read_summary
-from lowmem_sdpo.engine.rundir import step_dir
+from lowmem_sdpo.engine.rundir.layout import step_dir
+from lowmem_sdpo.engine.rundir.metrics import read_summary
 from lowmem_sdpo.errors import InputError
 
 PROJECT = "lowmem-sdpo"

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from lowmem_sdpo.atomic import atomic_path
-from lowmem_sdpo.engine.distributed import SINGLE, Ranks
-from lowmem_sdpo.engine.hardware import Hardware
-from lowmem_sdpo.engine.logprobs import batch_logprobs
-from lowmem_sdpo.engine.reporting import Reporter
 from lowmem_sdpo.engine.units import Unit, collate_kl, collate_units, kl_rows
+from lowmem_sdpo.runtime.distributed import SINGLE, Ranks
+from lowmem_sdpo.runtime.hardware import Hardware
+from lowmem_sdpo.runtime.logprobs import batch_logprobs
+from lowmem_sdpo.runtime.reporting import Reporter
 
 KEY_METADATA = "lowmem_sdpo_cache_key"
 PARTS_METADATA = "lowmem_sdpo_cache_parts"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowmem_sdpo.engine.hardware import Hardware
 from lowmem_sdpo.models.head import causal_lm, read_head
+from lowmem_sdpo.runtime.hardware import Hardware
 from lowmem_sdpo_kernels import sequence_logprobs, valid_rows
 
 __all__ = ["batch_logprobs", "causal_lm"]

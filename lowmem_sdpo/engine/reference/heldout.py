@@ -19,7 +19,7 @@ from torch import nn
 from lowmem_sdpo.data import StepData, load_steps, parse_columns
 from lowmem_sdpo.data.heldout import split_heldout
 from lowmem_sdpo.engine.config import RunConfig
-from lowmem_sdpo.engine.reference import LogpTable
+from lowmem_sdpo.engine.reference.logps import LogpTable
 from lowmem_sdpo.engine.units import Unit
 from lowmem_sdpo.errors import InputError
 

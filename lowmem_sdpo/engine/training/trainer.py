@@ -10,7 +10,7 @@ of a batch (AOT sorts them) are computed over the whole optimiser step's window 
 For the hard sort g is each unit's cost derivative against its same-rank partner, treated as a constant:
 the sort spans micro-batches x accumulation steps, not one micro-batch of one or two pairs.
 
-Data-parallel (engine/distributed.py): the schedule is global, each rank runs its part of every global
+Data-parallel (runtime/distributed.py): the schedule is global, each rank runs its part of every global
 micro-batch; a coupled window's pass-1 log-probs are gathered from every rank, so the sort spans all ranks,
 and each rank backpropagates its own units' weights. KTO's KL reference point is the mean over the global
 micro-batch's mismatched rows, gathered likewise. The gradients are summed across ranks before clipping.
@@ -31,21 +31,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowmem_sdpo.engine.checkpoint import RngState, TrainState, load_checkpoint, save_checkpoint
 from lowmem_sdpo.engine.config import RunConfig
-from lowmem_sdpo.engine.distributed import SINGLE, Ranks
-from lowmem_sdpo.engine.failures import NonFiniteLoss, RunInterrupted
-from lowmem_sdpo.engine.hardware import Hardware, current_memory_bytes, peak_memory_bytes
-from lowmem_sdpo.engine.heldout import due
-from lowmem_sdpo.engine.logprobs import batch_logprobs
-from lowmem_sdpo.engine.metrics import METRICS_FILE, MetricsLog
-from lowmem_sdpo.engine.objective import LogpBatch, Objective
-from lowmem_sdpo.engine.optim import cosine_with_warmup, make_optimizer, resolve_optimizer
-from lowmem_sdpo.engine.reference import LogpTable
-from lowmem_sdpo.engine.reporting import Reporter
-from lowmem_sdpo.engine.schedule import Schedule
+from lowmem_sdpo.engine.reference.heldout import due
+from lowmem_sdpo.engine.reference.logps import LogpTable
+from lowmem_sdpo.engine.rundir.metrics import METRICS_FILE, MetricsLog
+from lowmem_sdpo.engine.training.checkpoint import RngState, TrainState, load_checkpoint, save_checkpoint
+from lowmem_sdpo.engine.training.objective import LogpBatch, Objective
+from lowmem_sdpo.engine.training.optim import cosine_with_warmup, make_optimizer, resolve_optimizer
+from lowmem_sdpo.engine.training.schedule import Schedule
 from lowmem_sdpo.engine.units import Unit, collate_kl, collate_units
 from lowmem_sdpo.errors import InputError
+from lowmem_sdpo.runtime.distributed import SINGLE, Ranks
+from lowmem_sdpo.runtime.failures import NonFiniteLoss, RunInterrupted
+from lowmem_sdpo.runtime.hardware import Hardware, current_memory_bytes, peak_memory_bytes
+from lowmem_sdpo.runtime.logprobs import batch_logprobs
+from lowmem_sdpo.runtime.reporting import Reporter
 
 # Called after every optimiser step with the metrics row (tests use it to interrupt a run at a chosen step).
 StepCallback = Callable[[dict[str, Any]], None]
@@ -66,7 +66,7 @@ class StepJob:
     reporter: Reporter
     seed: int
     callbacks: list[StepCallback] = field(default_factory=list)
-    # Held-out evaluation (engine/heldout.py): the policy -> the row's eval/... fields; at the step's end and
+    # Held-out evaluation (engine/reference/heldout.py): the policy -> the row's eval/... fields; at the step's end and
     # every eval_every optimiser steps. It runs without dropout and draws no random numbers, so the
     # training stream (and resume's bit-for-bit promise) is the same with it or without.
     evaluate: Callable[[nn.Module], dict[str, Any]] | None = None

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lowmem_sdpo.engine.metrics import head_mean, tail_mean
-from lowmem_sdpo.engine.reporting import Reporter
+from lowmem_sdpo.engine.rundir.metrics import head_mean, tail_mean
+from lowmem_sdpo.runtime.reporting import Reporter
 
 
 def training_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:

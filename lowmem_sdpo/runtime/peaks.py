@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lowmem_sdpo.engine.hardware import Hardware, peak_memory_bytes, reset_peak
+from lowmem_sdpo.runtime.hardware import Hardware, peak_memory_bytes, reset_peak
 
 # What a phase listener hears, by name (the measured phases are those of peak_memory_bytes_by_phase).
 PHASE_EVENTS: dict[str, str] = {
