@@ -25,198 +25,38 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "benchmarks" / "results"
+# benchmarks/common.py and kernel_peers.py sit beside this script: first on sys.path when it runs as a script; a
+# test that loads this file by path needs the directory put there.
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
 
+from common import RESULTS as RESULTS_DIR  # noqa: E402
+from common import device_label, git_commit, host_record, write_json_atomic  # noqa: E402
+from kernel_peers import (  # noqa: E402
+    BASELINES,
+    PEERS,
+    RUNNABLE,
+    SMOKE_CASES,
+    VARIANTS,
+    Case,
+    Skip,
+    StepFn,
+    full_cases,
+    load_kernels,
+)  # fmt: skip
 
-@dataclass(frozen=True)
-class Case:
-    n: int
-    d: int
-    v: int
-    dtype: torch.dtype
-    grad_weight: bool
-    ignored_frac: float
-    logits: str = "normal"  # a key of LOGITS
-
-
-def full_cases(
-    ns: list[int], vs: list[int], d: int, logits: list[str],
-    grad_weights: tuple[bool, ...] = (False, True), ignored: tuple[float, ...] = (0.0, 0.5),
-) -> list[Case]:
-    return [
-        Case(n, d, v, torch.bfloat16, grad_weight, frac, kind)
-        for n in ns
-        for v in vs
-        for kind in logits
-        for grad_weight in grad_weights
-        for frac in ignored
-    ]
-
-
-SMOKE_CASES = [
-    Case(64, 32, 500, torch.float32, grad_weight=False, ignored_frac=0.5),
-    Case(64, 32, 500, torch.float32, grad_weight=True, ignored_frac=0.0, logits="lm"),
-]
-
-
-class Skip(Exception):
-    """A peer that cannot run here; its message becomes the row's status."""
-
-
-StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-# ---- peers: name -> factory(case, device, args) -> fn(hidden, weight, targets) -> tensor to sum ----
-
-
-def _kernels():
-    # Imported late: TRITON_INTERPRET must be set (on CPU) before triton is first imported.
-    return importlib.import_module("lowmem_sdpo_kernels")
-
-
-def _ours(impl: str, **options: Any) -> Callable[[Case, str, argparse.Namespace], StepFn]:
-    def factory(case: Case, device: str, args: argparse.Namespace) -> StepFn:
-        kernels = _kernels()
-        cfg = "autotune" if (args.autotune and impl == "triton") else None
-        return lambda h, w, t: kernels.linear_logprobs(h, w, t, impl=impl, triton_config=cfg, **options)
-
-    return factory
-
-
-def _ours_with_rows(case: Case, device: str, args: argparse.Namespace) -> StepFn:
-    # The engine's way: the valid-row index is found on the host before the step (no device -> host sync).
-    kernels = _kernels()
-    cached: dict[int, torch.Tensor] = {}
-
-    def fn(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in cached:  # once per input set, outside the timed work on every later call
-            cached[id(t)] = kernels.valid_rows(t.cpu(), w.shape[0]).to(t.device)
-        return kernels.linear_logprobs(h, w, t, impl="triton", rows=cached[id(t)])
-
-    return fn
-
-
-def _ours_group1(case: Case, device: str, args: argparse.Namespace) -> StepFn:
-    # The launch order before issue 13: the row block varies fastest over the whole grid (group_m = 1).
-    kernels = _kernels()
-    base = kernels.configs.select_triton_config(case.dtype, None if device != "cuda" else
-                                                torch.cuda.get_device_properties(0).shared_memory_per_block_optin)
-    cfg = kernels.TritonConfig(base.block_m, base.block_v, base.block_d, base.num_warps, base.num_stages, group_m=1)
-    return lambda h, w, t: kernels.linear_logprobs(h, w, t, impl="triton", triton_config=cfg)
-
-
-def _naive_fn(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    # What a plain model forward does: full [N, V] logits, fp32 log-softmax, gather, mask.
-    logp = torch.log_softmax((h @ w.T).float(), dim=-1)
-    picked = logp.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1)
-    return torch.where(t != -100, picked, torch.zeros_like(picked))
-
-
-def _naive(case: Case, device: str, args: argparse.Namespace) -> StepFn:
-    return _naive_fn
-
-
-def _naive_compiled(case: Case, device: str, args: argparse.Namespace) -> StepFn:
-    if device != "cuda":
-        raise Skip("skipped: torch.compile peer runs on CUDA only (on CPU its compile time would dominate)")
-    return torch.compile(_naive_fn, dynamic=False)
-
-
-def _liger_flce_with(reduction: str) -> Callable[[Case, str, argparse.Namespace], StepFn]:
-    """Liger's fused linear cross-entropy. reduction "none" gives the per-row loss (our op's output), but
-    liger-kernel 0.8.5 then keeps every gradient for the backward and recomputes the logits there: its slow
-    path. "sum" computes the gradients in the forward pass (its fast path); under .sum().backward() both give
-    the same gradients, so both are timed and the ratios name which."""
-
-    def factory(case: Case, device: str, args: argparse.Namespace) -> StepFn:
-        try:
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        except ImportError as exc:
-            raise Skip(f"skipped: liger_kernel not importable ({exc})") from exc
-        if device != "cuda":
-            raise Skip("skipped: Liger's Triton kernels would run in the interpreter on CPU (too slow to time)")
-        loss = LigerFusedLinearCrossEntropyLoss(reduction=reduction, ignore_index=-100)
-        return lambda h, w, t: -loss(w, h, t)  # per-token loss (or its sum) = -log p
-
-    return factory
-
-
-def _dpo_layout(n: int) -> tuple[int, int]:
-    # [2B, T, D] with chosen rows first, rejected after: T = 512 (or N/4 for tiny N), 2B = N / T.
-    length = 512 if n >= 1024 else max(1, n // 4)
-    return n // length, length
-
-
-def _liger_dpo(case: Case, device: str, args: argparse.Namespace) -> StepFn:
-    try:
-        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
-    except ImportError as exc:
-        raise Skip(f"skipped: liger_kernel not importable ({exc})") from exc
-    seqs, length = _dpo_layout(case.n)
-    if seqs % 2 or seqs * length != case.n:
-        raise Skip(f"skipped: N={case.n} does not split into chosen/rejected sequences of {length}")
-    # A whole DPO loss (policy log-probs of chosen and rejected, no reference model), not the bare
-    # log-prob op; compiled chunks on CUDA as Liger ships it, eager on CPU.
-    loss = LigerFusedLinearDPOLoss(ignore_index=-100, beta=0.1, use_ref_model=False, compiled=device == "cuda")
-
-    def fn(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = loss(w, h.view(seqs, length, -1), t.view(seqs, length))
-        return out[0] if isinstance(out, tuple) else out
-
-    return fn
-
-
-def _apple_cce(case: Case, device: str, args: argparse.Namespace) -> StepFn:
-    try:
-        from cut_cross_entropy import linear_cross_entropy
-    except ImportError as exc:
-        raise Skip(f"skipped: cut_cross_entropy not importable ({exc})") from exc
-    if device != "cuda":
-        raise Skip("skipped: cut_cross_entropy needs CUDA")
-    return lambda h, w, t: -linear_cross_entropy(h, w, t, reduction="none")
-
-
-PEERS: dict[str, Callable[[Case, str, argparse.Namespace], StepFn]] = {
-    "ours-triton": _ours("triton"),
-    "ours-torch": _ours("torch"),
-    "naive-torch": _naive,
-    "naive-torch-compile": _naive_compiled,
-    "liger-flce": _liger_flce_with("none"),
-    "liger-flce-sum": _liger_flce_with("sum"),
-    "liger-dpo": _liger_dpo,
-    "apple-cce": _apple_cce,
-}
-
-
-# Our Triton kernel with one design choice switched, reachable with --variants (not run by default).
-VARIANTS: dict[str, Callable[[Case, str, argparse.Namespace], StepFn]] = {
-    "ours-triton[group1]": _ours_group1,
-    "ours-triton[no-filter]": _ours("triton", filter_eps=None),
-    "ours-triton[element-filter]": _ours("triton", filter="element"),
-    "ours-triton[input-atomics]": _ours("triton", grad_accum="input"),
-    "ours-triton[rows]": _ours_with_rows,
-    "ours-torch[deterministic]": _ours("torch", deterministic=True),
-}
-RUNNABLE = {**PEERS, **VARIANTS}
-
-# Ratios are taken against these peers on the same case.
-BASELINES = {"vs_cce": "apple-cce", "vs_liger": "liger-flce", "vs_liger_sum": "liger-flce-sum"}
+__all__ = ["BASELINES", "PEERS", "RUNNABLE", "SMOKE_CASES", "VARIANTS", "Case", "Skip", "StepFn", "full_cases"]
 
 
 # ---- measurement ----
@@ -381,7 +221,7 @@ def filter_skip_fractions(case: Case, device: str) -> dict[str, Any]:
     (2 n_splits)), its dW test (every column's mass summed over the tile's rows < eps / n_row_blocks),
     and the per-element rule (every p < 2**-12). A tile holding a target is never skipped. Computed here
     from fp32 softmax rows, 1024 at a time (no [N, V] tensor)."""
-    kernels = _kernels()
+    kernels = load_kernels()
     configs = kernels.configs
     limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin if device == "cuda" else None
     cfg = configs.select_triton_config(case.dtype, limit)
@@ -441,33 +281,6 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 # ---- output ----
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
-def git_commit() -> str | None:
-    """LOWMEM_SDPO_COMMIT when set (gpu_pass.sh passes the CPU side's: the device copy may have no .git),
-    else git's HEAD."""
-    if os.environ.get("LOWMEM_SDPO_COMMIT"):
-        return os.environ["LOWMEM_SDPO_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
 
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
@@ -535,10 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     args.matmul_tflops = {dtype: matmul_tflops(dtype, device) for dtype in {c.dtype for c in cases}}
     out = args.out or RESULTS_DIR / ("bench_kernels_smoke.json" if smoke else "bench_kernels.json")
     payload: dict[str, Any] = {
-        "device": device_name(device),
+        "device": device_label(device),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "host": _host_record(),
+        "host": host_record(),
         "commit": git_commit(),
         "mode": "smoke" if smoke else "full",
         "timer": "cuda-events" if device == "cuda" else "perf_counter",
@@ -563,13 +376,6 @@ def main(argv: list[str] | None = None) -> int:
     print_table(payload["rows"], f"fused log-prob fwd+bwd on {payload['device']} ({payload['mode']})")
     print(f"wrote {out}")
     return 0
-
-
-def _host_record() -> dict[str, Any]:
-    # Imported here: the script sets up its environment before lowmem_sdpo loads.
-    from lowmem_sdpo.host import host_record
-
-    return host_record()
 
 
 if __name__ == "__main__":

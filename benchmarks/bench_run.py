@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_kernels import device_name
+from common import device_label
 
 from lowmem_sdpo.cli.run_cmd import add_run_arguments, config_from_args
 from lowmem_sdpo.engine import run_sdpo
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # versions and commit, as run
     options = {k: v for k, v in config.to_dict().items() if k not in ("output_dir", "quiet")}
     result = {
-        "device": device_name("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu"),
+        "device": device_label("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu"),
         "torch": torch.__version__,
         "transformers": run_json["versions"]["transformers"],
         "bitsandbytes": run_json["versions"]["bitsandbytes"],

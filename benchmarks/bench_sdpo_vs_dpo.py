@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +39,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from lowmem_sdpo.host import host_record
+from common import git_commit, host_record
+
 from lowmem_sdpo.toy.run_settings import TINY_TOY_RUN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,15 +230,6 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _commit() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -274,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     resolve_model(model)  # built once here, not by every job at the same time
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
-    commit = _commit()  # at the start: the code that ran, whatever is committed while it runs
+    commit = git_commit()  # at the start: the code that ran, whatever is committed while it runs
     rows: list[dict[str, Any]] = []
     if args.jobs > 1:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:

@@ -21,7 +21,6 @@ runs (benchmarks/results/kernel_resources_compiled.json: 3.6, the GPU image's).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -30,6 +29,8 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from common import git_commit, write_json_atomic
 
 # Variants of the backward worth telling apart: a trained weight (dW product) or a frozen one, the filter
 # off / the mass bound / the per-element rule. name -> (weight gradient wanted, filter mode or None)
@@ -139,13 +140,6 @@ def _configs(args: argparse.Namespace, dtype: str) -> list[Any]:
     return list(dict.fromkeys([*ours, *(AUTOTUNE_TRITON_CONFIGS if dtype != "fp32" else ())]))
 
 
-def _write(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -159,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     shape = {name: getattr(args, name) for name in SHAPE}
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-                            capture_output=True, text=True).stdout.strip() or None
-    meta = {"triton": triton.__version__, "commit": commit, "tool": "cuobjdump -res-usage (REG, STACK)",
+    meta = {"triton": triton.__version__, "commit": git_commit(), "tool": "cuobjdump -res-usage (REG, STACK)",
             "shared": "CompiledKernel.metadata.shared", "shape": shape,
             "specialisation": "the JIT's own (its binder on the launch's arguments): unit strides constant, "
                               "sizes and leading strides divisible by 16, rows passed as an index"}
@@ -178,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
                 if args.json is not None:
-                    _write(args.json, {**meta, "rows": rows})
+                    write_json_atomic(args.json, {**meta, "rows": rows})
     return 0
 
 

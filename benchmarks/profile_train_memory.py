@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import host_record, write_json_atomic
+
 HEAPS = ("glibc", "bounded")
 PROMPT_TOKENS = 64
 MIB = 2**20
@@ -187,13 +189,6 @@ def one(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -213,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.one is not None:
         spec = json.loads(args.one.read_text())
-        write_json_atomic(Path(spec["result"]), one(spec))
+        write_json_atomic(Path(spec["result"]), one(spec), indent=1)
         return 0
     if not args.model or not (Path(args.model) / "config.json").is_file():
         print(
@@ -221,8 +216,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from lowmem_sdpo.host import host_record
-
     old = json.loads(args.out.read_text()) if args.out.is_file() else {}
     rows = {(r["length"], r["heap"]): r for r in old.get("rows", [])}
     for length in args.lengths:
@@ -258,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                     "model_dir": str(args.model),
                     "rows": [rows[k] for k in sorted(rows)],
                 },
+                indent=1,
             )
     return 0
 
