@@ -10,7 +10,7 @@
 #                             (reduction "none" and "sum") and naive torch; an sDPO step at SOLAR width with
 #                             FIRST_LOOK_LAYERS layers (bench_e2e.py --layers) beside `plan`'s prediction for the
 #                             same shape, which --prepare computes on the CPU beforehand
-#   kernels                   the gpu-marked kernel tests (tests/test_gpu.py's and tests/test_gpu_kernels.py's: compiled
+#   kernels                   the gpu-marked kernel tests (tests/gpu/test_gpu.py's and tests/gpu/test_gpu_kernels.py's: compiled
 #                             Triton, bf16 / fp16 / fp32 against float64) and benchmarks/bench_kernels.py's grid at
 #                             N 4096, one (N, V) slice per command
 #   kernels-grid-V            bench_kernels.py's grid at N 16384 (issue 13's shape) and V 32000 or 128256;
@@ -47,7 +47,7 @@ REPO=$PWD
 PY=${GPU_PASS_PYTHON:-python3}
 RESULTS=${OUT:-benchmarks/results}
 SHAPES=(solar-2048 solar-4096 llama3-8b-2048)
-# `lowmem-sdpo plan` flags for each bench_e2e.py CUDA shape (tests/test_gpu_pass.py checks them against
+# `lowmem-sdpo plan` flags for each bench_e2e.py CUDA shape (tests/unit/benchmarks/test_gpu_pass.py checks them against
 # bench_e2e.SHAPES): its config fixture, sequence length, micro-batch, accumulation and pairs per sDPO step.
 declare -A PLAN_ARGS=(
   [solar-2048]="--model tests/fixtures/solar-10.7b --max-length 2048 --batch-size 1 --grad-accum 4 --steps 8,8"
@@ -59,13 +59,13 @@ declare -A PLAN_ARGS=(
 FIRST_LOOK_SHAPE=solar-2048
 FIRST_LOOK_LAYERS=8
 PREPARED=benchmarks/results/gpu_pass_prepared.json  # written by --prepare on the CPU machine, carried along
-# The demo's settings (lowmem_sdpo/cli/demo_cmd.py DEMO_SETTINGS, checked by tests/test_gpu_pass.py) with
+# The demo's settings (lowmem_sdpo/cli/demo_cmd.py DEMO_SETTINGS, checked by tests/unit/benchmarks/test_gpu_pass.py) with
 # --device cuda: `lowmem-sdpo demo` itself forces the CPU.
 DEMO_RUN_ARGS="--model tiny --steps examples/data/toy_step1.jsonl,examples/data/toy_step2.jsonl \
 --max-length 32 --max-prompt-length 24 --beta 0.1 --learning-rate 3e-3 --epochs 6 --batch-size 16 --grad-accum 1 \
 --warmup-ratio 0.1 --lora-r 8 --lora-alpha 16 --lora-dropout 0.0 --save-every 20 --diagnostics \
 --no-gradient-checkpointing --device cuda"
-# What ../shared/device/wheels.sh prints for a set in folder DIR (tests/test_gpu_pass.py compares them where that
+# What ../shared/device/wheels.sh prints for a set in folder DIR (tests/unit/benchmarks/test_gpu_pass.py compares them where that
 # file is present). Its sets: .whl (core: bitsandbytes, liger-kernel, cut-cross-entropy), .whl-trl-arrow and
 # .whl-trl (TRL's, each carried in a call of its own: /tmp/site keeps what earlier calls installed while warm).
 WHEELS_INSTALL="$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site DIR/*.whl"
@@ -105,7 +105,7 @@ part_commands() {  # PART -> its commands on stdout, one per line: estimated sec
       printf '120\t%s\n' "$PY benchmarks/bench_kernels.py $slice --v 128256 --out $r/bench_kernels_first_look_v128256.json"
       ;;
     kernels)
-      printf '240\t%s\n' "LOWMEM_SDPO_TEST_CUDA=1 $PY -m pytest -m gpu tests/test_gpu.py tests/test_gpu_kernels.py -k kernel --junitxml=$r/pytest_kernels.xml"
+      printf '240\t%s\n' "LOWMEM_SDPO_TEST_CUDA=1 $PY -m pytest -m gpu tests/gpu/test_gpu.py tests/gpu/test_gpu_kernels.py -k kernel --junitxml=$r/pytest_kernels.xml"
       # bench_kernels.py's full grid (N x V at D 4096), a slice per command so that a slow slice costs only itself:
       # N 4096 here, issue 13's N 16384 in kernels-grid (each part within one call).
       for v in 32000 128256; do
@@ -126,7 +126,7 @@ part_commands() {  # PART -> its commands on stdout, one per line: estimated sec
       done
       ;;
     engine)
-      printf '180\t%s\n' "LOWMEM_SDPO_TEST_CUDA=1 $PY -m pytest -m gpu tests/test_gpu.py -k 'not kernel' --junitxml=$r/pytest_engine.xml"
+      printf '180\t%s\n' "LOWMEM_SDPO_TEST_CUDA=1 $PY -m pytest -m gpu tests/gpu/test_gpu.py -k 'not kernel' --junitxml=$r/pytest_engine.xml"
       printf '60\t%s\n' "$PY -m lowmem_sdpo demo --output-dir $r/demo-cpu"
       printf '60\t%s\n' "$PY -m lowmem_sdpo run $DEMO_RUN_ARGS --output-dir $r/demo-cuda"
       ;;

@@ -70,7 +70,7 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
             ),
             built_at=SOLAR_SFT_MODEL_DIR,
         ),
-        # 2 layers, 128 wide, a 103-token vocabulary, untied head: 321,920 parameters (tests/test_models_tiny.py).
+        # 2 layers, 128 wide, a 103-token vocabulary, untied head: 321,920 parameters (tests/unit/models/test_models_tiny.py).
         ModelAlias("tiny", "builtin:tiny", "embedded 0.32M-parameter Llama (2 layers, 128 wide) for the CPU demo"),
         ModelAlias(
             "tiny-carry",

@@ -8,7 +8,7 @@ bitsandbytes' CPU inference repacking depends on the host's AVX512-BF16 (lowmem_
 every host runs the same suite, bitsandbytes is made to believe the feature is there, in this process and in every
 process a test spawns (tests/bnb_host/sitecustomize.py); LOWMEM_SDPO_TEST_BNB_AVX512BF16=0 runs the suite as on a
 host without it. The `bnb_cpu_kind` fixture runs a test both ways.
-Tests marked `gpu` (tests/test_gpu.py) are skipped, with the reason, unless CUDA is there and Triton is not
+Tests marked `gpu` (tests/gpu/test_gpu.py) are skipped, with the reason, unless CUDA is there and Triton is not
 interpreted: the GPU pass is `LOWMEM_SDPO_TEST_CUDA=1 python -m pytest -m gpu`.
 """
 

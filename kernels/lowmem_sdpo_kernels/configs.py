@@ -198,7 +198,7 @@ AUTO_FILTER_EPS: dict[torch.dtype, float | None] = {
 # so the error of hidden row n is at most |g_n| * |scale| * sum over the dropped entries of p_nv *
 # |W_v|_inf (and of weight row v at most |scale| * sum_n |g_n| p_nv |h_n|_inf): no per-row budget, so
 # it can reach |g_n| * filter_eps * V * max|W| in the worst case, but on LM-like rows (a few tokens
-# hold the mass) it is the sum of what the rule dropped, which tests/test_kernels_filter.py checks
+# hold the mass) it is the sum of what the rule dropped, which tests/unit/kernels/test_kernels_filter.py checks
 # entry by entry against float64. "auto": 2**-12 for bf16/fp16 (CCE's default), off for fp32/fp64.
 AUTO_ELEMENT_EPS: dict[torch.dtype, float | None] = {
     torch.bfloat16: 2.0**-12,

@@ -24,7 +24,7 @@ from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.toy.run_settings import TINY_TOY_RUN
 
 DEMO_MARKER = "demo"
-# Tuned on the toy data (see tests/test_demo.py): two steps in well under 2 minutes on a 2-core CPU.
+# Tuned on the toy data (see tests/e2e/test_demo.py): two steps in well under 2 minutes on a 2-core CPU.
 DEMO_SETTINGS: dict[str, Any] = {
     **TINY_TOY_RUN,
     "model": "tiny",

@@ -21,7 +21,7 @@ from typing import Any
 from lowmem_sdpo.errors import InputError
 
 # The names of aot.COSTS and aot.SORTS, literal here so that the registry needs no torch import
-# (tests/test_losses_props.py checks they are the same).
+# (tests/unit/losses/test_losses_props.py checks they are the same).
 AOT_COSTS = ("logistic", "hinge2", "lsq")
 AOT_SORTS = ("hard", "soft")
 

@@ -62,7 +62,7 @@ class PhaseEvents:
     @contextlib.contextmanager
     def span(self, name: str) -> Iterator[None]:
         """Tells the listeners `name` starts, then that it ended (also when the block raises). The engine's
-        names are PHASE_EVENTS' keys (tests/test_engine_phase_events.py holds it to them)."""
+        names are PHASE_EVENTS' keys (tests/unit/runtime/test_engine_phase_events.py holds it to them)."""
         self._send(name, "start")
         try:
             yield

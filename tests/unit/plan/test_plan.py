@@ -1,0 +1,510 @@
+"""`lowmem-sdpo plan`: its exact parts against the bytes of real tensors (the tiny model and a 2-layer model of
+SOLAR-10.7B's width quantised by bitsandbytes on CPU, real LoRA / frozen delta / 8-bit AdamW state), hand-worked
+figures for the shipped SOLAR and Llama-3-8B configs, and the command's table, JSON, advice and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lowmem_sdpo.cli import main
+from lowmem_sdpo.models import QuantSettings, add_lora, load_quantized, resolve_model
+from lowmem_sdpo.models.adapters import load_all_factors
+from lowmem_sdpo.models.blocks import block_linear_names
+from lowmem_sdpo.models.frozen_delta import FrozenDelta
+from lowmem_sdpo.plan import PHASES, PlanSettings, model_shapes, nf4_size, plan_for_shapes
+from lowmem_sdpo.plan.phases import CUDA_CONTEXT_BYTES, FRAGMENTATION
+from lowmem_sdpo.plan.shapes import adamw8bit_state_bytes, block_linears
+from lowmem_sdpo.plan.source import meta_model, read_source
+from tests.support.model_fixtures import write_adapter
+
+FIXTURES = Path(__file__).resolve().parents[3] / "tests" / "fixtures"
+SOLAR = str(FIXTURES / "solar-10.7b")
+LLAMA3 = str(FIXTURES / "llama-3-8b")
+GIB = 2**30
+
+
+# --- bytes of real tensors ---------------------------------------------------------------------------------
+
+
+def _state_tensors(state) -> list[torch.Tensor]:
+    """Every tensor a bitsandbytes QuantState holds, nested states included, found by walking its attributes
+    (not by naming them, so a tensor the plan forgot would still be counted here)."""
+    from bitsandbytes.functional import QuantState
+
+    found = []
+    for value in vars(state).values():
+        if torch.is_tensor(value):
+            found.append(value)
+        elif isinstance(value, QuantState):
+            found += _state_tensors(value)
+    return found
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def real_nf4_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """module name -> bytes of its Params4bit data plus every tensor of its quant state."""
+    import bitsandbytes as bnb
+
+    return {
+        name: _nbytes(m.weight.data) + sum(_nbytes(t) for t in _state_tensors(m.weight.quant_state))
+        for name, m in model.named_modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    }
+
+
+def real_unquantised_bytes(model: torch.nn.Module) -> int:
+    import bitsandbytes as bnb
+
+    params = sum(_nbytes(p) for p in model.parameters() if not isinstance(p, bnb.nn.Params4bit))
+    return params + sum(_nbytes(b) for b in model.buffers())
+
+
+def real_optimizer_state_bytes(params: list[torch.nn.Parameter]) -> int:
+    """bitsandbytes AdamW8bit after one step: every distinct state tensor (the shared maps once)."""
+    import bitsandbytes as bnb
+
+    opt = bnb.optim.AdamW8bit(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    seen: dict[int, int] = {}
+    for state in opt.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                seen[value.data_ptr()] = _nbytes(value)
+    return sum(seen.values())
+
+
+def shapes_of(model_dir: str | Path, compute_dtype: str):
+    return model_shapes(meta_model(read_source(str(model_dir)), compute_dtype))
+
+
+def _check_exact_parts(model_dir: Path, compute_dtype: str, lora_r: int) -> None:
+    shapes = shapes_of(model_dir, compute_dtype)
+    model = load_quantized(model_dir, quant=QuantSettings(compute_dtype=compute_dtype))
+    real = real_nf4_bytes(model)
+    assert sorted(real) == sorted(lin.name for lin in shapes.linears)
+    for lin in shapes.linears:
+        assert nf4_size(lin.numel).total == real[lin.name], lin.name
+    assert shapes.nf4_bytes() == sum(real.values())
+    assert shapes.other_param_bytes + shapes.buffer_bytes == real_unquantised_bytes(model)
+    policy = add_lora(model, r=lora_r)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    assert shapes.lora_params(lora_r) == sum(p.numel() for p in trainable)
+    assert sorted(shapes.lora_shapes(lora_r)) == sorted(p.numel() for p in trainable)
+    assert adamw8bit_state_bytes(shapes.lora_shapes(lora_r)) == real_optimizer_state_bytes(trainable)
+
+
+def test_exact_parts_equal_the_tiny_models_real_tensors():
+    model_dir = resolve_model("tiny")
+    # LoRA factors of the tiny model are under bitsandbytes' min_8bit_size: the 32-bit state fallback.
+    _check_exact_parts(model_dir, "float32", lora_r=16)
+
+
+@pytest.fixture(scope="module")
+def solar_width_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama of SOLAR-10.7B's width (about 0.7B parameters), bf16 safetensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=2,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = model.to_empty(device="cpu")  # no memory until here, and no slow init: filled below
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.02, generator=gen)
+    path = tmp_path_factory.mktemp("solar-width") / "model"
+    model.save_pretrained(path)
+    return path
+
+
+def test_exact_parts_equal_a_solar_width_models_real_tensors(solar_width_dir):
+    # bf16 weights quantised by bitsandbytes on CPU; r 16 LoRA factors (16 x 4096 and up) get 8-bit state.
+    _check_exact_parts(solar_width_dir, "bfloat16", lora_r=16)
+
+
+def test_frozen_delta_size_equals_a_real_frozen_delta(tmp_path):
+    model_dir = resolve_model("tiny")
+    shapes = shapes_of(model_dir, "float32")
+    adapters = [write_adapter(model_dir, tmp_path / f"a{i}", seed=i, r=8) for i in range(3)]
+    delta = FrozenDelta.from_factors(load_all_factors(adapters), torch.bfloat16, "cpu")
+    assert shapes.delta_params(8, 3) == delta.numel()
+
+
+def test_block_linears_are_the_engines_block_linears():
+    skeleton = meta_model(read_source(SOLAR), "bfloat16")
+    assert [lin.name for lin in block_linears(skeleton)] == block_linear_names(skeleton)
+
+
+# --- activation estimates against what autograd keeps ---------------------------------------------------------
+
+
+def test_one_layers_saved_activations_are_what_autograd_keeps(tmp_path):
+    """One decoder layer's forward with LoRA (dropout 0.05) on 4-bit weights under bf16 autocast, on CPU: the
+    storages autograd saves (parameters excluded) against activations.layer_saved. Two CPU differences from
+    the CUDA path the plan models are set up or allowed for: the LoRA factors are cast to bf16 (peft casts a
+    layer's input to the fp32 factors' dtype when it sees no CUDA autocast, and autocast then has no factor
+    copies to make), and CPU dropout keeps a bf16 noise tensor where CUDA's fused dropout keeps a bool mask."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowmem_sdpo.plan.activations import Batch, layer_saved, lora_factor_copies
+
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=512,
+        intermediate_size=1792,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    model = load_quantized(tmp_path / "m", quant=QuantSettings(compute_dtype="bfloat16"))
+    policy = add_lora(model, r=16, dropout=0.05, seed=0)
+    for name, param in policy.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(torch.bfloat16)
+    policy.train()
+    params = {p.data_ptr() for p in policy.parameters()}
+    rows, length = 2, 256
+    ids = torch.randint(0, 1000, (rows, length))
+    mask = torch.ones(rows, length, dtype=torch.long)
+    mask[1, 200:] = 0  # padding: transformers passes SDPA a mask, as with real pairs
+    saved: dict[int, int] = {}
+    inside = [False]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if inside[0] and t.data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    layer = policy.get_base_model().model.layers[0]
+    layer.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
+    layer.register_forward_hook(lambda *_: inside.__setitem__(0, False))
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16),
+    ):
+        policy.get_base_model().model(input_ids=ids, attention_mask=mask, use_cache=False)
+    shapes = shapes_of(tmp_path / "m", "bfloat16")
+    expected = layer_saved(shapes, Batch(rows, length), 16, mask_bytes=2) - lora_factor_copies(shapes, 16)
+    measured = sum(saved.values())
+    assert measured == pytest.approx(expected, rel=0.02), (measured, expected)
+
+
+class _FreshTensors(TorchDispatchMode):
+    """Every tensor an op creates (an output whose storage is none of the op's inputs'): what a call
+    allocates, found from the ops that ran, not from the code's own account of them. Only (shape, bytes,
+    dtype, storage) are kept: holding the tensors would make autograd copy the gradient it hands to hidden.grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[tuple[tuple[int, ...], int, torch.dtype, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {a.untyped_storage().data_ptr() for a in [*args, *(kwargs or {}).values()] if torch.is_tensor(a)}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in given:
+                self.made.append((tuple(t.shape), _nbytes(t), t.dtype, t.untyped_storage().data_ptr()))
+        return out
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("ignored", [300, 0])
+def test_row_compaction_and_gradient_scatter_are_what_the_op_allocates(impl, ignored):
+    """The plan's copy of the labelled rows (forward) and index_select's gradient scatter (backward) against the
+    tensors the op really makes, per impl, as the engine calls it (rows= from the host labels; Triton under
+    the interpreter on CPU; bf16, so that the fp32 working buffers are told apart from copies by their dtype).
+    Counted independently: forward, every new bf16 tensor of hidden's width (a copy of rows of hidden);
+    backward, every new bf16 [N, D] tensor other than the gradient hidden receives."""
+    from lowmem_sdpo.plan.activations import Batch, gradient_scatter, row_compaction
+    from lowmem_sdpo_kernels import linear_logprobs, valid_rows
+
+    shapes = shapes_of(resolve_model("tiny"), "bfloat16")
+    # More rows than the torch impl's row chunk (2048), so that none of its per-chunk buffers is [N, D].
+    b = Batch(rows=2, length=1100)
+    n, d, v = b.tokens, shapes.hidden, shapes.vocab
+    torch.manual_seed(0)
+    hidden = torch.randn(n, d, dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(v, d) * 0.05).to(torch.bfloat16)
+    targets = torch.randint(0, v, (n,))
+    targets[:ignored] = -100  # the prompt's tokens
+    rows = valid_rows(targets, v)
+    with _FreshTensors() as forward:
+        logp = linear_logprobs(hidden, weight, targets, impl=impl, rows=rows, filter_eps=None)
+    with _FreshTensors() as backward:
+        logp.backward(torch.randn(n))
+    grad = hidden.grad.untyped_storage().data_ptr()
+    half = torch.bfloat16
+    copies = sum(size for shape, size, dtype, _ in forward.made if len(shape) == 2 and shape[1] == d and dtype == half)
+    scatter = sum(
+        size for shape, size, dtype, storage in backward.made if shape == (n, d) and dtype == half and storage != grad
+    )
+    labelled = n - ignored
+    assert row_compaction(shapes, b, impl, labelled) == copies
+    assert gradient_scatter(shapes, b, impl, labelled) == scatter
+    if impl == "triton":  # rows= is read in place: nothing to copy or scatter, in any case
+        assert copies == scatter == 0
+    elif ignored:  # the case the terms exist for (the check above must not pass on two zeros)
+        assert copies == labelled * d * 2 and scatter == n * d * 2
+    # The plan's own figure (M unknown: the worst case) is at least what any labelled count makes.
+    assert row_compaction(shapes, b, impl) >= copies and gradient_scatter(shapes, b, impl) >= scatter
+
+
+def test_the_training_plan_counts_the_kernel_per_impl():
+    """SOLAR at 2048 tokens, one pair: the torch impl's kernel figures carry its compaction and scatter, the
+    Triton ones neither (hand-worked), and the training phase takes the figures of the impl it is planned for."""
+    from lowmem_sdpo.plan.activations import (
+        Batch,
+        gradient_scatter,
+        kernel_backward,
+        kernel_forward,
+        kernel_kept,
+        row_compaction,
+    )
+
+    shapes = shapes_of(SOLAR, "bfloat16")
+    b = Batch(rows=2, length=2048)
+    n, d = b.tokens, 4096
+    assert row_compaction(shapes, b, "torch") == n * d * 2 and gradient_scatter(shapes, b, "torch") == n * d * 2
+    assert row_compaction(shapes, b, "triton") == gradient_scatter(shapes, b, "triton") == 0
+    # Triton, by hand: 4 fp32 figures per row and vocabulary split (S = 32000 / 128 tiles cut into at most
+    # MAX_VOCAB_SPLITS), the lse and two [N] outputs; backward dH in fp32 and in bf16.
+    from lowmem_sdpo_kernels.configs import MAX_VOCAB_SPLITS
+
+    tiles = -(-32000 // 128)
+    splits = -(-tiles // -(-tiles // min(MAX_VOCAB_SPLITS, tiles)))
+    assert kernel_forward(shapes, b, "triton") == 4 * splits * n * 4 + n * 4 + 2 * n * 4
+    assert kernel_backward(shapes, b, "triton") == n * d * (4 + 2)
+    settings = {"max_length": 2048, "batch_size": 1}
+    kernel = {
+        impl: next(
+            part.bytes
+            for phase in plan_for_shapes(
+                "solar", SOLAR, shapes, PlanSettings(**settings, logprob_impl=impl), gpu_memory=24 * GIB
+            ).phases
+            if phase.key == "training"
+            for moment in phase.moments
+            if moment.what == "the log-prob op's backward"
+            for part in moment.parts
+            if part.name == "final norm + log-prob kernel"
+        )
+        for impl in ("triton", "torch")
+    }
+    assert kernel["torch"] - kernel["triton"] == (
+        kernel_kept(shapes, b, "torch") + kernel_backward(shapes, b, "torch")
+        - kernel_kept(shapes, b, "triton") - kernel_backward(shapes, b, "triton")
+    )  # fmt: skip
+    # The torch impl's logits chunk is a forward workspace, freed before the backward: 2048 rows x 4096 fp32.
+    assert kernel_forward(shapes, b, "torch") - kernel_kept(shapes, b, "torch") == 2048 * 4096 * 4
+    assert kernel_kept(shapes, b, "triton") == kernel_forward(shapes, b, "triton")
+
+
+def test_cpu_training_activations_match_a_real_steps_live_tensors(tmp_path):
+    """The plan's training-phase activations in its CPU mode (fp32, torch log-prob impl) against the live tensors
+    at the peak of a real optimiser step, read from the allocator's events (plan.measure): a 4-layer random model
+    of SmolLM2's family (Llama, grouped-query attention, tied head), the engine's own forward and log-prob op,
+    LoRA r 16 with dropout, checkpointing, every row padded to max length as the plan assumes. The LoRA
+    gradients (an exact part of the plan's, not an activation) are taken out of the measured figure."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowmem_sdpo.engine.units import Unit, collate_units
+    from lowmem_sdpo.models.lora import enable_checkpointing
+    from lowmem_sdpo.plan.measure import trace_live_tensors
+    from lowmem_sdpo.runtime.hardware import Hardware
+    from lowmem_sdpo.runtime.logprobs import batch_logprobs
+
+    config = LlamaConfig(
+        vocab_size=16384,  # 4 x the torch impl's vocabulary chunk, as real vocabularies are many times it
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+    model = load_quantized(tmp_path / "m", quant=QuantSettings(compute_dtype="float32"))
+    policy = add_lora(model, r=16, dropout=0.05, seed=0)
+    enable_checkpointing(policy.get_base_model())
+    policy.train()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    pairs, length, prompt = 2, 128, 16
+    ids = torch.Generator().manual_seed(0)
+
+    def row(n: int) -> list[int]:
+        return torch.randint(0, 16384, (n,), generator=ids).tolist()
+
+    batch = collate_units([Unit(row(prompt), row(length - prompt), row(prompt), row(length - prompt))] * pairs, 0)
+    hw = Hardware(torch.device("cpu"), "float32")
+
+    def step() -> None:
+        logp, _ = batch_logprobs(policy, batch, hw=hw, impl="torch")
+        (logp[:pairs] - logp[pairs:]).sum().backward()
+        optimizer.step()
+
+    step()  # the optimiser state is made in the first step; the plan counts it as static
+    optimizer.zero_grad(set_to_none=True)
+    trace = trace_live_tensors(step, attribute=False)
+    grads = {p.grad.untyped_storage().data_ptr() for p in params}
+    measured = trace.peak_bytes - trace.bytes_where(lambda a: a.ptr in grads)
+    settings = PlanSettings(
+        max_length=length, batch_size=pairs, lora_r=16, compute_dtype="float32", logprob_impl="torch",
+        optim="adamw", device="cpu", pairs_per_step=(pairs,),
+    )  # fmt: skip
+    plan = plan_for_shapes("m", str(tmp_path / "m"), shapes_of(tmp_path / "m", "float32"), settings, gpu_memory=GIB)
+    planned = next(p for p in plan.phases if p.key == "training").activation_bytes
+    assert measured == pytest.approx(planned, rel=0.15), (measured, planned, trace.top(8))
+
+
+# --- hand-worked figures for the shipped configs ------------------------------------------------------------
+
+
+def test_solar_and_llama3_fixtures_have_the_public_parameter_counts():
+    # SOLAR: 2 x 32000 x 4096 (embeddings, head) + 48 x (2 x 4096^2 + 2 x 1024 x 4096 + 3 x 14336 x 4096
+    # + 2 x 4096 norms) + 4096 = 10,731,524,096. Llama-3-8B: 2 x 128256 x 4096 + 32 x the same layer + 4096.
+    layer = 2 * 4096**2 + 2 * 1024 * 4096 + 3 * 14336 * 4096 + 2 * 4096
+    assert shapes_of(SOLAR, "bfloat16").total_params == 2 * 32000 * 4096 + 48 * layer + 4096 == 10_731_524_096
+    assert (
+        shapes_of(LLAMA3, "bfloat16").total_params == 2 * 128256 * 4096 + 32 * layer + 4096 == 8_030_261_248
+    )
+
+
+def test_solar_hand_worked_parts():
+    shapes = shapes_of(SOLAR, "bfloat16")
+    # One finished r-16 step: 48 layers x 16 x (sum of in + out over q, k, v, o, gate, up, down = 81,920).
+    assert shapes.delta_params(16, 1) == 48 * 16 * 81_920 == 62_914_560
+    # The MLP weight 14336 x 4096 in NF4 with double quantisation: 29,360,128 packed bytes, 917,504 uint8
+    # absmax, 3,584 fp32 second-level absmax, 256 + 16 fp32 code entries and the 4-byte offset.
+    assert nf4_size(14336 * 4096).total == 29_360_128 + 917_504 + 3_584 * 4 + (256 + 16) * 4 + 4
+    # Without double quantisation: one fp32 absmax per 64-block.
+    assert nf4_size(14336 * 4096, double_quant=False).total == 29_360_128 + 917_504 * 4 + 16 * 4
+
+
+def test_step_times_are_six_and_two_flops_per_parameter_and_token():
+    shapes = shapes_of(SOLAR, "bfloat16")
+    settings = PlanSettings(max_length=2048, batch_size=1, pairs_per_step=(12859, 60829))
+    plan = plan_for_shapes(
+        "solar", SOLAR, shapes, settings, gpu_memory=24 * GIB, tflops=100.0, tokens_per_pair=600
+    )
+    block = 48 * (2 * 4096**2 + 2 * 1024 * 4096 + 3 * 14336 * 4096)
+    lora = 62_914_560
+    p1 = block + 32000 * 4096 + lora  # step 1: no finished adapter
+    p2 = p1 + lora  # step 2: step 1's adapter in the delta
+    one, two = plan.times
+    assert one.training_flops == 6 * p1 * 12859 * 600 and one.reference_flops == 2 * p1 * 12859 * 600
+    assert two.training_flops == 6 * p2 * 60829 * 600
+    assert one.training_s == pytest.approx(one.training_flops / 100e12)
+
+
+# --- the command ----------------------------------------------------------------------------------------------
+
+
+def test_plan_command_prints_the_phase_table():
+    out = subprocess.run(
+        [sys.executable, "-m", "lowmem_sdpo", "plan", "--model", SOLAR, "--max-length", "2048"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for key in PHASES:
+        assert key in out
+    assert "NF4 block weights" in out and "checkpointed layer inputs" in out
+    assert "500 MiB CUDA context" in out  # the stated assumption
+
+
+def _plan_json(capsys, *args: str) -> dict:
+    assert main(["plan", "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_json_parts_add_up_to_the_totals(capsys):
+    data = _plan_json(capsys, "--model", SOLAR, "--max-length", "2048", "--batch-size", "1")
+    assert [p["phase"] for p in data["phases"]] == list(PHASES)
+    for phase in data["phases"]:
+        assert sum(part["bytes"] for part in phase["parts"]) == phase["allocated_bytes"]
+        expected = math.ceil(phase["allocated_bytes"] * (1 + FRAGMENTATION)) + CUDA_CONTEXT_BYTES
+        assert phase["device_bytes"] == (expected if phase["allocated_bytes"] else 0)
+    peak = max(data["phases"], key=lambda p: p["allocated_bytes"])
+    assert data["peak"] == {
+        "phase": peak["phase"],
+        "allocated_bytes": peak["allocated_bytes"],
+        "device_bytes": peak["device_bytes"],
+    }
+    assert data["fits"] == (peak["device_bytes"] <= 24 * GIB)
+    export = data["phases"][-1]
+    assert export["phase"] == "export" and export["allocated_bytes"] == 0
+
+
+def test_advice_appears_when_the_card_is_too_small_and_each_suggestion_fits(capsys):
+    data = _plan_json(
+        capsys, "--model", SOLAR, "--max-length", "4096", "--batch-size", "4", "--gpu-memory", "12GiB"
+    )
+    assert not data["fits"] and data["advice"]
+    shapes = shapes_of(SOLAR, "bfloat16")
+    base = {"max_length": 4096, "batch_size": 4, "lora_r": 16, "grad_accum": 4}
+    for suggestion in data["advice"]:
+        assert suggestion["device_bytes"] <= 12 * GIB
+        values = dict(base)
+        values |= {flag[2:].replace("-", "_"): value for flag, value in suggestion["flags"].items()}
+        replanned = plan_for_shapes("solar", SOLAR, shapes, PlanSettings(**values), gpu_memory=12 * GIB)
+        assert replanned.fits and replanned.peak.device == suggestion["device_bytes"]
+        if "--batch-size" in suggestion["flags"]:  # the pairs per optimiser step are kept
+            assert values["batch_size"] * values["grad_accum"] >= 16
+    assert (
+        main(["plan", "--model", SOLAR, "--max-length", "4096", "--batch-size", "4", "--gpu-memory", "12GiB"])
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "does NOT fit" in text and "these fit:" in text and data["advice"][0]["args"] in text
+
+
+@pytest.mark.parametrize("value", ["lots", "24", "-3GiB", "0GiB", "24 parsecs"])
+def test_bad_gpu_memory_is_one_line_and_exit_2(capsys, value):
+    assert main(["plan", "--model", SOLAR, "--max-length", "2048", f"--gpu-memory={value}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --gpu-memory") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--steps", "12859,lots"], "--steps"),
+        (["--tflops", "0"], "--tflops"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--model", str(FIXTURES / "no-such-model")], "model"),
+        (["--model", "solar-10.7b-sft"], "model"),
+    ],
+)
+def test_other_bad_input_is_one_line_and_exit_2(capsys, args, flag):
+    argv = ["plan", "--model", SOLAR, "--max-length", "2048", *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag}") and err.count("\n") == 1
