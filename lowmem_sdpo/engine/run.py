@@ -37,25 +37,24 @@ from lowmem_sdpo.engine.rundir.layout import (
     step_dir,
 )
 from lowmem_sdpo.engine.rundir.metrics import SUMMARY_FILE, read_summary
+from lowmem_sdpo.engine.training.deterministic import training_impl
+from lowmem_sdpo.engine.training.loop import StepCallback
 from lowmem_sdpo.engine.training.objective import Objective
 from lowmem_sdpo.engine.training.schedule import build_schedule
 from lowmem_sdpo.engine.training.summary import print_step_summary, training_figures
-from lowmem_sdpo.engine.training.trainer import StepCallback, StepJob, train_step
+from lowmem_sdpo.engine.training.trainer import StepJob, train_step
 from lowmem_sdpo.engine.units import Unit, build_units
-from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.hf_progress import hf_bars_off
 from lowmem_sdpo.models import QuantSettings, add_lora, model_fingerprint, resolve_model
 from lowmem_sdpo.models.lora import enable_checkpointing
 from lowmem_sdpo.runtime.cpu_heap import bound_cpu_heap
 from lowmem_sdpo.runtime.distributed import Ranks, process_group
-from lowmem_sdpo.runtime.failures import OutOfMemory, is_cuda_oom, out_of_memory_message
 from lowmem_sdpo.runtime.hardware import (
     Hardware,
     resolve_hardware,
-    resolve_logprob_impl,
 )
 from lowmem_sdpo.runtime.materialise import Holder, load_for, make_holder, release_memory, unwrap_policy
-from lowmem_sdpo.runtime.peaks import PhasePeaks
+from lowmem_sdpo.runtime.peaks import PhasePeaks, out_of_memory_reported
 from lowmem_sdpo.runtime.reporting import Reporter
 from lowmem_sdpo.trackers import check_tracker, open_tracker
 
@@ -151,7 +150,7 @@ def _run_all(
         tokenizer_fp=tokenizer_fingerprint(model_dir, tokenizer),
         steps=steps,
         quant=quant,
-        impl=_impl(config.logprob_impl, hw, deterministic=config.deterministic),
+        impl=training_impl(hw, config.logprob_impl, deterministic=config.deterministic),
         objective=objective,
         reporter=reporter,
         holder=make_holder(
@@ -188,20 +187,6 @@ def _run_all(
         if tracker is not None:
             tracker.close()
     return summaries
-
-
-# --deterministic: implementations whose backward sums in a fixed order. The Triton backward adds its tiles
-# into dH with atomics (order varies run to run); naive and torch run ordered torch ops.
-ORDERED_IMPLS = frozenset({"torch", "naive"})
-
-
-def _impl(name: str, hw: Hardware, *, deterministic: bool = False) -> str:
-    impl = resolve_logprob_impl(hw, name)
-    if not deterministic or impl in ORDERED_IMPLS:
-        return impl
-    if name != "auto":
-        raise InputError(f"--deterministic: --logprob-impl {name} sums its gradients with atomics; use torch or auto")
-    return "torch"
 
 
 def _quiet_loader(model_dir: Path, quant: QuantSettings, hw: Hardware, reporter: Reporter):
@@ -279,20 +264,8 @@ def _run_step(session: Session, t: int, step: StepData, chain: list[Path], *, re
     """One step; a CUDA allocation failure anywhere in it (the allocator's, or cuBLAS / cuDNN / Triton's)
     becomes OutOfMemory with where memory went, phase by phase."""
     peaks = PhasePeaks(session.hw)
-    try:
+    with out_of_memory_reported(peaks, f"step {t}"):
         return _run_step_inner(session, t, step, chain, peaks, resume=resume)
-    except RuntimeError as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
-        if not is_cuda_oom(err):
-            raise
-        hw = session.hw
-        breakdown = {f"peak in {phase}": peak for phase, peak in peaks.as_dict().items()}
-        if hw.is_cuda:
-            breakdown |= {
-                "allocated at failure": torch.cuda.memory_allocated(hw.device),
-                "reserved by the caching allocator": torch.cuda.memory_reserved(hw.device),
-            }
-        where = f"step {t}" + (f" ({next(reversed(peaks.as_dict()))})" if peaks.as_dict() else "")
-        raise OutOfMemory(out_of_memory_message(where, peaks.overall(), breakdown, str(err))) from err
 
 
 def measures_shift(cfg: RunConfig) -> bool:
