@@ -9,6 +9,7 @@ dropout on (so a resume must restore the RNG stream as well as the weights, opti
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -37,8 +38,8 @@ def _argv(data: Path, out: Path, *extra: str) -> list[str]:
     return ["sft", "--model", "tiny", "--data", str(data), "--output-dir", str(out), "--batch-size", "2",
             "--grad-accum", "2", "--epochs", "2", "--lora-dropout", "0.1", "--device", "cpu",
             "--no-gradient-checkpointing", "--max-length", "32", "--max-prompt-length", "24",
-            "--logprob-impl", "torch", "--learning-rate", "1e-3", "--save-every", "2", "--export-dtype",
-            "float32", "--quiet", *extra]  # fmt: skip
+            "--logprob-impl", "torch", "--learning-rate", "1e-3", "--save-every", "2", "--quiet",
+            *extra]  # fmt: skip
 
 
 def _config(argv: list[str]):
@@ -119,7 +120,9 @@ def test_sigterm_to_the_cli_checkpoints_exits_130_and_resume_equals(uninterrupte
         time.sleep(0.02)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 130, err  # stopped by the signal, not finished
-    assert "SIGTERM: SFT stopped after optimiser step" in err and "--resume" in err
+    # one process stops mid-window (the partial accumulation discarded) or, between windows, after a step
+    assert re.search(r"SIGTERM: SFT stopped (before|after) optimiser step \d+/20; checkpoint saved", err), err
+    assert "--resume" in err
     done = _opt_steps_saved(out)
     assert 3 <= done < 20 and len(_rows(out)) == done and not (out / "summary.json").exists()
 
@@ -152,7 +155,11 @@ def test_nan_loss_exits_3_and_keeps_the_last_good_checkpoint(uninterrupted, caps
 )
 def test_options_sft_does_not_use_are_refused_in_one_line(tmp_path, capsys, extra, expected):
     data = toy_slice(tmp_path / "rows.jsonl", 1, 4)
-    assert main(_argv(data, tmp_path / "out", *extra)) == 2  # the last --logprob-impl given wins
+    try:  # argparse refuses a flag it does not know by SystemExit(2); the engine's InputError returns 2
+        code = main(_argv(data, tmp_path / "out", *extra))  # the last --logprob-impl given wins
+    except SystemExit as stop:
+        code = stop.code
+    assert code == 2
     err = capsys.readouterr().err.strip()
     assert expected in err and "\n" not in err
     assert not (tmp_path / "out" / "sft.json").exists()  # refused before the run directory is written
