@@ -8,7 +8,8 @@ from dataclasses import fields
 from typing import Any
 
 from lowmem_sdpo.data.spec import parse_steps
-from lowmem_sdpo.engine.config import RunConfig, build_config, check_run_dir, read_config_file
+from lowmem_sdpo.engine.config import RunConfig, build_config, read_config_file
+from lowmem_sdpo.engine.rundir.resume import check_run_dir
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.losses import add_loss_arguments, loss_options_from_args
 

@@ -26,18 +26,15 @@ from lowmem_sdpo.engine.training.checkpoint import RngState, TrainState, load_ch
 from lowmem_sdpo.engine.training.optim import cosine_with_warmup, make_optimizer, resolve_optimizer
 from lowmem_sdpo.engine.training.schedule import build_schedule
 from lowmem_sdpo.errors import InputError
-from lowmem_sdpo.hf_progress import hf_bars_off
 from lowmem_sdpo.models import (
-    QuantSettings,
     add_lora,
     export_merged,
-    load_quantized,
     model_fingerprint,
     resolve_model,
 )
 from lowmem_sdpo.models.lora import enable_checkpointing
 from lowmem_sdpo.runtime.hardware import resolve_hardware, resolve_logprob_impl
-from lowmem_sdpo.runtime.materialise import release_memory
+from lowmem_sdpo.runtime.open_model import open_model
 from lowmem_sdpo.runtime.reporting import Reporter
 from lowmem_sdpo.settings_record import check_settings_record
 from lowmem_sdpo.sft.data import load_sft_examples
@@ -91,16 +88,12 @@ def run_sft(
     record = _record(config, data.fingerprint(), model_fingerprint(model_dir), export_dtype)
     check_settings_record(out / RUN_FILE, record, what="SFT run", resume=resume, resume_needs_record=True)
     impl = resolve_logprob_impl(hw, config.logprob_impl)
-    quant = QuantSettings(double_quant=config.double_quant, compute_dtype=hw.compute_dtype)
     dropped = tokenized.stats.get("dropped") or {}
     why = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
-    reporter.note(
-        f"SFT: {len(examples)} examples{f' ({why} dropped)' if why else ''}, loading {model_dir} in 4 bit"
-    )
-    with hf_bars_off():
-        base = load_quantized(model_dir, quant=quant, device=hw.device, progress=reporter.merge_progress())
+    reporter.note(f"SFT: {len(examples)} examples{f' ({why} dropped)' if why else ''}")
+    model = open_model(model_dir, hw, double_quant=config.double_quant, reporter=reporter)
     policy = add_lora(
-        base,
+        model.model_for(),
         r=config.lora_r,
         alpha=config.lora_alpha,
         dropout=config.lora_dropout,
@@ -130,7 +123,7 @@ def run_sft(
     with atomic_dir(out / ADAPTER_DIR) as tmp:
         policy.save_pretrained(str(tmp), safe_serialization=True)
     del policy
-    release_memory()
+    model.release()
     export_merged(
         model_dir,
         [out / ADAPTER_DIR],
