@@ -56,7 +56,11 @@ def test_every_package_imports_alone_in_a_fresh_interpreter():
     # One interpreter per name: importing everything in one process (test_module_imports) hides an import
     # cycle that only bites when a package is imported first. Run side by side; each is a separate process.
     names = packages_and_top_modules()
-    assert "lowmem_sdpo.runtime" in names and "lowmem_sdpo.engine.rundir" in names and "lowmem_sdpo.errors" in names
+    assert (
+        "lowmem_sdpo.runtime" in names
+        and "lowmem_sdpo.engine.rundir" in names
+        and "lowmem_sdpo.errors" in names
+    )
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         failed = [(n, err) for n, rc, err in pool.map(_import_alone, names) if rc != 0]
     assert failed == []

@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"lowmem_sdpo": ROOT / "lowmem_sdpo", "lowmem_sdpo_kernels": ROOT / "kernels" / "lowmem_sdpo_kernels"}
+PACKAGES = {
+    "lowmem_sdpo": ROOT / "lowmem_sdpo",
+    "lowmem_sdpo_kernels": ROOT / "kernels" / "lowmem_sdpo_kernels",
+}
 
 # Lowest first. A module belongs to the layer of the longest name here that is it or a package above it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
@@ -115,7 +118,9 @@ def layer_of(module: str) -> int | None:
     best: tuple[int, int] | None = None  # (length of the matching name, layer)
     for index, (_, names) in enumerate(LAYERS):
         for prefix in names:
-            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > best[0]):
+            if (module == prefix or module.startswith(prefix + ".")) and (
+                best is None or len(prefix) > best[0]
+            ):
                 best = (len(prefix), index)
     return None if best is None else best[1]
 

@@ -68,7 +68,9 @@ def open_model(
     return OpenModel(model_dir=model_dir, hw=hw, quant=quant, holder=holder)
 
 
-def _announced(model_dir: Path, quant: QuantSettings, hw: Hardware, reporter: Reporter | None, purpose: str) -> Loader:
+def _announced(
+    model_dir: Path, quant: QuantSettings, hw: Hardware, reporter: Reporter | None, purpose: str
+) -> Loader:
     """Loads S (plus merged adapters, in requantized mode) in 4 bit, saying what and why."""
     load = load_for(model_dir, quant, hw.device, reporter.merge_progress() if reporter is not None else None)
     tail = f" {purpose}" if purpose else ""
