@@ -17,6 +17,7 @@ from real_smollm2 import ALIAS, CHAT_PAIRS, MAX_LENGTH, MAX_PROMPT_LENGTH, rows,
 
 from lowmem_sdpo.data import load_steps, load_tokenizer, tokenize_step
 from lowmem_sdpo.models import resolve_model
+from lowmem_sdpo.models.resolve import tokenizer_location
 
 pytestmark = pytest.mark.real
 
@@ -69,7 +70,7 @@ def test_prompt_plus_answer_ids_are_the_templates_rendering(model_dir, tmp_path,
         ]  # fmt: skip
     data = tmp_path / f"{layout}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in source))
-    tokenizer = load_tokenizer(ALIAS)
+    tokenizer = load_tokenizer(tokenizer_location(ALIAS))
     tokenized = tokenize_step(
         load_steps(str(data))[0], tokenizer, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH
     )

@@ -9,7 +9,8 @@ from typing import Any
 
 from lowmem_sdpo.cli.launch import add_num_processes_argument, check_num_processes, launch_if_asked
 from lowmem_sdpo.data.spec import parse_steps
-from lowmem_sdpo.engine.config import RunConfig, build_config, check_run_dir, read_config_file
+from lowmem_sdpo.engine.config import RunConfig, build_config, read_config_file
+from lowmem_sdpo.engine.rundir.resume import check_run_dir
 from lowmem_sdpo.losses import add_loss_arguments, loss_options_from_args
 
 HELP: dict[str, str] = {

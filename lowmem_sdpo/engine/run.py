@@ -23,7 +23,7 @@ import torch
 
 from lowmem_sdpo.atomic import atomic_dir, write_json
 from lowmem_sdpo.data import StepData, TokenizedStep, load_steps, load_tokenizer, parse_columns, tokenize_step
-from lowmem_sdpo.engine.config import RunConfig, check_run_dir, reference_batch_size
+from lowmem_sdpo.engine.config import DRIFT_SAMPLE, RunConfig, reference_batch_size
 from lowmem_sdpo.engine.reference.heldout import HeldOut, heldout_data, heldout_summary
 from lowmem_sdpo.engine.reference.logps import LogpTable, adapter_chain_digest, cached_logps, compute_logps
 from lowmem_sdpo.engine.rundir.keys import hub_commit, tokenizer_fingerprint, units_digest
@@ -33,10 +33,10 @@ from lowmem_sdpo.engine.rundir.layout import (
     EVAL_REFERENCE_CACHE,
     REFERENCE_CACHE,
     pinned_revision,
-    prepare_run_dir,
     step_dir,
 )
 from lowmem_sdpo.engine.rundir.metrics import SUMMARY_FILE, read_summary
+from lowmem_sdpo.engine.rundir.resume import check_run_dir, prepare_run_dir
 from lowmem_sdpo.engine.training.deterministic import training_impl
 from lowmem_sdpo.engine.training.loop import StepCallback
 from lowmem_sdpo.engine.training.objective import Objective
@@ -44,22 +44,18 @@ from lowmem_sdpo.engine.training.schedule import build_schedule
 from lowmem_sdpo.engine.training.summary import print_step_summary, training_figures
 from lowmem_sdpo.engine.training.trainer import StepJob, train_step
 from lowmem_sdpo.engine.units import Unit, build_units
-from lowmem_sdpo.hf_progress import hf_bars_off
 from lowmem_sdpo.models import QuantSettings, add_lora, model_fingerprint, resolve_model
 from lowmem_sdpo.models.lora import enable_checkpointing
-from lowmem_sdpo.runtime.cpu_heap import bound_cpu_heap
 from lowmem_sdpo.runtime.distributed import Ranks, process_group
 from lowmem_sdpo.runtime.hardware import (
     Hardware,
     resolve_hardware,
 )
-from lowmem_sdpo.runtime.materialise import Holder, load_for, make_holder, release_memory, unwrap_policy
+from lowmem_sdpo.runtime.materialise import Holder, release_memory, unwrap_policy
+from lowmem_sdpo.runtime.open_model import open_model
 from lowmem_sdpo.runtime.peaks import PhasePeaks, out_of_memory_reported
 from lowmem_sdpo.runtime.reporting import Reporter
 from lowmem_sdpo.trackers import check_tracker, open_tracker
-
-# Units of D_t on which the reference's drift from P_{t-1} and the step's own training shift are measured.
-DRIFT_SAMPLE = 64
 
 
 @dataclass
@@ -123,8 +119,6 @@ def _run_all(
     hw = resolve_hardware(config)
     if not hw.is_cuda:
         reporter.note_once("no CUDA device: running on CPU; 4-bit layers on CPU are slow beyond toy models")
-        if config.bound_cpu_heap:  # glibc's heap would keep ~10x a checkpointed step's live tensors (cpu_heap.py)
-            bound_cpu_heap()
     objective = Objective(config.loss, config.beta, dict(config.loss_options))
     objective.spec  # noqa: B018 - raises InputError for an unknown loss before anything is loaded
     # A resumed run loads the very commit it started from, whatever the branch points at now.
@@ -139,7 +133,16 @@ def _run_all(
     for step in [*steps, *(h for h in heldout if h is not None)]:
         objective.check_data("unpaired" if step.unpaired else "pairs", step.label)
     tokenizer = load_tokenizer(str(model_dir))
-    quant = QuantSettings(double_quant=config.double_quant, compute_dtype=hw.compute_dtype)
+    # On CPU glibc's heap would keep ~10x a checkpointed step's live tensors: bounded unless asked not to.
+    model = open_model(
+        model_dir,
+        hw,
+        double_quant=config.double_quant,
+        reference=config.reference,
+        merge=config.merge,
+        reporter=reporter,
+        bound_cpu_heap=config.bound_cpu_heap,
+    )
     session = Session(
         config=config,
         hw=hw,
@@ -149,17 +152,11 @@ def _run_all(
         tokenizer=tokenizer,
         tokenizer_fp=tokenizer_fingerprint(model_dir, tokenizer),
         steps=steps,
-        quant=quant,
+        quant=model.quant,
         impl=training_impl(hw, config.logprob_impl, deterministic=config.deterministic),
         objective=objective,
         reporter=reporter,
-        holder=make_holder(
-            config.reference,
-            loader=_quiet_loader(model_dir, quant, hw, reporter),
-            merge=config.merge,
-            quant=quant,
-            device=hw.device,
-        ),
+        holder=model.holder,
         ranks=ranks,
         callbacks=list(callbacks or []),
         heldout=heldout,
@@ -187,20 +184,6 @@ def _run_all(
         if tracker is not None:
             tracker.close()
     return summaries
-
-
-def _quiet_loader(model_dir: Path, quant: QuantSettings, hw: Hardware, reporter: Reporter):
-    """Loads S (plus merged adapters, in requantized mode) in 4 bit, saying what and why, with transformers'
-    own per-load "Loading weights" bar switched off (ours says more)."""
-    load = load_for(model_dir, quant, hw.device, reporter.merge_progress())
-
-    def loader(adapters: list[Path], merge: str) -> torch.nn.Module:
-        what = "S" if not adapters else f"quantise(S + {len(adapters)} adapter(s)) ({merge} merge)"
-        reporter.note(f"loading {what} in 4 bit from {model_dir}")
-        with hf_bars_off(), reporter.phase(f"loading {what} (quantising to NF4 on load)"):
-            return load(adapters, merge)
-
-    return loader
 
 
 def _cache_parts(

@@ -26,19 +26,16 @@ from lowmem_sdpo.engine.training.deterministic import training_impl
 from lowmem_sdpo.engine.training.loop import Loop, StepCallback, train_loop
 from lowmem_sdpo.engine.training.schedule import build_schedule
 from lowmem_sdpo.errors import InputError
-from lowmem_sdpo.hf_progress import hf_bars_off
 from lowmem_sdpo.models import (
-    QuantSettings,
     add_lora,
     export_merged,
-    load_quantized,
     model_fingerprint,
     resolve_model,
 )
 from lowmem_sdpo.models.lora import enable_checkpointing
 from lowmem_sdpo.runtime.distributed import Ranks, process_group
 from lowmem_sdpo.runtime.hardware import Hardware, resolve_hardware
-from lowmem_sdpo.runtime.materialise import release_memory
+from lowmem_sdpo.runtime.open_model import OpenModel, open_model
 from lowmem_sdpo.runtime.peaks import PhasePeaks, out_of_memory_reported
 from lowmem_sdpo.runtime.reporting import Reporter
 from lowmem_sdpo.settings_record import check_settings_record
@@ -120,7 +117,7 @@ def _run_sft(
     peaks = PhasePeaks(hw)
     with out_of_memory_reported(peaks, "SFT"):
         with peaks.phase("load"):
-            policy = _policy(config, model_dir, hw, reporter, examples, tokenized.stats)
+            model, policy = _policy(config, model_dir, hw, reporter, examples, tokenized.stats)
         # The global schedule: micro-batches of batch_size x ranks examples, each rank running its part.
         schedule = build_schedule(
             len(examples),
@@ -156,7 +153,7 @@ def _run_sft(
                 with atomic_dir(out / ADAPTER_DIR) as tmp:
                     policy.save_pretrained(str(tmp), safe_serialization=True)
             del policy
-            release_memory()
+            model.release()
             if ranks.is_main:  # S = base + dW by the exact merge from the base's full-precision weights
                 export_merged(
                     model_dir,
@@ -190,18 +187,14 @@ def _policy(
     reporter: Reporter,
     examples: list[Any],
     stats: dict[str, Any],
-) -> torch.nn.Module:
-    """Q(base) in 4 bit with a fresh LoRA (seeded by --seed)."""
-    quant = QuantSettings(double_quant=config.double_quant, compute_dtype=hw.compute_dtype)
+) -> tuple[OpenModel, torch.nn.Module]:
+    """(the opened base, Q(base) in 4 bit with a fresh LoRA seeded by --seed)."""
     dropped = stats.get("dropped") or {}
     why = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
-    reporter.note(
-        f"SFT: {len(examples)} examples{f' ({why} dropped)' if why else ''}, loading {model_dir} in 4 bit"
-    )
-    with hf_bars_off():
-        base = load_quantized(model_dir, quant=quant, device=hw.device, progress=reporter.merge_progress())
+    reporter.note(f"SFT: {len(examples)} examples{f' ({why} dropped)' if why else ''}")
+    model = open_model(model_dir, hw, double_quant=config.double_quant, reporter=reporter)
     policy = add_lora(
-        base,
+        model.model_for(),
         r=config.lora_r,
         alpha=config.lora_alpha,
         dropout=config.lora_dropout,
@@ -209,4 +202,4 @@ def _policy(
     )
     if config.gradient_checkpointing:
         enable_checkpointing(policy.get_base_model())
-    return policy
+    return model, policy
