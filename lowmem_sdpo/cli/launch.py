@@ -1,4 +1,5 @@
-"""`lowmem-sdpo run --num-processes N`: the same run data-parallel on N ranks, started by accelerate's launcher.
+"""`lowmem-sdpo run|sft --num-processes N`: the same command data-parallel on N ranks, started by accelerate's
+launcher.
 
 It is `accelerate launch --multi_gpu --num_processes N -m lowmem_sdpo run ...` (torchrun underneath: one
 process per rank, on GPUs or, with gloo, on CPU), minus the flag itself, plus a free rendezvous port so that
@@ -7,6 +8,7 @@ two runs on one machine do not collide on accelerate's default 29500.
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 from collections.abc import Sequence
@@ -14,6 +16,39 @@ from collections.abc import Sequence
 from lowmem_sdpo.errors import InputError
 
 NUM_PROCESSES_FLAG = "--num-processes"
+
+
+def add_num_processes_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        NUM_PROCESSES_FLAG,
+        type=int,
+        default=1,
+        help=(
+            "data-parallel ranks, started with accelerate's launcher (one per GPU; gloo on CPU); the effective "
+            "batch is batch-size x grad-accum x ranks (default 1: this process)"
+        ),
+    )
+
+
+def check_num_processes(n: int) -> None:
+    """Before anything else is checked: a count below 1, or one given inside a launched rank, is refused."""
+    if n < 1:
+        raise InputError(f"{NUM_PROCESSES_FLAG} must be at least 1, got {n}")
+    if n > 1:
+        from lowmem_sdpo.runtime.distributed import launched_world
+
+        if launched_world() > 1:
+            raise InputError(
+                f"{NUM_PROCESSES_FLAG}: this process is already one rank of a launched run; drop the flag"
+            )
+
+
+def launch_if_asked(args: argparse.Namespace) -> int | None:
+    """After the command has refused its bad input (once, before any rank starts): with --num-processes N > 1,
+    the command's own line run on N ranks, and its exit code; None: run here, in this process."""
+    if args.num_processes <= 1:
+        return None
+    return launch([*getattr(args, "argv", []), *(["--debug"] if args.debug else [])], args.num_processes)
 
 
 def worker_argv(argv: Sequence[str]) -> list[str]:

@@ -7,9 +7,10 @@ import sys
 from dataclasses import fields
 from typing import Any
 
+from lowmem_sdpo.cli.launch import add_num_processes_argument, check_num_processes, launch_if_asked
 from lowmem_sdpo.data.spec import parse_steps
-from lowmem_sdpo.engine.config import RunConfig, build_config, check_run_dir, read_config_file
-from lowmem_sdpo.errors import InputError
+from lowmem_sdpo.engine.config import RunConfig, build_config, read_config_file
+from lowmem_sdpo.engine.rundir.resume import check_run_dir
 from lowmem_sdpo.losses import add_loss_arguments, loss_options_from_args
 
 HELP: dict[str, str] = {
@@ -116,15 +117,7 @@ def register(subparsers: Any) -> None:
     run.add_argument(
         "--resume", action="store_true", help="continue the run in --output-dir (or its default, same flags)"
     )
-    run.add_argument(
-        "--num-processes",
-        type=int,
-        default=1,
-        help=(
-            "data-parallel ranks, started with accelerate's launcher (one per GPU; gloo on CPU); the effective "
-            "batch is batch-size x grad-accum x ranks (default 1: this process)"
-        ),
-    )
+    add_num_processes_argument(run)
     run.set_defaults(handler=run_command)
 
 
@@ -149,13 +142,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def run_command(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    if args.num_processes < 1:
-        raise InputError(f"--num-processes must be at least 1, got {args.num_processes}")
-    if args.num_processes > 1:
-        from lowmem_sdpo.runtime.distributed import launched_world
-
-        if launched_world() > 1:
-            raise InputError("--num-processes: this process is already one rank of a launched run; drop the flag")
+    check_num_processes(args.num_processes)
     parse_steps(config.steps)  # each item's grammar, and a named local file exists, before anything loads
     if config.eval_steps:
         parse_steps(config.eval_steps, "--eval-steps")
@@ -165,10 +152,9 @@ def run_command(args: argparse.Namespace) -> int:
     from lowmem_sdpo.runtime.distributed import launched_rank
     from lowmem_sdpo.runtime.failures import TrainingStopped
 
-    if args.num_processes > 1:  # bad input has been refused above, once, before any rank starts
-        from lowmem_sdpo.cli.launch import launch
-
-        return launch([*getattr(args, "argv", []), *(["--debug"] if args.debug else [])], args.num_processes)
+    launched = launch_if_asked(args)  # bad input has been refused above, once, before any rank starts
+    if launched is not None:
+        return launched
     main_rank = launched_rank() == 0  # under a launcher only rank 0 speaks
     if not config.quiet and main_rank:
         print(f"run directory: {config.output_dir}")

@@ -8,30 +8,17 @@ lowmem_sdpo/sft/recipes.py for its data and sizes); `--model solar-10.7b-sft` th
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 from lowmem_sdpo.checks import check_run_target
+from lowmem_sdpo.cli.launch import add_num_processes_argument, check_num_processes, launch_if_asked
 from lowmem_sdpo.data.spec import parse_steps
 from lowmem_sdpo.engine.config import RunConfig, validate
 from lowmem_sdpo.errors import InputError
-
-# The DPO-only options sft has no use for.
-NOT_SFT = (
-    "steps",
-    "columns",
-    "desirable_threshold",
-    "beta",
-    "reference_batch_size",
-    "target_init",
-    "reference",
-    "merge",
-    "diagnostics",
-    "bound_cpu_heap",  # run's CPU heap setting (runtime/cpu_heap.py); sft does not apply it
-)
-# QLoRA SFT defaults (the alignment-handbook's Zephyr SFT QLoRA recipe: lr 2e-4, cosine, 10% warm-up).
-SFT_DEFAULTS = replace(RunConfig(), learning_rate=2e-4, save_every=100)
+from lowmem_sdpo.sft.settings import DATA_FIELD, NOT_SFT, SFT_DEFAULTS, check_sft_config
 
 
 def register(subparsers: Any) -> None:
@@ -41,7 +28,8 @@ def register(subparsers: Any) -> None:
     sft = subparsers.add_parser(
         "sft", help="QLoRA SFT of a base model into S (the paper's starting point)", description=__doc__
     )
-    add_run_arguments(sft, skip=NOT_SFT, defaults=SFT_DEFAULTS, with_loss=False)
+    # no flag for an option sft does not use (sft/settings.py): argparse refuses one in a line, exit 2
+    add_run_arguments(sft, skip=(*NOT_SFT, DATA_FIELD), defaults=SFT_DEFAULTS, with_loss=False)
     sft.add_argument(
         "--data", help="comma-separated SFT data items: local files, dataset directories, hub ids[:split]"
     )
@@ -50,6 +38,7 @@ def register(subparsers: Any) -> None:
     )
     sft.add_argument("--export-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     sft.add_argument("--resume", action="store_true", help="continue the SFT run in --output-dir")
+    add_num_processes_argument(sft)
     sft.set_defaults(handler=sft_command)
 
 
@@ -68,7 +57,9 @@ def sft_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, int]]:
             **recipe.settings,
         }
         limits = dict(recipe.limits)
-    flags = {f.name: getattr(args, f.name, None) for f in fields(RunConfig) if f.name not in NOT_SFT}
+    flags = {
+        f.name: getattr(args, f.name, None) for f in fields(RunConfig) if f.name not in (*NOT_SFT, DATA_FIELD)
+    }
     values |= {k: v for k, v in flags.items() if v is not None}
     if args.data:
         values["steps"] = args.data
@@ -79,15 +70,31 @@ def sft_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, int]]:
         raise InputError("--output-dir is required (the SFT run directory; S is written to OUTPUT_DIR/model)")
     config = replace(SFT_DEFAULTS, **values)
     validate(config)
+    check_sft_config(config)
     parse_steps(config.steps, "--data")  # each item's grammar, and a named local file exists
     check_run_target("--output-dir", Path(config.output_dir))
     return config, limits
 
 
 def sft_command(args: argparse.Namespace) -> int:
+    check_num_processes(args.num_processes)
     config, limits = sft_config(args)  # every flag checked before torch is imported
+    if config.report_to != "none":
+        from lowmem_sdpo.trackers import check_tracker
 
+        check_tracker(config.report_to)  # a missing package is refused before anything runs
+    launched = launch_if_asked(args)
+    if launched is not None:
+        return launched
+
+    from lowmem_sdpo.runtime.failures import TrainingStopped
     from lowmem_sdpo.sft.train import run_sft
 
-    run_sft(config, resume=args.resume, limits=limits, export_dtype=args.export_dtype)
+    try:
+        run_sft(config, resume=args.resume, limits=limits, export_dtype=args.export_dtype)
+    except TrainingStopped as err:  # NaN 3, out of memory 4, SIGINT / SIGTERM 130: as `run`
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     return 0

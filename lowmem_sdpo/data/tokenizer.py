@@ -28,19 +28,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
-def _smollm2_dir() -> Path:
-    # Its tokenizer (and chat template) comes out of the same GGUF build as its weights.
-    from lowmem_sdpo.models.smollm2 import build_smollm2
-
-    return build_smollm2()
-
-
+# Built-in models whose tokenizer ships with this package. Another built-in model's tokenizer comes out of
+# building the model (smollm2's GGUF build): models.resolve.tokenizer_location gives its directory.
 BUILTIN_TOKENIZERS = {
     "builtin:tiny": bundled_tokenizer_dir,
     "builtin:tiny-carry": bundled_tokenizer_dir,
-    "builtin:smollm2-135m-instruct-q4": _smollm2_dir,
 }
+BUILTIN_PREFIX = "builtin:"
 
 FALLBACK_HEADERS: dict[str, str] = {
     "system": "### System:\n",
@@ -56,7 +50,9 @@ _announced_fallback: set[str] = set()
 
 
 def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
-    """'tiny' (or any alias) -> its tokenizer; a hub id or local dir -> AutoTokenizer.from_pretrained.
+    """'tiny' (or an alias of a hub model) -> its tokenizer; a hub id or local dir -> AutoTokenizer.from_pretrained.
+    A built-in model built on first use (smollm2-135m-instruct-q4): pass its directory,
+    models.resolve.tokenizer_location(model) (the data layer builds no model).
 
     When the tokenizer has no pad token, EOS doubles as padding (on this instance only): collation needs a
     pad id, and padded positions are masked out of both attention and labels anyway.
@@ -64,7 +60,15 @@ def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     target = resolve_model_alias(model)
-    location = str(BUILTIN_TOKENIZERS[target]()) if target in BUILTIN_TOKENIZERS else target
+    if target in BUILTIN_TOKENIZERS:
+        location = str(BUILTIN_TOKENIZERS[target]())
+    elif target.startswith(BUILTIN_PREFIX):
+        raise InputError(
+            f"model '{model}': a built-in model built on first use; load its tokenizer from its directory "
+            "(lowmem_sdpo.models.resolve.tokenizer_location)"
+        )
+    else:
+        location = target
     if location.startswith(("/", ".", "~")):  # a path, not a hub id: say so plainly when it is not there
         location = str(Path(location).expanduser())
         if not Path(location).exists():

@@ -10,7 +10,6 @@ QLoRA recipe's learning rate 5e-6.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -120,6 +119,11 @@ AUTO_REFERENCE_BATCH_FACTOR = 2
 def reference_batch_size(config: RunConfig) -> int:
     """Units per forward of the reference pass: --reference-batch-size, or 2 x --batch-size when it is 0."""
     return config.reference_batch_size or AUTO_REFERENCE_BATCH_FACTOR * config.batch_size
+
+
+# Units of D_t on which the reference's drift from P_{t-1} and the step's own training shift are measured (a
+# fixed size, not an option; here, torch-free, because `plan` sizes that pass too).
+DRIFT_SAMPLE = 64
 
 
 def field_names() -> list[str]:
@@ -262,34 +266,3 @@ def resume_differences(saved: dict[str, Any], current: RunConfig) -> list[str]:
     was = {**defaults, **saved}
     keys = sorted(set(was) | set(now))
     return [k for k in keys if k not in RESUME_EXEMPT and was.get(k) != now.get(k)]
-
-
-def _nearest_existing(path: Path) -> Path:
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            return candidate
-    return Path(".")
-
-
-def check_run_dir(config: RunConfig, resume: bool) -> None:
-    """The run directory's own input errors, found before any model or data is loaded and before anything is
-    written: a file in its place, a parent we cannot create it in, --resume of a directory holding no run,
-    a new run over a directory that holds one (or anything else)."""
-    from lowmem_sdpo.engine.rundir.layout import RUN_FILE  # here: rundir imports this module
-
-    out = Path(config.output_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--output-dir {out}: exists and is a file, not a directory")
-    # The directory itself if it exists, else the ancestor it would be created in.
-    base = _nearest_existing(out.absolute())
-    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
-        raise InputError(f"--output-dir {out}: cannot write there ({base} is not a writable directory)")
-    has_run = (out / RUN_FILE).is_file()
-    if resume and not has_run:
-        raise InputError(f"--resume {out}: no run there (no {RUN_FILE}); drop --resume to start one")
-    if not resume and has_run:
-        raise InputError(
-            f"--output-dir {out}: already holds a run ({RUN_FILE}); pass --resume to continue it or choose another"
-        )
-    if not resume and out.is_dir() and any(out.iterdir()):
-        raise InputError(f"--output-dir {out}: exists and is not empty (and holds no {RUN_FILE})")

@@ -24,7 +24,7 @@ import torch
 
 from lowmem_sdpo.atomic import atomic_dir, write_json
 from lowmem_sdpo.data import StepData, TokenizedStep, load_steps, load_tokenizer, parse_columns, tokenize_step
-from lowmem_sdpo.engine.config import RunConfig, check_run_dir, reference_batch_size
+from lowmem_sdpo.engine.config import DRIFT_SAMPLE, RunConfig, reference_batch_size
 from lowmem_sdpo.engine.reference.heldout import HeldOut, heldout_data, heldout_summary
 from lowmem_sdpo.engine.reference.logps import LogpTable, adapter_chain_digest, cached_logps, compute_logps
 from lowmem_sdpo.engine.rundir.keys import hub_commit, tokenizer_fingerprint, units_digest
@@ -34,34 +34,29 @@ from lowmem_sdpo.engine.rundir.layout import (
     EVAL_REFERENCE_CACHE,
     REFERENCE_CACHE,
     pinned_revision,
-    prepare_run_dir,
     step_dir,
 )
 from lowmem_sdpo.engine.rundir.metrics import SUMMARY_FILE, read_summary
+from lowmem_sdpo.engine.rundir.resume import check_run_dir, prepare_run_dir
+from lowmem_sdpo.engine.training.deterministic import training_impl
+from lowmem_sdpo.engine.training.loop import StepCallback
 from lowmem_sdpo.engine.training.objective import Objective
 from lowmem_sdpo.engine.training.schedule import build_schedule
 from lowmem_sdpo.engine.training.summary import print_step_summary, training_figures
-from lowmem_sdpo.engine.training.trainer import StepCallback, StepJob, train_step
+from lowmem_sdpo.engine.training.trainer import StepJob, train_step
 from lowmem_sdpo.engine.units import Unit, build_units
-from lowmem_sdpo.errors import InputError
-from lowmem_sdpo.hf_progress import hf_bars_off
 from lowmem_sdpo.models import QuantSettings, add_lora, model_fingerprint, resolve_model
 from lowmem_sdpo.models.lora import enable_checkpointing
-from lowmem_sdpo.runtime.cpu_heap import bound_cpu_heap
 from lowmem_sdpo.runtime.distributed import Ranks, process_group
-from lowmem_sdpo.runtime.failures import OutOfMemory, is_cuda_oom, out_of_memory_message
 from lowmem_sdpo.runtime.hardware import (
     Hardware,
     resolve_hardware,
-    resolve_logprob_impl,
 )
-from lowmem_sdpo.runtime.materialise import Holder, load_for, make_holder, release_memory, unwrap_policy
-from lowmem_sdpo.runtime.peaks import PhaseEvents, PhaseListener, PhasePeaks
+from lowmem_sdpo.runtime.materialise import Holder, release_memory, unwrap_policy
+from lowmem_sdpo.runtime.open_model import open_model
+from lowmem_sdpo.runtime.peaks import PhaseEvents, PhaseListener, PhasePeaks, out_of_memory_reported
 from lowmem_sdpo.runtime.reporting import Reporter
 from lowmem_sdpo.trackers import check_tracker, open_tracker
-
-# Units of D_t on which the reference's drift from P_{t-1} and the step's own training shift are measured.
-DRIFT_SAMPLE = 64
 
 
 @dataclass
@@ -130,8 +125,6 @@ def _run_all(
     hw = resolve_hardware(config)
     if not hw.is_cuda:
         reporter.note_once("no CUDA device: running on CPU; 4-bit layers on CPU are slow beyond toy models")
-        if config.bound_cpu_heap:  # glibc's heap would keep ~10x a checkpointed step's live tensors (cpu_heap.py)
-            bound_cpu_heap()
     objective = Objective(config.loss, config.beta, dict(config.loss_options))
     objective.spec  # noqa: B018 - raises InputError for an unknown loss before anything is loaded
     # A resumed run loads the very commit it started from, whatever the branch points at now.
@@ -146,7 +139,17 @@ def _run_all(
     for step in [*steps, *(h for h in heldout if h is not None)]:
         objective.check_data("unpaired" if step.unpaired else "pairs", step.label)
     tokenizer = load_tokenizer(str(model_dir))
-    quant = QuantSettings(double_quant=config.double_quant, compute_dtype=hw.compute_dtype)
+    # On CPU glibc's heap would keep ~10x a checkpointed step's live tensors: bounded unless asked not to.
+    model = open_model(
+        model_dir,
+        hw,
+        double_quant=config.double_quant,
+        reference=config.reference,
+        merge=config.merge,
+        reporter=reporter,
+        bound_cpu_heap=config.bound_cpu_heap,
+        events=events,
+    )
     session = Session(
         config=config,
         hw=hw,
@@ -156,17 +159,11 @@ def _run_all(
         tokenizer=tokenizer,
         tokenizer_fp=tokenizer_fingerprint(model_dir, tokenizer),
         steps=steps,
-        quant=quant,
-        impl=_impl(config.logprob_impl, hw, deterministic=config.deterministic),
+        quant=model.quant,
+        impl=training_impl(hw, config.logprob_impl, deterministic=config.deterministic),
         objective=objective,
         reporter=reporter,
-        holder=make_holder(
-            config.reference,
-            loader=_quiet_loader(model_dir, quant, hw, reporter, events),
-            merge=config.merge,
-            quant=quant,
-            device=hw.device,
-        ),
+        holder=model.holder,
         ranks=ranks,
         callbacks=list(callbacks or []),
         heldout=heldout,
@@ -195,34 +192,6 @@ def _run_all(
         if tracker is not None:
             tracker.close()
     return summaries
-
-
-# --deterministic: implementations whose backward sums in a fixed order. The Triton backward adds its tiles
-# into dH with atomics (order varies run to run); naive and torch run ordered torch ops.
-ORDERED_IMPLS = frozenset({"torch", "naive"})
-
-
-def _impl(name: str, hw: Hardware, *, deterministic: bool = False) -> str:
-    impl = resolve_logprob_impl(hw, name)
-    if not deterministic or impl in ORDERED_IMPLS:
-        return impl
-    if name != "auto":
-        raise InputError(f"--deterministic: --logprob-impl {name} sums its gradients with atomics; use torch or auto")
-    return "torch"
-
-
-def _quiet_loader(model_dir: Path, quant: QuantSettings, hw: Hardware, reporter: Reporter, events: PhaseEvents):
-    """Loads S (plus merged adapters, in requantized mode) in 4 bit, saying what and why, with transformers'
-    own per-load "Loading weights" bar switched off (ours says more)."""
-    load = load_for(model_dir, quant, hw.device, reporter.merge_progress())
-
-    def loader(adapters: list[Path], merge: str) -> torch.nn.Module:
-        what = "S" if not adapters else f"quantise(S + {len(adapters)} adapter(s)) ({merge} merge)"
-        reporter.note(f"loading {what} in 4 bit from {model_dir}")
-        with hf_bars_off(), reporter.phase(f"loading {what} (quantising to NF4 on load)"), events.span("load"):
-            return load(adapters, merge)
-
-    return loader
 
 
 def _cache_parts(
@@ -280,21 +249,8 @@ def _run_step(session: Session, t: int, step: StepData, chain: list[Path], *, re
     """One step; a CUDA allocation failure anywhere in it (the allocator's, or cuBLAS / cuDNN / Triton's)
     becomes OutOfMemory with where memory went, phase by phase."""
     peaks = PhasePeaks(session.hw, session.events)
-    try:
-        with session.events.in_step(t):
-            return _run_step_inner(session, t, step, chain, peaks, resume=resume)
-    except RuntimeError as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
-        if not is_cuda_oom(err):
-            raise
-        hw = session.hw
-        breakdown = {f"peak in {phase}": peak for phase, peak in peaks.as_dict().items()}
-        if hw.is_cuda:
-            breakdown |= {
-                "allocated at failure": torch.cuda.memory_allocated(hw.device),
-                "reserved by the caching allocator": torch.cuda.memory_reserved(hw.device),
-            }
-        where = f"step {t}" + (f" ({next(reversed(peaks.as_dict()))})" if peaks.as_dict() else "")
-        raise OutOfMemory(out_of_memory_message(where, peaks.overall(), breakdown, str(err))) from err
+    with out_of_memory_reported(peaks, f"step {t}"), session.events.in_step(t):
+        return _run_step_inner(session, t, step, chain, peaks, resume=resume)
 
 
 def measures_shift(cfg: RunConfig) -> bool:

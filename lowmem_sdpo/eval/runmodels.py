@@ -18,7 +18,8 @@ from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.models import QuantSettings, model_fingerprint, resolve_model
 from lowmem_sdpo.models.adapters import WEIGHTS_FILE
 from lowmem_sdpo.runtime.hardware import Hardware, resolve_hardware, resolve_logprob_impl
-from lowmem_sdpo.runtime.materialise import ExactHolder, load_for
+from lowmem_sdpo.runtime.materialise import Holder
+from lowmem_sdpo.runtime.open_model import open_model
 from lowmem_sdpo.runtime.reporting import Reporter
 
 EVAL_DIR = "eval"  # RUN/eval/*.json
@@ -35,7 +36,7 @@ class RunModels:
     quant: QuantSettings
     tokenizer: Any
     chains: dict[int, list[Path]]  # finished step t -> the adapters making M_t
-    holder: ExactHolder
+    holder: Holder  # exact
 
     @property
     def finished(self) -> list[int]:
@@ -95,9 +96,9 @@ def open_run(run_dir: Path, reporter: Reporter) -> RunModels:
     if not (model_dir / "config.json").is_file():  # the run was moved to another machine: resolve again
         model_dir = resolve_model(config.model, run.get("model_revision"))
     hw = resolve_hardware(config)
-    quant = QuantSettings(double_quant=config.double_quant, compute_dtype=hw.compute_dtype)
     impl = resolve_logprob_impl(hw, config.logprob_impl, source=f"{run_dir / RUN_FILE}: logprob_impl")
-    loader = load_for(model_dir, quant, hw.device, reporter.merge_progress())
+    # exact whatever the run's reference mode: M_t as trained, not requantised
+    model = open_model(model_dir, hw, double_quant=config.double_quant, reporter=reporter)
     return RunModels(
         run_dir=run_dir,
         config=config,
@@ -105,16 +106,9 @@ def open_run(run_dir: Path, reporter: Reporter) -> RunModels:
         model_fp=model_fingerprint(model_dir),
         hw=hw,
         impl=impl,
-        quant=quant,
+        quant=model.quant,
         tokenizer=load_tokenizer(str(model_dir)),
         chains=chains,
-        holder=ExactHolder(_noting(loader, model_dir, reporter), quant, hw.device),
+        holder=model.holder,
     )
 
-
-def _noting(loader: Any, model_dir: Path, reporter: Reporter) -> Any:
-    def load(adapters: Any, merge: str) -> nn.Module:
-        reporter.note(f"loading S in 4 bit from {model_dir}")
-        return loader(adapters, merge)
-
-    return load

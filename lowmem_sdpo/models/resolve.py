@@ -8,6 +8,7 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
+from lowmem_sdpo.data.tokenizer import BUILTIN_TOKENIZERS
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.hub import LOCAL_MODEL_HINT, hub_reachable, unreachable
 from lowmem_sdpo.model_aliases import resolve_model_alias
@@ -40,6 +41,17 @@ BUILTINS: dict[str, Callable[[], Path]] = {
     "builtin:tiny-carry": _builtin_tiny_carry,
     "builtin:smollm2-135m-instruct-q4": _builtin_smollm2,
 }
+
+
+def tokenizer_location(model: str) -> str:
+    """What data.load_tokenizer should load for --model `model`: a built-in model's directory where its tokenizer
+    comes out of building it (smollm2's GGUF build), else `model` itself (an alias, hub id or directory, which
+    load_tokenizer resolves without downloading any weights; the tiny models' tokenizer ships with the data
+    package, so they are not built for it)."""
+    target = resolve_model_alias(model)
+    if target in BUILTINS and target not in BUILTIN_TOKENIZERS:
+        return str(BUILTINS[target]())
+    return model
 
 
 def _looks_like_path(target: str) -> bool:

@@ -7,7 +7,7 @@ so the warm-up sees exactly the token layout DPO will. The warm-up stops early o
 the format (digits, then EOS) and prefers right answers only somewhat, leaving DPO room to improve, and
 to show sDPO's point that M_1 is a better reference for step 2 than S.
 
-A second preset, `tiny-carry` (CARRY_RECIPE), is S for the carry toy of lowmem_sdpo.toy.task (issue 18's sDPO vs
+A second preset, `tiny-carry` (CARRY_RECIPE), is S for the carry toy of lowmem_sdpo.data.carry_task (issue 18's sDPO vs
 DPO benchmark): the same shape, warmed up longer on a disjoint split of two-digit sums, so that it ranks right
 answers above plausible mistakes on held-out problems clearly above chance, yet far from always. `tiny` keeps
 its recipe unchanged: the tests and the demo's tuned claims rest on it.
@@ -37,13 +37,13 @@ from lowmem_sdpo.data import (
     PreferencePair,
     StepData,
     TokenizedPair,
+    carry_task,
     collate_pairs,
     load_tokenizer,
     tokenize_step,
 )
 from lowmem_sdpo.data.tiny_tokenizer import bundled_tokenizer_dir
 from lowmem_sdpo.hf_progress import hf_bars_off
-from lowmem_sdpo.toy import task as carry_task
 
 RECIPE_FILE = "tiny_recipe.json"
 CACHE_ENV = "LOWMEM_SDPO_CACHE"
@@ -72,7 +72,7 @@ TINY_RECIPE: dict[str, Any] = {
 SPLIT_BEFORE_STEPS = ("heldout", "validation", "warmup")
 
 # The carry toy's S. Shape as `tiny` (a wider or deeper model learned no better in the CPU budget: 256 x 4 layers
-# trained ~4x slower per step); the split seed and sizes must match the benchmark's (lowmem_sdpo.toy.task).
+# trained ~4x slower per step); the split seed and sizes must match the benchmark's (lowmem_sdpo.data.carry_task).
 # lr_warmup_steps + cosine: a linear ramp, then a cosine decay to 0. At a constant lr 3e-3 the warm-up's held-out
 # ranking swung between 0.59 and 0.73 from one checkpoint to the next (validation split, fp32); the decay lets it
 # settle where it ends. 700 steps: on the validation split (fp32) the ranking ends at 0.73 (900: 0.78; 1500 groks

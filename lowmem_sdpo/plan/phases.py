@@ -16,8 +16,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lowmem_sdpo.engine.config import RunConfig
-from lowmem_sdpo.engine.run import DRIFT_SAMPLE
+from lowmem_sdpo.engine.config import DRIFT_SAMPLE, RunConfig
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.plan import activations as act
 from lowmem_sdpo.plan.activations import Batch

@@ -12,10 +12,10 @@ import os
 import resource
 import sys
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from lowmem_sdpo.engine.config import RunConfig
 from lowmem_sdpo.errors import InputError
 
 # Triton's bf16 code paths need Ampere (sm80) or newer; below Volta (sm70) Triton does not run at all.
@@ -88,7 +88,15 @@ def compute_dtype_for(requested: str, caps: DeviceCaps | None) -> str:
     return requested
 
 
-def resolve_hardware(config: RunConfig, caps: DeviceCaps | None = None) -> Hardware:
+class DeviceRequest(Protocol):
+    """What resolve_hardware reads from a pipeline's settings (engine.config.RunConfig has both fields): the
+    runtime takes the two fields, not the settings type, so it does not depend on the pipelines above it."""
+
+    device: str  # "auto", "cpu" or "cuda"
+    compute_dtype: str  # "auto", "float32", "bfloat16" or "float16"
+
+
+def resolve_hardware(config: DeviceRequest, caps: DeviceCaps | None = None) -> Hardware:
     """`caps` overrides the queried card (tests); it is ignored on CPU."""
     if config.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available (use --device cpu or auto)")

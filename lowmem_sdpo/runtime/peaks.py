@@ -25,6 +25,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
+from lowmem_sdpo.runtime.failures import OutOfMemory, is_cuda_oom, out_of_memory_message
 from lowmem_sdpo.runtime.hardware import Hardware, peak_memory_bytes, reset_peak
 
 # What a phase listener hears, by name (the measured phases are those of peak_memory_bytes_by_phase).
@@ -106,3 +109,23 @@ class PhasePeaks:
         """The step's peak over every phase. On CUDA the phase resets also reset the allocator's own
         max_memory_allocated, which then holds only the last phase's peak: report this instead."""
         return max(self.peaks.values(), default=0)
+
+
+@contextlib.contextmanager
+def out_of_memory_reported(peaks: PhasePeaks, what: str) -> Iterator[None]:
+    """A CUDA allocation failure in the block (the allocator's, or cuBLAS / cuDNN / Triton's) becomes
+    OutOfMemory: `what` and the phase it ran out in, each phase's peak, and what lowers memory (exit 4)."""
+    try:
+        yield
+    except RuntimeError as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        if not is_cuda_oom(err):
+            raise
+        hw = peaks.hw
+        breakdown = {f"peak in {phase}": peak for phase, peak in peaks.as_dict().items()}
+        if hw.is_cuda:
+            breakdown |= {
+                "allocated at failure": torch.cuda.memory_allocated(hw.device),
+                "reserved by the caching allocator": torch.cuda.memory_reserved(hw.device),
+            }
+        where = what + (f" ({next(reversed(peaks.as_dict()))})" if peaks.as_dict() else "")
+        raise OutOfMemory(out_of_memory_message(where, peaks.overall(), breakdown, str(err))) from err

@@ -7,7 +7,7 @@ and the output says so. The demo then measures greedy exact match on the carry t
 self-rewarding never saw and no setting was chosen on, for M_0, M_1 and M_2, and exits 1 unless it rises at
 each iteration.
 
-The model is `tiny-carry` (lowmem_sdpo.toy.task's S: ~33% greedy exact match on held-out sums), not `tiny`,
+The model is `tiny-carry` (lowmem_sdpo.data.carry_task's S: ~33% greedy exact match on held-out sums), not `tiny`,
 which never learnt to add: self-rewarding can only sharpen what a model already half knows. The rise it shows
 is small and seed-sensitive (README, "Self-rewarding": the per-seed numbers).
 """
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lowmem_sdpo.atomic import write_text
+from lowmem_sdpo.data import carry_task as task
 from lowmem_sdpo.engine import RunConfig
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.runtime.reporting import Reporter
@@ -30,7 +31,6 @@ from lowmem_sdpo.selfreward.generation import SampleSettings, encode_for_generat
 from lowmem_sdpo.selfreward.loading import open_sampler
 from lowmem_sdpo.selfreward.loop import SETTINGS_FILE, SelfRewardRun, SelfRewardSettings
 from lowmem_sdpo.selfreward.toy import JUDGE_SPEC, conversation, exact_match
-from lowmem_sdpo.toy import task
 
 MODEL = "tiny-carry"
 RUN_SUBDIR = "run"

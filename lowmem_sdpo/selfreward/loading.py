@@ -3,17 +3,16 @@ engine's ExactHolder, so M_{t-1} samples exactly as step t-1 trained it, with no
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lowmem_sdpo.data import load_tokenizer
 from lowmem_sdpo.engine.config import RunConfig
-from lowmem_sdpo.hf_progress import hf_bars_off
-from lowmem_sdpo.models import QuantSettings, resolve_model
+from lowmem_sdpo.models import resolve_model
 from lowmem_sdpo.runtime.hardware import Hardware, resolve_hardware
-from lowmem_sdpo.runtime.materialise import ExactHolder, load_for
+from lowmem_sdpo.runtime.materialise import Holder
+from lowmem_sdpo.runtime.open_model import open_model
 from lowmem_sdpo.runtime.reporting import Reporter
 
 
@@ -22,7 +21,7 @@ class Sampler:
     model_dir: Path
     tokenizer: Any
     hw: Hardware
-    holder: ExactHolder
+    holder: Holder  # exact
 
     def model_for(self, chain: list[Path]) -> Any:
         return self.holder.model_for(chain)
@@ -36,12 +35,5 @@ def open_sampler(model: str, config: RunConfig, reporter: Reporter, revision: st
     hw = resolve_hardware(config)
     model_dir = resolve_model(model, revision)
     tokenizer = load_tokenizer(str(model_dir))
-    quant = QuantSettings(double_quant=config.double_quant, compute_dtype=hw.compute_dtype)
-    load = load_for(model_dir, quant, hw.device, reporter.merge_progress())
-
-    def quiet_load(adapters: Sequence[Path], merge: str) -> Any:
-        reporter.note(f"loading {model_dir} in 4 bit for sampling")
-        with hf_bars_off():
-            return load(adapters, merge)
-
-    return Sampler(model_dir, tokenizer, hw, ExactHolder(quiet_load, quant, hw.device))
+    model = open_model(model_dir, hw, double_quant=config.double_quant, reporter=reporter, purpose="for sampling")
+    return Sampler(model_dir, tokenizer, hw, model.holder)

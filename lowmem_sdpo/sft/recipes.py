@@ -7,13 +7,16 @@ SOLAR-10.7B-Instruct-v1.0 card names for its SFT stage, minus the in-house Metam
                              is 4.2M rows, far more than a one-GPU SFT of S needs
 QLoRA settings after the alignment-handbook's Zephyr SFT QLoRA recipe (lr 2e-4, cosine, 10% warm-up, one
 epoch, LoRA r 16 / alpha 16 / dropout 0.05, effective batch 16), max length 2048 / prompt 1024.
-This module is plain data: model_aliases reads OUTPUT_DIR from it without importing torch.
+This module is plain data. The recipe's run directory is the one the `solar-10.7b-sft` model alias points into
+(model_aliases.SOLAR_SFT_RUN_DIR).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from lowmem_sdpo.model_aliases import SOLAR_SFT_RUN_DIR
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ SOLAR_SFT = SftRecipe(
     model="solar-10.7b",
     data="c-s-ale/alpaca-gpt4-data:train,Open-Orca/OpenOrca:train",
     limits={"Open-Orca/OpenOrca:train": 50_000},
-    output_dir="runs/solar-10.7b-sft",
+    output_dir=SOLAR_SFT_RUN_DIR,
     settings={
         "learning_rate": 2e-4,
         "epochs": 1.0,
@@ -47,5 +50,3 @@ SOLAR_SFT = SftRecipe(
 )
 
 SFT_RECIPES: dict[str, SftRecipe] = {r.name: r for r in (SOLAR_SFT,)}
-# Where `--recipe solar-10.7b-sft` writes S (relative to the working directory, like every runs/ default).
-SOLAR_SFT_MODEL_DIR = f"{SOLAR_SFT.output_dir}/model"

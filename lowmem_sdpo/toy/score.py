@@ -29,9 +29,9 @@ from lowmem_sdpo.engine.reference.heldout import preference_figures
 from lowmem_sdpo.engine.reference.logps import LogpTable, compute_logps
 from lowmem_sdpo.engine.units import Unit, build_units
 from lowmem_sdpo.eval.preference import ranking_figures
-from lowmem_sdpo.models import QuantSettings
 from lowmem_sdpo.runtime.hardware import Hardware
-from lowmem_sdpo.runtime.materialise import Holder, load_for, make_holder
+from lowmem_sdpo.runtime.materialise import Holder
+from lowmem_sdpo.runtime.open_model import open_model
 from lowmem_sdpo.runtime.reporting import Reporter
 from lowmem_sdpo.toy.run_settings import TINY_TOY_RUN
 
@@ -47,11 +47,7 @@ class ToyScorer:
     def __init__(self, model_dir: Path, rows: list[dict[str, str]]) -> None:
         self.tokenizer = load_tokenizer(str(model_dir))
         self.hw = Hardware(torch.device("cpu"), "float32")
-        quant = QuantSettings(compute_dtype=self.hw.compute_dtype)
-        self.holder: Holder = make_holder(
-            "exact", loader=load_for(model_dir, quant, self.hw.device, None), merge="exact", quant=quant,
-            device=self.hw.device,
-        )  # fmt: skip
+        self.holder: Holder = open_model(model_dir, self.hw).holder  # exact, silent
         pairs = [
             PreferencePair(
                 prompt=[{"role": "user", "content": r["prompt"]}], chosen=r["chosen"], rejected=r["rejected"]

@@ -116,7 +116,8 @@ class RowFeed:
             k: float(v) for k, v in row.items()
             if isinstance(v, int | float) and not isinstance(v, bool) and k not in ("step", "opt_step")
         }
-        self.tracker.log(figures, self.offset(int(row["step"])) + int(row["opt_step"]))
+        # SFT's rows have no sDPO step: one run of optimiser steps, counted as step 1's.
+        self.tracker.log(figures, self.offset(int(row.get("step", 1))) + int(row["opt_step"]))
 
     def close(self) -> None:
         self.tracker.close()

@@ -9,8 +9,8 @@ import re
 import time
 
 from lowmem_sdpo.cli import main
+from lowmem_sdpo.data import carry_task as task
 from lowmem_sdpo.selfreward.demo import DEMO_SAMPLING
-from lowmem_sdpo.toy import task
 
 
 def test_self_reward_demo(tmp_path, capsys):

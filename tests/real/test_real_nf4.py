@@ -24,6 +24,7 @@ from lowmem_sdpo.engine.rundir.layout import REFERENCE_CACHE, step_dir
 from lowmem_sdpo.engine.rundir.metrics import read_summary
 from lowmem_sdpo.engine.units import build_units
 from lowmem_sdpo.models import QuantSettings, load_quantized, resolve_model
+from lowmem_sdpo.models.resolve import tokenizer_location
 from lowmem_sdpo.runtime.hardware import Hardware, resolve_logprob_impl
 from lowmem_sdpo.runtime.reporting import Reporter
 from tests.support.engine_fixtures import reference_table
@@ -60,7 +61,7 @@ def data(tmp_path_factory) -> list[Path]:
 def units_of(path: Path) -> list:
     tokenized = tokenize_step(
         load_steps(str(path))[0],
-        load_tokenizer(ALIAS),
+        load_tokenizer(tokenizer_location(ALIAS)),
         max_length=MAX_LENGTH,
         max_prompt_length=MAX_PROMPT_LENGTH,
     )
@@ -110,7 +111,7 @@ def s_on_step1(independent, data) -> tuple[list[float], list[float]]:
 def test_nf4_logprobs_equal_transformers_bitsandbytes(ours, s_on_step1, data, impl, n):
     units = units_of(data[0])[:n]
     table = compute_logps(
-        ours, units, pad_id=load_tokenizer(ALIAS).pad_token_id, batch_size=4, hw=CPU,
+        ours, units, pad_id=load_tokenizer(tokenizer_location(ALIAS)).pad_token_id, batch_size=4, hw=CPU,
         impl=resolve_logprob_impl(CPU, impl), with_kl=False, reporter=Reporter(True), description="x",
     )  # fmt: skip
     assert ours.get_output_embeddings().weight is ours.get_input_embeddings().weight  # the tied head
@@ -152,7 +153,7 @@ def test_run_references_are_s_then_the_trained_p1(two_steps, ours, independent, 
     (adapter,) = chain(two_steps, 1)
     step2 = cached(two_steps, 2)
     with with_adapters(ours, [adapter]) as p1:
-        trained = reference_table(p1, units, load_tokenizer(ALIAS).pad_token_id)
+        trained = reference_table(p1, units, load_tokenizer(tokenizer_location(ALIAS)).pad_token_id)
     for side in ("chosen", "rejected"):
         assert float((getattr(step2, side) - getattr(trained, side)).abs().max()) <= 1e-5, side
     with with_adapters(independent, [adapter]) as p1:
@@ -209,7 +210,7 @@ def test_lm_eval_on_the_local_task_equals_peft(two_steps, independent):
     (call,) = result["calls"]
     samples = call["samples"]["toy_addition"]
     docs = [json.loads(line) for line in (TASKS / "toy_addition.jsonl").read_text().splitlines()]
-    tokenizer = load_tokenizer(ALIAS)
+    tokenizer = load_tokenizer(tokenizer_location(ALIAS))
     right = 0
     with with_adapters(independent, chain(two_steps, 1)) as p1:
         for sample in samples:

@@ -16,6 +16,7 @@ import pytest
 
 from lowmem_sdpo.data import load_steps, load_tokenizer, tokenize_step
 from lowmem_sdpo.models import resolve_model
+from lowmem_sdpo.models.resolve import tokenizer_location
 from tests.support.real_smollm2 import (
     ALIAS,
     CHAT_PAIRS,
@@ -76,7 +77,7 @@ def test_prompt_plus_answer_ids_are_the_templates_rendering(model_dir, tmp_path,
         ]  # fmt: skip
     data = tmp_path / f"{layout}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in source))
-    tokenizer = load_tokenizer(ALIAS)
+    tokenizer = load_tokenizer(tokenizer_location(ALIAS))
     tokenized = tokenize_step(
         load_steps(str(data))[0], tokenizer, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH
     )

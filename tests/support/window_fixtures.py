@@ -11,8 +11,9 @@ import torch
 
 from lowmem_sdpo.data import load_steps, load_tokenizer, tokenize_step
 from lowmem_sdpo.engine.reference.logps import LogpTable, compute_logps
+from lowmem_sdpo.engine.training.loop import StopFlag
 from lowmem_sdpo.engine.training.objective import Objective
-from lowmem_sdpo.engine.training.trainer import StepJob, _StopFlag, accumulate_window
+from lowmem_sdpo.engine.training.trainer import StepJob, accumulate_window
 from lowmem_sdpo.engine.units import Unit, build_units
 from lowmem_sdpo.models import QuantSettings, add_lora, load_quantized, resolve_model
 from lowmem_sdpo.runtime.distributed import SINGLE, Ranks
@@ -80,6 +81,6 @@ def accumulated_grads(
     sees; the window's metrics row)."""
     policy.zero_grad(set_to_none=True)
     policy.train()
-    row = accumulate_window(policy, job, 0, micro, _StopFlag())
+    row = accumulate_window(policy, job, 0, micro, StopFlag(job.ranks))
     job.ranks.sum_grads_([p for p in policy.parameters() if p.requires_grad])
     return {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}, row

@@ -1,4 +1,5 @@
-"""Training one sDPO step: the optimiser loop over D_t against cached reference log-probs.
+"""Training one sDPO step: its window -- one optimiser step's gradients over D_t against cached reference
+log-probs -- run by the shared loop (engine/training/loop.py: optimiser, checkpoints, signals, resume).
 
 Chosen and rejected rows of a micro-batch go through one forward. Losses whose value couples the examples
 of a batch (AOT sorts them) are computed over the whole optimiser step's window with exact gradients:
@@ -19,11 +20,8 @@ micro-batch's mismatched rows, gathered likewise. The gradients are summed acros
 from __future__ import annotations
 
 import dataclasses
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,23 +30,28 @@ import torch
 from torch import nn
 
 from lowmem_sdpo.engine.config import RunConfig
-from lowmem_sdpo.engine.reference.heldout import due
 from lowmem_sdpo.engine.reference.logps import LogpTable
-from lowmem_sdpo.engine.rundir.metrics import METRICS_FILE, MetricsLog
-from lowmem_sdpo.engine.training.checkpoint import RngState, TrainState, load_checkpoint, save_checkpoint
+from lowmem_sdpo.engine.training.checkpoint import CHECKPOINT_DIR, RngState
+from lowmem_sdpo.engine.training.loop import (
+    Describe,
+    FiniteWatch,
+    Loop,
+    Scale,
+    StepCallback,
+    StopFlag,
+    identity,
+    train_loop,
+)
 from lowmem_sdpo.engine.training.objective import LogpBatch, Objective
-from lowmem_sdpo.engine.training.optim import cosine_with_warmup, make_optimizer, resolve_optimizer
 from lowmem_sdpo.engine.training.schedule import Schedule
 from lowmem_sdpo.engine.units import Unit, collate_kl, collate_units
-from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.runtime.distributed import SINGLE, Ranks
-from lowmem_sdpo.runtime.failures import NonFiniteLoss, RunInterrupted
+from lowmem_sdpo.runtime.failures import NonFiniteLoss
 from lowmem_sdpo.runtime.hardware import Hardware, current_memory_bytes, peak_memory_bytes
 from lowmem_sdpo.runtime.logprobs import batch_logprobs
 from lowmem_sdpo.runtime.reporting import Reporter
 
-# Called after every optimiser step with the metrics row (tests use it to interrupt a run at a chosen step).
-StepCallback = Callable[[dict[str, Any]], None]
+__all__ = ["StepCallback", "StepJob", "accumulate_window", "train_step"]
 
 
 @dataclass
@@ -66,58 +69,11 @@ class StepJob:
     reporter: Reporter
     seed: int
     callbacks: list[StepCallback] = field(default_factory=list)
-    # Held-out evaluation (engine/reference/heldout.py): the policy -> the row's eval/... fields; at the step's end and
-    # every eval_every optimiser steps. It runs without dropout and draws no random numbers, so the
-    # training stream (and resume's bit-for-bit promise) is the same with it or without.
+    # Held-out evaluation (engine/reference/heldout.py): the policy -> the row's eval/... fields; at the step's
+    # end and every eval_every optimiser steps (the loop runs it; see Loop.evaluate).
     evaluate: Callable[[nn.Module], dict[str, Any]] | None = None
     eval_every: int = 0
     ranks: Ranks = SINGLE
-
-
-class _StopFlag:
-    """Set by SIGINT/SIGTERM; the loop checks it after every micro-batch. A second SIGINT aborts at once.
-
-    Over several ranks a signal may reach one rank only, or each at another micro-batch: there the ranks agree
-    on it at each optimiser-step boundary (one collective per step) and stop together after that step."""
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-
-    def mid_window(self, ranks: Ranks) -> bool:
-        return self.signal is not None and not ranks.is_distributed
-
-    def at_boundary(self, ranks: Ranks) -> bool:
-        return ranks.any_(self.signal is not None)
-
-    @contextmanager
-    def installed(self) -> Iterator[_StopFlag]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        def handler(signum: int, _frame: Any) -> None:
-            if self.signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self.signal = signal.Signals(signum).name
-
-        for s in previous:
-            signal.signal(s, handler)
-        try:
-            yield self
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-
-class _Stop(Exception):
-    pass
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    from peft import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(model)
 
 
 def _table_on(table: LogpTable, device: torch.device) -> LogpTable:
@@ -130,122 +86,39 @@ def _table_on(table: LogpTable, device: torch.device) -> LogpTable:
 
 
 def train_step(model: nn.Module, job: StepJob, *, resume: bool) -> list[dict[str, Any]]:
-    """Runs (or continues) the optimiser loop of step t; returns the metrics rows of the whole step."""
+    """Runs (or continues) the optimiser loop of step t (engine/training/loop.py) with this module's window;
+    returns the metrics rows of the whole step."""
     # The reference table goes to the device once, not a slice per micro-batch.
     job = dataclasses.replace(job, reference=_table_on(job.reference, job.hw.device))
-    cfg = job.config
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(
-        resolve_optimizer(cfg.optim, job.hw.is_cuda), params, cfg.learning_rate, cfg.weight_decay
+    loop = Loop(
+        name=f"step {job.t}",
+        task=f"step {job.t}: training",
+        out=job.step_dir,
+        total=len(job.schedule),
+        config=job.config,
+        hw=job.hw,
+        reporter=job.reporter,
+        seed=job.seed,
+        ranks=job.ranks,
+        callbacks=job.callbacks,
+        shown=_shown,
+        evaluate=job.evaluate,
+        eval_every=job.eval_every,
     )
-    scheduler = cosine_with_warmup(optimizer, len(job.schedule), cfg.warmup_ratio)
-    # fp16 has too little range for small gradients: scale the loss up, unscale before clipping, skip a
-    # step whose gradients overflowed. bf16 and fp32 have fp32's range and need none.
-    scaler = torch.amp.GradScaler(job.hw.device.type) if job.hw.needs_grad_scaler else None
-    start = 0
-    checkpoint = load_checkpoint(job.step_dir) if resume else None
-    if checkpoint is not None:
-        from peft import set_peft_model_state_dict
 
-        _check_optimizer(checkpoint.state.optimizer, optimizer, job)
-        set_peft_model_state_dict(model, checkpoint.adapter)
-        optimizer.load_state_dict(checkpoint.optimizer)
-        scheduler.load_state_dict(checkpoint.scheduler)
-        if scaler is not None and checkpoint.scaler is not None:
-            scaler.load_state_dict(checkpoint.scaler)
-        rng = checkpoint.rng_for(job.ranks.rank)
-        if rng is not None:
-            rng.restore()
-        else:  # resumed on more ranks than saved it: this rank's stream starts afresh
-            torch.manual_seed(job.ranks.seed(job.seed + checkpoint.state.opt_steps_done))
-        start = checkpoint.state.opt_steps_done
-        job.reporter.note(f"step {job.t}: resuming at optimiser step {start + 1}/{len(job.schedule)}")
-    else:
-        # dropout and everything random in the loop start from the step's seed (rank 0: the one-process one)
-        torch.manual_seed(job.ranks.seed(job.seed))
-    job.ranks.broadcast_(params)  # replicas start equal
-    log = MetricsLog(job.step_dir / METRICS_FILE, keep_lines=start, write=job.ranks.is_main)
+    def window(model: nn.Module, k: int, stop: StopFlag, scale: Scale) -> dict[str, Any]:
+        return accumulate_window(model, job, k, job.schedule[k], stop, scale)
 
-    model.train()
-    stop = _StopFlag()
-    total = len(job.schedule)
-
-    def checkpoint_now(done: int, rng: RngState) -> None:
-        every = job.ranks.objects(rng)  # each rank's stream; rank 0 writes them all
-        if not job.ranks.is_main:
-            return
-        save_checkpoint(
-            job.step_dir,
-            adapter_state=trainable_state(model),
-            optimizer=optimizer,
-            scheduler=scheduler,
-            rng=rng,
-            state=TrainState(opt_steps_done=done, optimizer=type(optimizer).__name__),
-            scaler=scaler,
-            other_ranks=every[1:],
-        )
-
-    def interrupted(when: str, step: int) -> RunInterrupted:
-        return RunInterrupted(
-            f"{stop.signal or 'a signal to another rank'}: step {job.t} stopped {when} optimiser step {step}/{total}; "
-            f"checkpoint saved in {job.step_dir / 'checkpoint'}; continue with --resume"
-        )
-
-    with stop.installed(), job.reporter.task(f"step {job.t}: training", total=total) as advance:
-        advance(start)
-        for k in range(start, total):
-            boundary = RngState.capture()
-            try:
-                row = accumulate_window(model, job, k, job.schedule[k], stop, scaler.scale if scaler else None)
-            except _Stop:
-                checkpoint_now(k, boundary)
-                raise interrupted("before", k + 1) from None
-            row["lr"] = optimizer.param_groups[0]["lr"]
-            job.ranks.sum_grads_(params)  # each rank's loss was already scaled by the global window
-            if scaler is None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-            else:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                scaler.step(optimizer)  # skipped when the gradients hold an inf / NaN
-                row["grad_scale"] = float(scaler.get_scale())
-                scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if job.evaluate is not None and due(k + 1, total, job.eval_every):
-                row |= job.evaluate(model)
-                model.train()
-            log.append(row)
-            advance(
-                1,
-                loss=row["loss"],
-                acc=row["reward_accuracy"],
-                tok_s=round(row["tokens_per_second"]),
-                mem_gib=round(row["memory_bytes"] / 2**30, 2),
-            )
-            done = k + 1
-            saved = done % cfg.save_every == 0 and done < total
-            if saved:
-                checkpoint_now(done, RngState.capture())
-            for callback in job.callbacks:
-                callback(row)
-            if stop.at_boundary(job.ranks) and done < total:
-                if not saved:
-                    checkpoint_now(done, RngState.capture())
-                raise interrupted("after", done)
-    return log.rows
+    return train_loop(model, loop, window, resume=resume)
 
 
-def _check_optimizer(saved: str, optimizer: torch.optim.Optimizer, job: StepJob) -> None:
-    """Another optimiser class cannot load this state (torch AdamW state into bitsandbytes' 8-bit AdamW fails
-    only at its first step, with a KeyError): refuse it in one line instead."""
-    now = type(optimizer).__name__
-    if saved and saved != now:
-        raise InputError(
-            f"--resume: step {job.t}'s checkpoint holds {saved} state, this run would use {now} "
-            f"(--optim {job.config.optim} on {job.hw.device.type}); resume with the optimiser it was started with"
-        )
+def _shown(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "loss": row["loss"],
+        "acc": row["reward_accuracy"],
+        "tok_s": round(row["tokens_per_second"]),
+        "mem_gib": round(row["memory_bytes"] / 2**30, 2),
+    }
 
 
 def _units_logps(
@@ -287,47 +160,30 @@ def _kl_logps(model: nn.Module, job: StepJob, indices: list[int]) -> tuple[torch
     return logp, int(batch["attention_mask"].sum())
 
 
-def _check_finite(loss: torch.Tensor, job: StepJob, k: int, m: int, indices: list[int]) -> None:
-    if not torch.isfinite(loss).all():
-        what = "NaN" if torch.isnan(loss).any() else "Inf"
-        raise NonFiniteLoss(
+def _describe(job: StepJob, k: int) -> Describe:
+    """The one-line message of a non-finite loss in optimiser step k, for FiniteWatch."""
+
+    def describe(what: str, m: int, indices: list[int]) -> str:
+        return (
             f"{what} loss at step {job.t}, optimiser step {k + 1}, micro-batch {m + 1} (units {indices[:8]}"
             f"{'...' if len(indices) > 8 else ''}); the optimiser step was not taken and the last checkpoint "
-            f"in {job.step_dir / 'checkpoint'} (if any) is the last good state; try a lower --learning-rate"
+            f"in {job.step_dir / CHECKPOINT_DIR} (if any) is the last good state; try a lower --learning-rate"
         )
 
-
-class _FiniteWatch:
-    """Finds a non-finite micro-batch loss with one device->host sync at the end of the window instead of one
-    per micro-batch (on a GPU each sync stalls the queue of kernels behind it). A bad micro-batch's gradient
-    still lands in the accumulators, but the optimiser step is never taken, so nothing reaches the weights."""
-
-    def __init__(self) -> None:
-        self._flags: list[torch.Tensor] = []
-        self._where: list[tuple[int, list[int], torch.Tensor]] = []
-
-    def add(self, loss: torch.Tensor, m: int, indices: list[int]) -> None:
-        self._flags.append(torch.isfinite(loss).all())
-        self._where.append((m, indices, loss.detach()))
-
-    def check(self, job: StepJob, k: int) -> None:
-        flags = torch.stack(self._flags).tolist() if self._flags else []
-        every_rank_good = job.ranks.all_(all(flags))  # first: all ranks stop together, or the others wait
-        for good, (m, indices, loss) in zip(flags, self._where, strict=True):
-            if not good:
-                _check_finite(loss, job, k, m, indices)
-        if not every_rank_good:
-            raise NonFiniteLoss(
-                f"non-finite loss on another rank at step {job.t}, optimiser step {k + 1}; the optimiser step "
-                f"was not taken; the last checkpoint in {job.step_dir / 'checkpoint'} (if any) is the last good state"
-            )
+    return describe
 
 
-Scale = Callable[[torch.Tensor], torch.Tensor]
+def _elsewhere(job: StepJob, k: int) -> str:
+    return (
+        f"non-finite loss on another rank at step {job.t}, optimiser step {k + 1}; the optimiser step "
+        f"was not taken; the last checkpoint in {job.step_dir / CHECKPOINT_DIR} (if any) is the last good state"
+    )
 
 
-def _identity(loss: torch.Tensor) -> torch.Tensor:
-    return loss
+def _check_finite(loss: torch.Tensor, job: StepJob, k: int, m: int, indices: list[int]) -> None:
+    """At once (one sync): a coupled window's loss, which pass 2 differentiates."""
+    if not torch.isfinite(loss).all():
+        raise NonFiniteLoss(_describe(job, k)("NaN" if torch.isnan(loss).any() else "Inf", m, indices))
 
 
 Piece = tuple[
@@ -347,22 +203,24 @@ ROW_FIGURES = (
 
 
 def accumulate_window(
-    model: nn.Module, job: StepJob, k: int, micro: list[list[int]], stop: _StopFlag, scale: Scale | None = None
+    model: nn.Module, job: StepJob, k: int, micro: list[list[int]], stop: StopFlag, scale: Scale | None = None
 ) -> dict[str, Any]:
-    """Accumulates optimiser step k's gradients over its micro-batches; returns its metrics row.
-    `micro` is the global window; this rank runs its part of each micro-batch (all of it in one process).
-    `scale` multiplies each backward's root (fp16's GradScaler); identity by default."""
+    """Accumulates optimiser step k's gradients over its micro-batches; returns its metrics row (the loop's
+    WindowFn, engine/training/loop.py). `micro` is the global window; this rank runs its part of each
+    micro-batch (all of it in one process). `scale` multiplies each backward's root (fp16's GradScaler)."""
     started = time.perf_counter()
     pass_fn = _coupled_window if job.objective.batch_coupled else _independent_micro_batches
     window = Window(micro, [job.ranks.shard(mb) for mb in micro])
-    tokens, pieces = pass_fn(model, job, k, window, stop, scale or _identity)
+    watch = FiniteWatch()
+    tokens, pieces = pass_fn(model, job, k, window, stop, scale or identity, watch)
 
     losses = torch.cat([p[0] for p in pieces]).float()
     cr = torch.cat([p[1] for p in pieces]).float()
     rr = torch.cat([p[2] for p in pieces]).float()
     pc = torch.cat([p[3].policy_chosen.detach() for p in pieces]).float()
     pr = torch.cat([p[3].policy_rejected.detach() for p in pieces]).float()
-    # Sums and counts over this rank's share, summed over ranks, then one device->host copy for the row.
+    # Sums and counts over this rank's share and its count of non-finite losses, summed over ranks, then the
+    # window's one device->host copy: for the row, and for every rank to stop together on a bad loss.
     sums = torch.stack(
         [
             losses.sum(),
@@ -377,7 +235,8 @@ def accumulate_window(
             torch.tensor(float(tokens), device=losses.device),
         ]
     ).double()
-    totals = job.ranks.sum_(sums).tolist()
+    totals = job.ranks.sum_(torch.cat([sums, watch.bad(sums.device).view(1)])).tolist()
+    watch.raise_if_bad(totals[10], _describe(job, k), _elsewhere(job, k))
     n_losses, n_units, all_tokens = totals[7], totals[8], int(totals[9])
     figures = [totals[0] / n_losses] + [x / n_units for x in totals[1:7]]
     seconds = time.perf_counter() - started
@@ -412,7 +271,7 @@ GATHERED = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected", "c
 
 
 def _coupled_window(
-    model: nn.Module, job: StepJob, k: int, window: Window, stop: _StopFlag, scale: Scale
+    model: nn.Module, job: StepJob, k: int, window: Window, stop: StopFlag, scale: Scale, watch: FiniteWatch
 ) -> tuple[int, list[Piece]]:
     """Losses that sort the window (AOT): the three passes of the module docstring.
 
@@ -445,7 +304,6 @@ def _coupled_window(
     g_c, g_r = torch.autograd.grad(losses.mean(), [pc, pr])
     # 3. per micro-batch backward of the linear surrogate, replaying pass 1's dropout masks
     offset = first
-    watch = _FiniteWatch()
     for m, mb in enumerate(micro):
         starts[m].restore()
         logp, _, used = _units_logps(model, job, mb)
@@ -455,9 +313,7 @@ def _coupled_window(
         watch.add(surrogate, m, mb)
         scale(surrogate).backward()
         offset += b
-        if stop.mid_window(job.ranks):
-            raise _Stop
-    watch.check(job, k)
+        stop.poll()
     after.restore()  # the stream continues as if the window had been drawn once
     # This rank's share of the window's figures: its slice of the rank-k loss terms and of the units (the
     # slices of all ranks partition the window, so the row's sums over ranks are the window's).
@@ -487,13 +343,12 @@ def _gather_window(job: StepJob, local: LogpBatch) -> tuple[LogpBatch, int]:
 
 
 def _independent_micro_batches(
-    model: nn.Module, job: StepJob, k: int, window: Window, stop: _StopFlag, scale: Scale
+    model: nn.Module, job: StepJob, k: int, window: Window, stop: StopFlag, scale: Scale, watch: FiniteWatch
 ) -> tuple[int, list[Piece]]:
     """Losses of one example at a time: each micro-batch's loss, scaled to the global window mean,
     backpropagated. KTO's KL reference point spans the global micro-batch (every rank's KL rows)."""
     tokens = 0
     pieces: list[Piece] = []
-    watch = _FiniteWatch()
     for m, mb in enumerate(window.mine):
         if not mb:  # a short last micro-batch left this rank nothing; it still joins the KL gather
             if job.objective.needs_kl:
@@ -514,9 +369,7 @@ def _independent_micro_batches(
         terms_per_unit = len(losses) / len(mb)
         scale(losses.sum() / (terms_per_unit * window.size)).backward()
         pieces.append((losses.detach(), cr.detach(), rr.detach(), batch))
-        if stop.mid_window(job.ranks):
-            raise _Stop
-    watch.check(job, k)
+        stop.poll()
     if not pieces:
         empty = torch.zeros(0, device=job.reference.chosen.device)
         pieces.append((empty, empty, empty, LogpBatch(*[empty] * len(GATHERED))))

@@ -80,6 +80,33 @@ def test_the_papers_sft_model_is_refused_naming_the_alternatives(empty_hub_cache
         _assert_names_the_alternatives(str(err.value))
 
 
+def test_the_sft_recipe_writes_s_where_its_alias_looks():
+    # The alias sits below the sft pipeline and names the directory; the recipe and sft's run layout must agree.
+    from pathlib import Path
+
+    from lowmem_sdpo.sft.recipes import SFT_RECIPES
+    from lowmem_sdpo.sft.train import MODEL_DIR
+
+    built_at = MODEL_ALIASES["solar-10.7b-sft"].built_at
+    assert Path(SFT_RECIPES["solar-10.7b-sft"].output_dir) / MODEL_DIR == Path(built_at)
+
+
+def test_a_model_built_on_first_use_gives_its_tokenizer_through_its_directory(monkeypatch, tmp_path):
+    # The data layer builds no model: for smollm2 it asks for the directory, which the models layer builds (here a
+    # stand-in build), and the tiny models' bundled tokenizer is read without building them.
+    from lowmem_sdpo.models import resolve as resolve_module
+    from lowmem_sdpo.models.resolve import tokenizer_location
+
+    target = "builtin:smollm2-135m-instruct-q4"
+    with pytest.raises(InputError, match="tokenizer_location"):
+        load_tokenizer("smollm2-135m-instruct-q4")
+    monkeypatch.setitem(resolve_module.BUILTINS, target, lambda: tmp_path / "built")
+    assert tokenizer_location("smollm2-135m-instruct-q4") == str(tmp_path / "built")
+    monkeypatch.setitem(resolve_module.BUILTINS, "builtin:tiny", lambda: pytest.fail("tiny was built"))
+    assert tokenizer_location("tiny") == "tiny"
+    assert load_tokenizer(tokenizer_location("tiny")).eos_token_id is not None
+
+
 def test_unavailable_aliases_point_at_available_ones():
     unavailable = [a for a in MODEL_ALIASES.values() if not a.available]
     assert [a.name for a in unavailable] == ["solar-10.7b-sft"]

@@ -7,8 +7,8 @@ import json
 
 import torch
 
+from lowmem_sdpo.data import carry_task as task
 from lowmem_sdpo.models import resolve_model
-from lowmem_sdpo.toy import task
 from lowmem_sdpo.toy.score import ToyScorer
 
 
