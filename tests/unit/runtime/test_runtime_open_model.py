@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import bitsandbytes as bnb
 import torch
-from model_fixtures import write_llama
+from tests.support.model_fixtures import write_llama
 
 from lowmem_sdpo.models import QuantSettings
 from lowmem_sdpo.models.quant import CPU_REPACKING_SWITCH

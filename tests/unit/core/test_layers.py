@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 PACKAGES = {
     "lowmem_sdpo": ROOT / "lowmem_sdpo",
     "lowmem_sdpo_kernels": ROOT / "kernels" / "lowmem_sdpo_kernels",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_fixtures import toy_slice
+from tests.support.engine_fixtures import toy_slice
 
 from lowmem_sdpo.cli import main
 from lowmem_sdpo.models.tiny import single_thread

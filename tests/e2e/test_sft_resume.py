@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_fixtures import toy_slice
+from tests.support.engine_fixtures import toy_slice
 
 from lowmem_sdpo.cli import build_parser, main
 from lowmem_sdpo.cli.sft_cmd import sft_config
