@@ -105,3 +105,12 @@ def tokens_compared(ours: Tokens, trl: Tokens, decode: Callable[[list[int]], str
         "prompts_equal": sum(o[0] == t[0] for o, t in zip(ours, trl, strict=True)),
         "trl_answer_tail_after_ours": tails,
     }
+
+
+def lora_check(aligned: dict[str, float], noise: dict[str, float]) -> dict[str, Any]:
+    """The trained adapters, ours against TRL's, as the Frobenius norm of their difference relative to how far
+    training moved them, against NOISE_FACTOR x the same figure for ours against ours. Not the largest single
+    entry: in Adam's first steps an entry whose gradient is rounding noise moves by about lr either way, so the
+    largest-entry difference is as big as the update itself and such a check could not fail."""
+    got, tol = aligned["relative_frobenius"], NOISE_FACTOR * noise["relative_frobenius"]
+    return {"relative_frobenius": got, "tolerance": tol, "ok": got <= tol}

@@ -41,6 +41,7 @@ from crosscheck_stats import (
     STEP_FIGURES,
     TRL_KEYS,
     delta_stats,
+    lora_check,
     lora_compared,
     step_checks,
     steps_compared,
@@ -256,9 +257,7 @@ def compare(s: Settings, ours: dict[str, Any], trl_ref: Any, trl32: dict, trl16:
     checks = {
         "reference_per_sequence": verdict(delta_stats(both(refs["aligned"]), both(trl_ref))["max"], ref_tol),
         **step_checks(runs["aligned"]["rows"], trl32["rows"], runs["aligned_noise"]["rows"]),
-        "lora_after_training": verdict(
-            lora_aligned["max_abs_diff"], NOISE_FACTOR * lora_noise["max_abs_diff"]
-        ),
+        "lora_after_training": lora_check(lora_aligned, lora_noise),
     }
     named = lambda ref: dict(zip(("chosen", "rejected"), ref, strict=True))  # noqa: E731
     return {

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.support.engine_fixtures import toy_slice
 
 from lowmem_sdpo.cli import main
 from lowmem_sdpo.models.tiny import single_thread
+from tests.support.engine_fixtures import toy_slice
 
 pytestmark = pytest.mark.slow
 

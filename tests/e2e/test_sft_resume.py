@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.support.engine_fixtures import toy_slice
 
 from lowmem_sdpo.cli import build_parser, main
 from lowmem_sdpo.cli.sft_cmd import sft_config
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.runtime.failures import NonFiniteLoss
 from lowmem_sdpo.sft.train import run_sft
+from tests.support.engine_fixtures import toy_slice
 
 VOLATILE = {"tokens_per_second", "seconds"}
 

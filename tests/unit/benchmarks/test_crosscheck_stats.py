@@ -101,3 +101,12 @@ def test_cli_help_and_bad_settings_need_no_trl():
     assert done.returncode == 0 and "--pairs" in done.stdout and "--learning-rate" in done.stdout
     bad = run_script("--pairs", "10", "--batch", "2", "--accum", "2")
     assert bad.returncode == 2 and "multiple of --batch x --accum" in bad.stderr
+
+
+def test_lora_check_is_relative_to_the_update_and_catches_bf16_adapters():
+    noise = {"relative_frobenius": 0.002, "max_abs_diff": 1.3e-4}
+    # 10 x 0.002 = 0.02: an aligned run at 5e-4 passes, TRL's bf16 adapters (a third of the update off) fail.
+    assert cs.lora_check({"relative_frobenius": 5e-4, "max_abs_diff": 6e-5}, noise) == {
+        "relative_frobenius": 5e-4, "tolerance": 0.02, "ok": True,
+    }  # fmt: skip
+    assert not cs.lora_check({"relative_frobenius": 0.316, "max_abs_diff": 3e-4}, noise)["ok"]

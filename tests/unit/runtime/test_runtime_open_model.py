@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import bitsandbytes as bnb
 import torch
-from tests.support.model_fixtures import write_llama
 
 from lowmem_sdpo.models import QuantSettings
 from lowmem_sdpo.models.quant import CPU_REPACKING_SWITCH
@@ -14,6 +13,7 @@ from lowmem_sdpo.runtime import open_model as open_model_module
 from lowmem_sdpo.runtime.hardware import DeviceCaps, Hardware
 from lowmem_sdpo.runtime.open_model import open_model
 from lowmem_sdpo.runtime.reporting import Reporter
+from tests.support.model_fixtures import write_llama
 
 CPU = Hardware(torch.device("cpu"), "float32")
 
