@@ -125,7 +125,7 @@ def dequant_buffer(s: ModelShapes) -> int:
 
 
 def vocab_splits(vocab: int) -> int:
-    """The Triton forward's vocabulary splits (lowmem_sdpo_kernels.triton_logprobs._vocab_splits)."""
+    """The Triton forward's vocabulary splits (lowmem_sdpo_kernels.triton_forward._vocab_splits)."""
     block_v = DEFAULT_TRITON_CONFIG.block_v
     tiles = -(-vocab // block_v)
     per_split = -(-tiles // min(MAX_VOCAB_SPLITS, max(tiles, 1)))
