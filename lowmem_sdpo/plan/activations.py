@@ -97,7 +97,7 @@ def layer_backward_transient(s: ModelShapes, b: Batch) -> int:
     (2 x N·H·c). Non-reentrant checkpointing recomputes the layer at its backward's first unpack, so every saved
     tensor is alive with only these; the MLP's gradient buffers (N·I each) come later, each after the saved
     tensors it replaces have been unpacked and freed, and the live bytes only fall from there (measured on a CPU
-    step: tests/unit/plan/test_plan.py, benchmarks/results/profile_train_memory_smollm2.json)."""
+    step: tests/unit/plan/test_plan_real_tensors.py, benchmarks/results/profile_train_memory_smollm2.json)."""
     return 2 * b.tokens * s.hidden * s.element_size
 
 
