@@ -16,7 +16,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-
 def _head_args(transform: LogitTransform, bias: torch.Tensor | None) -> dict:
     """Kernel arguments of the head transform. Absent parts become constexpr False (their code is
     compiled out) and placeholder numbers that are never read."""

@@ -103,7 +103,6 @@ def _row_ids(ROWS, offs, mask, HAS_ROWS: tl.constexpr):
     return offs
 
 
-
 def grouped_order(pid: int, n_m: int, n_v: int, group_m: int) -> tuple[int, int]:
     """Host mirror of _grouped_tile (tests check it is a bijection and that the kernels use it)."""
     per_group = group_m * n_v

@@ -75,7 +75,6 @@ def real_optimizer_state_bytes(params: list[torch.nn.Parameter]) -> int:
     return sum(seen.values())
 
 
-
 def _check_exact_parts(model_dir: Path, compute_dtype: str, lora_r: int) -> None:
     shapes = shapes_of(model_dir, compute_dtype)
     model = load_quantized(model_dir, quant=QuantSettings(compute_dtype=compute_dtype))
@@ -259,7 +258,6 @@ def test_row_compaction_and_gradient_scatter_are_what_the_op_allocates(impl, ign
         assert copies == labelled * d * 2 and scatter == n * d * 2
     # The plan's own figure (M unknown: the worst case) is at least what any labelled count makes.
     assert row_compaction(shapes, b, impl) >= copies and gradient_scatter(shapes, b, impl) >= scatter
-
 
 
 def test_cpu_training_activations_match_a_real_steps_live_tensors(tmp_path):
