@@ -231,7 +231,7 @@ def filter_skip_fractions(case: Case, device: str) -> dict[str, Any]:
     h, t = h[valid], t[valid]  # the kernels' logical rows: only rows with a target
     bm, bv = cfg.block_m, cfg.block_v
     n_blocks, n_tiles = -(-h.shape[0] // bm), -(-case.v // bv)
-    n_splits, per_split = importlib.import_module("lowmem_sdpo_kernels.triton_logprobs")._vocab_splits(case.v, bv)
+    n_splits, per_split = importlib.import_module("lowmem_sdpo_kernels.triton_forward")._vocab_splits(case.v, bv)
     eps_bound = configs.resolve_filter_eps("auto", case.dtype, "bound")
     eps_element = configs.resolve_filter_eps("auto", case.dtype, "element")
     counts = {"bound_dh": 0, "bound_dw": 0, "element": 0}

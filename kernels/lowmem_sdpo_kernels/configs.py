@@ -46,7 +46,7 @@ class TritonConfig:
     block_d: int = 64
     num_warps: int = 8
     num_stages: int = 3
-    # Row blocks that walk the vocabulary together (launch order, triton_logprobs._grouped_tile). It
+    # Row blocks that walk the vocabulary together (launch order, triton_tiles._grouped_tile). It
     # changes which tiles share the L2, never a value: every tile's arithmetic is the same.
     group_m: int = 8
 

@@ -97,7 +97,7 @@ def layer_backward_transient(s: ModelShapes, b: Batch) -> int:
     (2 x N·H·c). Non-reentrant checkpointing recomputes the layer at its backward's first unpack, so every saved
     tensor is alive with only these; the MLP's gradient buffers (N·I each) come later, each after the saved
     tensors it replaces have been unpacked and freed, and the live bytes only fall from there (measured on a CPU
-    step: tests/unit/plan/test_plan.py, benchmarks/results/profile_train_memory_smollm2.json)."""
+    step: tests/unit/plan/test_plan_real_tensors.py, benchmarks/results/profile_train_memory_smollm2.json)."""
     return 2 * b.tokens * s.hidden * s.element_size
 
 
@@ -125,7 +125,7 @@ def dequant_buffer(s: ModelShapes) -> int:
 
 
 def vocab_splits(vocab: int) -> int:
-    """The Triton forward's vocabulary splits (lowmem_sdpo_kernels.triton_logprobs._vocab_splits)."""
+    """The Triton forward's vocabulary splits (lowmem_sdpo_kernels.triton_forward._vocab_splits)."""
     block_v = DEFAULT_TRITON_CONFIG.block_v
     tiles = -(-vocab // block_v)
     per_split = -(-tiles // min(MAX_VOCAB_SPLITS, max(tiles, 1)))

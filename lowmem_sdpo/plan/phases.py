@@ -47,7 +47,8 @@ class PlanSettings:
     reference_batch_size: int = _RUN.reference_batch_size  # 0: auto, 2 x batch_size
     logprob_impl: str = "triton"  # --logprob-impl auto on a card the Triton path runs on; or "torch"
     # "cpu": the activations of the engine's CPU path (activations.DEVICES: two terms differ), checked against
-    # a real CPU step's live tensors (tests/unit/plan/test_plan.py). The device figures still add a CUDA context.
+    # a real CPU step's live tensors (tests/unit/plan/test_plan_real_tensors.py). The device figures still add
+    # a CUDA context.
     device: str = "cuda"
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ import triton.language as tl
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowmem_sdpo_kernels import TritonConfig, linear_logprobs, valid_rows
-from lowmem_sdpo_kernels.triton_logprobs import _grouped_tile, grouped_order
+from lowmem_sdpo_kernels.triton_tiles import _grouped_tile, grouped_order
 from tests.support.kernel_cases import DEVICE, SyncOps, check_against_reference, make_inputs, value_and_grads
 
 SMALL = TritonConfig(block_m=16, block_v=16, block_d=16, num_warps=1, num_stages=1, group_m=3)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from lowmem_sdpo_kernels import DEFAULT_TRITON_CONFIG, TritonConfig, linear_logprobs
-from lowmem_sdpo_kernels.triton_logprobs import _tanh
+from lowmem_sdpo_kernels.triton_tiles import _tanh
 from tests.support.kernel_cases import (
     DEVICE,
     HEAD_CASES,

@@ -1,35 +1,24 @@
 """`lowmem-sdpo plan`: its exact parts against the bytes of real tensors (the tiny model and a 2-layer model of
-SOLAR-10.7B's width quantised by bitsandbytes on CPU, real LoRA / frozen delta / 8-bit AdamW state), hand-worked
-figures for the shipped SOLAR and Llama-3-8B configs, and the command's table, JSON, advice and bad input."""
+SOLAR-10.7B's width quantised by bitsandbytes on CPU, real LoRA / frozen delta / 8-bit AdamW state), and its
+activation estimates against what autograd keeps and what the log-prob op allocates."""
 
 from __future__ import annotations
 
-import json
-import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lowmem_sdpo.cli import main
 from lowmem_sdpo.models import QuantSettings, add_lora, load_quantized, resolve_model
 from lowmem_sdpo.models.adapters import load_all_factors
 from lowmem_sdpo.models.blocks import block_linear_names
 from lowmem_sdpo.models.frozen_delta import FrozenDelta
-from lowmem_sdpo.plan import PHASES, PlanSettings, model_shapes, nf4_size, plan_for_shapes
-from lowmem_sdpo.plan.phases import CUDA_CONTEXT_BYTES, FRAGMENTATION
+from lowmem_sdpo.plan import PlanSettings, nf4_size, plan_for_shapes
 from lowmem_sdpo.plan.shapes import adamw8bit_state_bytes, block_linears
 from lowmem_sdpo.plan.source import meta_model, read_source
 from tests.support.model_fixtures import write_adapter
-
-FIXTURES = Path(__file__).resolve().parents[3] / "tests" / "fixtures"
-SOLAR = str(FIXTURES / "solar-10.7b")
-LLAMA3 = str(FIXTURES / "llama-3-8b")
-GIB = 2**30
-
+from tests.support.plan_cases import GIB, SOLAR, shapes_of
 
 # --- bytes of real tensors ---------------------------------------------------------------------------------
 
@@ -84,10 +73,6 @@ def real_optimizer_state_bytes(params: list[torch.nn.Parameter]) -> int:
             if torch.is_tensor(value):
                 seen[value.data_ptr()] = _nbytes(value)
     return sum(seen.values())
-
-
-def shapes_of(model_dir: str | Path, compute_dtype: str):
-    return model_shapes(meta_model(read_source(str(model_dir)), compute_dtype))
 
 
 def _check_exact_parts(model_dir: Path, compute_dtype: str, lora_r: int) -> None:
@@ -275,55 +260,6 @@ def test_row_compaction_and_gradient_scatter_are_what_the_op_allocates(impl, ign
     assert row_compaction(shapes, b, impl) >= copies and gradient_scatter(shapes, b, impl) >= scatter
 
 
-def test_the_training_plan_counts_the_kernel_per_impl():
-    """SOLAR at 2048 tokens, one pair: the torch impl's kernel figures carry its compaction and scatter, the
-    Triton ones neither (hand-worked), and the training phase takes the figures of the impl it is planned for."""
-    from lowmem_sdpo.plan.activations import (
-        Batch,
-        gradient_scatter,
-        kernel_backward,
-        kernel_forward,
-        kernel_kept,
-        row_compaction,
-    )
-
-    shapes = shapes_of(SOLAR, "bfloat16")
-    b = Batch(rows=2, length=2048)
-    n, d = b.tokens, 4096
-    assert row_compaction(shapes, b, "torch") == n * d * 2 and gradient_scatter(shapes, b, "torch") == n * d * 2
-    assert row_compaction(shapes, b, "triton") == gradient_scatter(shapes, b, "triton") == 0
-    # Triton, by hand: 4 fp32 figures per row and vocabulary split (S = 32000 / 128 tiles cut into at most
-    # MAX_VOCAB_SPLITS), the lse and two [N] outputs; backward dH in fp32 and in bf16.
-    from lowmem_sdpo_kernels.configs import MAX_VOCAB_SPLITS
-
-    tiles = -(-32000 // 128)
-    splits = -(-tiles // -(-tiles // min(MAX_VOCAB_SPLITS, tiles)))
-    assert kernel_forward(shapes, b, "triton") == 4 * splits * n * 4 + n * 4 + 2 * n * 4
-    assert kernel_backward(shapes, b, "triton") == n * d * (4 + 2)
-    settings = {"max_length": 2048, "batch_size": 1}
-    kernel = {
-        impl: next(
-            part.bytes
-            for phase in plan_for_shapes(
-                "solar", SOLAR, shapes, PlanSettings(**settings, logprob_impl=impl), gpu_memory=24 * GIB
-            ).phases
-            if phase.key == "training"
-            for moment in phase.moments
-            if moment.what == "the log-prob op's backward"
-            for part in moment.parts
-            if part.name == "final norm + log-prob kernel"
-        )
-        for impl in ("triton", "torch")
-    }
-    assert kernel["torch"] - kernel["triton"] == (
-        kernel_kept(shapes, b, "torch") + kernel_backward(shapes, b, "torch")
-        - kernel_kept(shapes, b, "triton") - kernel_backward(shapes, b, "triton")
-    )  # fmt: skip
-    # The torch impl's logits chunk is a forward workspace, freed before the backward: 2048 rows x 4096 fp32.
-    assert kernel_forward(shapes, b, "torch") - kernel_kept(shapes, b, "torch") == 2048 * 4096 * 4
-    assert kernel_kept(shapes, b, "triton") == kernel_forward(shapes, b, "triton")
-
-
 def test_cpu_training_activations_match_a_real_steps_live_tensors(tmp_path):
     """The plan's training-phase activations in its CPU mode (fp32, torch log-prob impl) against the live tensors
     at the peak of a real optimiser step, read from the allocator's events (plan.measure): a 4-layer random model
@@ -382,129 +318,3 @@ def test_cpu_training_activations_match_a_real_steps_live_tensors(tmp_path):
     plan = plan_for_shapes("m", str(tmp_path / "m"), shapes_of(tmp_path / "m", "float32"), settings, gpu_memory=GIB)
     planned = next(p for p in plan.phases if p.key == "training").activation_bytes
     assert measured == pytest.approx(planned, rel=0.15), (measured, planned, trace.top(8))
-
-
-# --- hand-worked figures for the shipped configs ------------------------------------------------------------
-
-
-def test_solar_and_llama3_fixtures_have_the_public_parameter_counts():
-    # SOLAR: 2 x 32000 x 4096 (embeddings, head) + 48 x (2 x 4096^2 + 2 x 1024 x 4096 + 3 x 14336 x 4096
-    # + 2 x 4096 norms) + 4096 = 10,731,524,096. Llama-3-8B: 2 x 128256 x 4096 + 32 x the same layer + 4096.
-    layer = 2 * 4096**2 + 2 * 1024 * 4096 + 3 * 14336 * 4096 + 2 * 4096
-    assert shapes_of(SOLAR, "bfloat16").total_params == 2 * 32000 * 4096 + 48 * layer + 4096 == 10_731_524_096
-    assert (
-        shapes_of(LLAMA3, "bfloat16").total_params == 2 * 128256 * 4096 + 32 * layer + 4096 == 8_030_261_248
-    )
-
-
-def test_solar_hand_worked_parts():
-    shapes = shapes_of(SOLAR, "bfloat16")
-    # One finished r-16 step: 48 layers x 16 x (sum of in + out over q, k, v, o, gate, up, down = 81,920).
-    assert shapes.delta_params(16, 1) == 48 * 16 * 81_920 == 62_914_560
-    # The MLP weight 14336 x 4096 in NF4 with double quantisation: 29,360,128 packed bytes, 917,504 uint8
-    # absmax, 3,584 fp32 second-level absmax, 256 + 16 fp32 code entries and the 4-byte offset.
-    assert nf4_size(14336 * 4096).total == 29_360_128 + 917_504 + 3_584 * 4 + (256 + 16) * 4 + 4
-    # Without double quantisation: one fp32 absmax per 64-block.
-    assert nf4_size(14336 * 4096, double_quant=False).total == 29_360_128 + 917_504 * 4 + 16 * 4
-
-
-def test_step_times_are_six_and_two_flops_per_parameter_and_token():
-    shapes = shapes_of(SOLAR, "bfloat16")
-    settings = PlanSettings(max_length=2048, batch_size=1, pairs_per_step=(12859, 60829))
-    plan = plan_for_shapes(
-        "solar", SOLAR, shapes, settings, gpu_memory=24 * GIB, tflops=100.0, tokens_per_pair=600
-    )
-    block = 48 * (2 * 4096**2 + 2 * 1024 * 4096 + 3 * 14336 * 4096)
-    lora = 62_914_560
-    p1 = block + 32000 * 4096 + lora  # step 1: no finished adapter
-    p2 = p1 + lora  # step 2: step 1's adapter in the delta
-    one, two = plan.times
-    assert one.training_flops == 6 * p1 * 12859 * 600 and one.reference_flops == 2 * p1 * 12859 * 600
-    assert two.training_flops == 6 * p2 * 60829 * 600
-    assert one.training_s == pytest.approx(one.training_flops / 100e12)
-
-
-# --- the command ----------------------------------------------------------------------------------------------
-
-
-def test_plan_command_prints_the_phase_table():
-    out = subprocess.run(
-        [sys.executable, "-m", "lowmem_sdpo", "plan", "--model", SOLAR, "--max-length", "2048"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    for key in PHASES:
-        assert key in out
-    assert "NF4 block weights" in out and "checkpointed layer inputs" in out
-    assert "500 MiB CUDA context" in out  # the stated assumption
-
-
-def _plan_json(capsys, *args: str) -> dict:
-    assert main(["plan", "--json", *args]) == 0
-    return json.loads(capsys.readouterr().out)
-
-
-def test_plan_json_parts_add_up_to_the_totals(capsys):
-    data = _plan_json(capsys, "--model", SOLAR, "--max-length", "2048", "--batch-size", "1")
-    assert [p["phase"] for p in data["phases"]] == list(PHASES)
-    for phase in data["phases"]:
-        assert sum(part["bytes"] for part in phase["parts"]) == phase["allocated_bytes"]
-        expected = math.ceil(phase["allocated_bytes"] * (1 + FRAGMENTATION)) + CUDA_CONTEXT_BYTES
-        assert phase["device_bytes"] == (expected if phase["allocated_bytes"] else 0)
-    peak = max(data["phases"], key=lambda p: p["allocated_bytes"])
-    assert data["peak"] == {
-        "phase": peak["phase"],
-        "allocated_bytes": peak["allocated_bytes"],
-        "device_bytes": peak["device_bytes"],
-    }
-    assert data["fits"] == (peak["device_bytes"] <= 24 * GIB)
-    export = data["phases"][-1]
-    assert export["phase"] == "export" and export["allocated_bytes"] == 0
-
-
-def test_advice_appears_when_the_card_is_too_small_and_each_suggestion_fits(capsys):
-    data = _plan_json(
-        capsys, "--model", SOLAR, "--max-length", "4096", "--batch-size", "4", "--gpu-memory", "12GiB"
-    )
-    assert not data["fits"] and data["advice"]
-    shapes = shapes_of(SOLAR, "bfloat16")
-    base = {"max_length": 4096, "batch_size": 4, "lora_r": 16, "grad_accum": 4}
-    for suggestion in data["advice"]:
-        assert suggestion["device_bytes"] <= 12 * GIB
-        values = dict(base)
-        values |= {flag[2:].replace("-", "_"): value for flag, value in suggestion["flags"].items()}
-        replanned = plan_for_shapes("solar", SOLAR, shapes, PlanSettings(**values), gpu_memory=12 * GIB)
-        assert replanned.fits and replanned.peak.device == suggestion["device_bytes"]
-        if "--batch-size" in suggestion["flags"]:  # the pairs per optimiser step are kept
-            assert values["batch_size"] * values["grad_accum"] >= 16
-    assert (
-        main(["plan", "--model", SOLAR, "--max-length", "4096", "--batch-size", "4", "--gpu-memory", "12GiB"])
-        == 0
-    )
-    text = capsys.readouterr().out
-    assert "does NOT fit" in text and "these fit:" in text and data["advice"][0]["args"] in text
-
-
-@pytest.mark.parametrize("value", ["lots", "24", "-3GiB", "0GiB", "24 parsecs"])
-def test_bad_gpu_memory_is_one_line_and_exit_2(capsys, value):
-    assert main(["plan", "--model", SOLAR, "--max-length", "2048", f"--gpu-memory={value}"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: --gpu-memory") and err.count("\n") == 1
-
-
-@pytest.mark.parametrize(
-    ("args", "flag"),
-    [
-        (["--steps", "12859,lots"], "--steps"),
-        (["--tflops", "0"], "--tflops"),
-        (["--batch-size", "0"], "--batch-size"),
-        (["--model", str(FIXTURES / "no-such-model")], "model"),
-        (["--model", "solar-10.7b-sft"], "model"),
-    ],
-)
-def test_other_bad_input_is_one_line_and_exit_2(capsys, args, flag):
-    argv = ["plan", "--model", SOLAR, "--max-length", "2048", *args]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: {flag}") and err.count("\n") == 1
