@@ -82,11 +82,11 @@ def ours_side(
     import torch
 
     from lowmem_sdpo.data import load_steps, load_tokenizer, tokenize_step
-    from lowmem_sdpo.engine.hardware import Hardware, resolve_logprob_impl
-    from lowmem_sdpo.engine.reference import compute_logps
-    from lowmem_sdpo.engine.reporting import Reporter
+    from lowmem_sdpo.engine.reference.logps import compute_logps
     from lowmem_sdpo.engine.units import Unit, build_units
     from lowmem_sdpo.models import QuantSettings, add_lora, load_quantized
+    from lowmem_sdpo.runtime.hardware import Hardware, resolve_logprob_impl
+    from lowmem_sdpo.runtime.reporting import Reporter
 
     hw = Hardware(torch.device("cpu"), "float32")
     impl = resolve_logprob_impl(hw, "auto")
@@ -141,11 +141,11 @@ def ours_train(
     import torch
 
     from lowmem_sdpo.engine.config import RunConfig
-    from lowmem_sdpo.engine.hardware import Hardware
-    from lowmem_sdpo.engine.objective import Objective
-    from lowmem_sdpo.engine.reference import LogpTable
-    from lowmem_sdpo.engine.reporting import Reporter
-    from lowmem_sdpo.engine.trainer import StepJob, train_step
+    from lowmem_sdpo.engine.reference.logps import LogpTable
+    from lowmem_sdpo.engine.training.objective import Objective
+    from lowmem_sdpo.engine.training.trainer import StepJob, train_step
+    from lowmem_sdpo.runtime.hardware import Hardware
+    from lowmem_sdpo.runtime.reporting import Reporter
 
     with torch.no_grad():
         for name, param in policy.named_parameters():
