@@ -1,6 +1,6 @@
 """sDPO against one-shot DPO on the same data, scored on held-out pairs: the paper's claim in miniature (issue 18).
 
-Arms, on the carry toy (lowmem_sdpo.toy.task) with S = the `tiny-carry` model:
+Arms, on the carry toy (lowmem_sdpo.data.carry_task) with S = the `tiny-carry` model:
   S          the model before any preference training;
   sdpo       two sDPO steps: D_1 (two-digit sums whose units do not carry), then D_2 (those that do), the
              reference of step 2 being M_1;

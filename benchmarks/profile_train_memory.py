@@ -1,5 +1,5 @@
 """Where the memory of a training step goes on CPU: live tensors (from the allocator's events) against the
-process's RSS, with the C heap as glibc leaves it and as the engine sets it (engine/cpu_heap.py).
+process's RSS, with the C heap as glibc leaves it and as the engine sets it (runtime/cpu_heap.py).
 
 For each (length, heap) a fresh process loads the model as `lowmem-sdpo run` does (NF4 block linears, fp32
 compute, bitsandbytes' CPU repacking off), runs a reference pass (no grad, 2 x batch pairs), puts a LoRA on it
