@@ -1,6 +1,6 @@
 """The comparisons benchmarks/crosscheck_trl.py reports: differences, noise-based tolerances, token alignment.
 
-Pure functions of lists and dicts (the LoRA comparison of tensors), no TRL: tests/test_crosscheck_stats.py runs
+Pure functions of lists and dicts (the LoRA comparison of tensors), no TRL: tests/unit/benchmarks/test_crosscheck_stats.py runs
 them in CI, where TRL is not installed.
 """
 
