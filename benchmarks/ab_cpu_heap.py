@@ -53,6 +53,8 @@ class Variant:
     # Step mode: the mmap threshold while loss.backward() runs (the recompute and the backward), set back to
     # mallopt's mmap_threshold for the next forward.
     backward_mmap_threshold: int | None = None
+    # Step mode: malloc_trim(0) after each backward (glibc hands the heap's free pages back to the system).
+    trim_after_backward: bool = False
 
 
 _THP_GLIBC = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
@@ -81,6 +83,12 @@ VARIANTS: dict[str, Variant] = {
         "most glibc takes) in the backward, whose temporaries then reuse the heap",
         {"mmap_threshold": 128 * 1024},
         backward_mmap_threshold=32 * MIB,
+    ),
+    "mmap-128k-bwd-32m-trim": Variant(
+        "as mmap-128k-bwd-32m, and malloc_trim(0) after each backward: the heap's free pages go back to the system",
+        {"mmap_threshold": 128 * 1024},
+        backward_mmap_threshold=32 * MIB,
+        trim_after_backward=True,
     ),
 }
 
@@ -172,6 +180,8 @@ def step_child(spec: dict[str, Any]) -> dict[str, Any]:
             set_threshold(backward_threshold)
             loss.backward()
             set_threshold(forward_threshold)
+            if spec["trim_after_backward"]:
+                libc.malloc_trim(ctypes.c_size_t(0))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         steps.append(
@@ -198,6 +208,7 @@ def run_step(variant_name: str, args: argparse.Namespace) -> dict[str, Any]:
             "steps": args.steps,
             "mallopt": variant.mallopt,
             "backward_mmap_threshold": variant.backward_mmap_threshold,
+            "trim_after_backward": variant.trim_after_backward,
             "result": str(Path(tmp) / "result.json"),
         }
         (Path(tmp) / "spec.json").write_text(json.dumps(spec))
