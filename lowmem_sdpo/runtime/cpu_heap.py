@@ -14,8 +14,14 @@ training peak, 4.8 GiB RSS in the first step, 3.8 GiB of the heap free; bounded,
 
 `bound_cpu_heap` fixes the threshold (glibc's `mallopt(M_MMAP_THRESHOLD, ...)`; setting it switches the
 adjustment off), so large tensors go back to the system when freed and RSS follows the live tensors. The cost
-is a fresh, zeroed mapping per large allocation (page faults), measured in the same benchmark. CUDA runs keep
+is a fresh, zeroed mapping per large allocation (page faults): about 8 million minor faults and 38% more CPU
+seconds per training step there, 19% over a whole 4-pair run (benchmarks/ab_cpu_heap.py). CUDA runs keep
 activations in the CUDA caching allocator and do not need it; other C libraries (musl, macOS) are left alone.
+
+Cheaper bounds were measured there and are not used: transparent huge pages for glibc's mappings
+(GLIBC_TUNABLES=glibc.malloc.hugetlb=1) or for torch's large tensors (THP_MEM_ALLOC_ENABLE=1) fault less but cost
+as much CPU or more; a higher fixed threshold (5 MiB) lets the hidden-size activations fragment the heap again;
+128 KiB in the forward with the heap's 32 MiB in the backward lets it grow step after step. 128 KiB stays.
 """
 
 from __future__ import annotations
