@@ -37,7 +37,7 @@ SMOKE_ARGS = [
     "--model", "tiny",
     "--steps", f"{REPO / 'examples/data/toy_step1.jsonl'},{REPO / 'examples/data/toy_step2.jsonl'}",
     "--max-length", "32", "--max-prompt-length", "24", "--batch-size", "8", "--grad-accum", "2",
-    "--epochs", "0.5", "--learning-rate", "3e-3", "--beta", "0.5", "--lora-r", "8", "--lora-alpha", "16",
+    "--epochs", "0.2", "--learning-rate", "3e-3", "--beta", "0.5", "--lora-r", "8", "--lora-alpha", "16",
     "--device", "cpu",
 ]  # fmt: skip
 

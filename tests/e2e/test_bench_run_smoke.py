@@ -31,6 +31,7 @@ def test_smoke_run_writes_schema(tmp_path: Path) -> None:
     assert [r["step"] for r in data["rows"]] == [1, 2]
     for row in data["rows"]:
         assert set(row) == ROW_KEYS
-        # 300 toy pairs x 0.5 epoch = 150 units / (8 pairs x 2 micro-batches) = 9.4 -> 10 optimiser steps
-        assert row["pairs"] == 300 and row["optimizer_steps"] == 10
+        # 300 toy pairs x 0.2 epoch = 60 units / (8 pairs x 2 micro-batches) = 3.75 -> 4 optimiser steps (enough
+        # for a median that leaves out the first; the schema is the point, not the figures)
+        assert row["pairs"] == 300 and row["optimizer_steps"] == 4
         assert row["tokens_per_second_median"] > 0 and row["peak_memory_bytes"] > 0

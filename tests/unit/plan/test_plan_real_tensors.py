@@ -99,14 +99,16 @@ def test_exact_parts_equal_the_tiny_models_real_tensors():
 
 @pytest.fixture(scope="module")
 def solar_width_dir(tmp_path_factory) -> Path:
-    """A 2-layer random Llama of SOLAR-10.7B's width (about 0.7B parameters), bf16 safetensors."""
+    """A 1-layer random Llama of SOLAR-10.7B's width (hidden 4096, MLP 14336, 32 query / 8 KV heads; about 0.24B
+    parameters), bf16 safetensors. Every part checked is per layer or per shape, so one layer and a small
+    vocabulary test the same sizes as SOLAR's 48 layers and 32000 tokens, at a third of the bytes written."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=32000,
+        vocab_size=2048,
         hidden_size=4096,
         intermediate_size=14336,
-        num_hidden_layers=2,
+        num_hidden_layers=1,
         num_attention_heads=32,
         num_key_value_heads=8,
         max_position_embeddings=4096,
