@@ -59,10 +59,11 @@ MODEL = "smollm2-135m-instruct-q4"
 ARMS = ("S", "sdpo", "sdpo_off", "dpo")
 TRAINED = ARMS[1:]
 METRICS = ("strict", "satisfaction")
-SIZES = {"step1": 20, "step2": 20, "validation": 20, "heldout": 40}
-# Candidates: 4 per prompt at temperature 1 (more distinct answers, hence fewer ties, than 0.7), at most 40
-# new tokens: the prompts ask for a short answer, and a 2-core host samples ~100 tokens/s.
-SAMPLING = {"candidates": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 40, "batch_size": 16}
+SIZES = {"step1": 16, "step2": 16, "validation": 16, "heldout": 32}
+# Candidates: 4 per prompt at temperature 1 (more distinct answers, hence fewer ties, than 0.7), at most 32
+# new tokens: the prompts ask for a short answer. A batch holds a whole pool: on CPU each decoding step
+# dequantises every NF4 weight once whatever the batch, so fewer, wider batches cost far less.
+SAMPLING = {"candidates": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 32, "batch_size": 32}
 TRAIN: dict[str, Any] = {
     "max_length": 144,
     "max_prompt_length": 96,
@@ -166,7 +167,7 @@ def chain_of(out: Path, summaries: list[dict[str, Any]]) -> list[Path]:
 
 def run_seed(
     gen: Generator, model: str, pools: dict[str, list[Item]], settings: dict[str, Any], sampling: dict[str, Any],
-    seed: int, work: Path,
+    seed: int, work: Path, s_candidates: dict[tuple[int, str], list[list[Completion]]],
 ) -> dict[str, Any]:  # fmt: skip
     """Every trained arm for one seed: their final adapter chains and what their training recorded."""
     started = time.perf_counter()
@@ -179,8 +180,13 @@ def run_seed(
             max_new_tokens=sampling["max_new_tokens"], batch_size=sampling["batch_size"], seed=seed * 1000 + t,
         )  # fmt: skip
 
-    d1, d1_stats = judged_pairs(pools["step1"], gen.sample(pools["step1"], [], cands(1)))
-    d2_s, d2_s_stats = judged_pairs(pools["step2"], gen.sample(pools["step2"], [], cands(2)))
+    for t, split in ((1, "step1"), (2, "step2")):  # S's candidates: the same for every grid entry of a seed
+        if (seed, split) not in s_candidates:
+            s_candidates[seed, split] = gen.sample(pools[split], [], cands(t))
+    d1, d1_stats = judged_pairs(pools["step1"], s_candidates[seed, "step1"])
+    d2_s, d2_s_stats = judged_pairs(pools["step2"], s_candidates[seed, "step2"])
+    print(f"seed {seed}: S's candidates judged, {len(d1)} D_1 / {len(d2_s)} D_2 pairs "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
     n1 = len(d1) // batch * batch
     if n1 == 0:
         raise SystemExit(f"seed {seed}: S's D_1 candidates gave {len(d1)} pairs, fewer than a batch of {batch}")
@@ -188,6 +194,8 @@ def run_seed(
     on = work / "sdpo"
     m1 = train(model, settings, [f1], on, seed, extend=False)
     d2_on, d2_on_stats = judged_pairs(pools["step2"], gen.sample(pools["step2"], chain_of(on, m1), cands(2)))
+    print(f"seed {seed}: M_1 trained, its candidates judged, {len(d2_on)} D_2 pairs "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
     n2 = min(len(d2_s), len(d2_on)) // batch * batch
     if n2 == 0:
         raise SystemExit(f"seed {seed}: D_2 gave {len(d2_s)} (S) / {len(d2_on)} (M_1) pairs; need a batch of {batch}")
@@ -314,9 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         s_answers = {split: gen.greedy(pools[split], [], sampling) for split in ("validation", "heldout")}
         grid: list[dict[str, Any]] = []
         seed0: list[dict[str, Any]] = []
+        s_candidates: dict[tuple[int, str], list[list[Completion]]] = {}
         for g, entry in enumerate(grid_settings):
             settings = TRAIN | (SMOKE["train"] if args.smoke else {}) | entry
-            record = run_seed(gen, model, pools, settings, sampling, 0, work_root / f"grid{g}-seed0")
+            record = run_seed(gen, model, pools, settings, sampling, 0, work_root / f"grid{g}-seed0", s_candidates)
             val = {arm: scores(pools["validation"], gen.greedy(pools["validation"], record["chains"][arm], sampling))
                    for arm in TRAINED}  # fmt: skip
             mean_trained = {m: statistics.fmean(val[a][m] for a in TRAINED) for m in METRICS}
@@ -333,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         generations: dict[str, Any] = {"S": s_answers["heldout"]}
         for seed in seeds:
             record = seed0[chosen] if seed == 0 else run_seed(
-                gen, model, pools, settings, sampling, seed, work_root / f"chosen-seed{seed}"
+                gen, model, pools, settings, sampling, seed, work_root / f"chosen-seed{seed}", s_candidates
             )  # fmt: skip
             rows.append({"arm": "S", "seed": seed, **s_score})
             for arm in TRAINED:

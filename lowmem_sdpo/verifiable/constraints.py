@@ -101,7 +101,7 @@ CONSTRAINTS: dict[str, Constraint] = {
     c.name: c
     for c in (
         Constraint("max_words", "Use at most {} words.", ("10", "15", "20"), frozenset({"length"}), at_most_words),
-        Constraint("min_words", "Use at least {} words.", ("15", "25"), frozenset({"length"}), at_least_words),
+        Constraint("min_words", "Use at least {} words.", ("15", "20"), frozenset({"length"}), at_least_words),
         Constraint(
             "include_word", 'Include the word "{}".', ("simple", "bright", "every", "small", "people"),
             frozenset({"word"}), includes_word,
