@@ -45,8 +45,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lowmem_sdpo.engine import Reporter, RunConfig, run_sdpo
+from lowmem_sdpo.engine import RunConfig, run_sdpo
 from lowmem_sdpo.host import host_record
+from lowmem_sdpo.runtime.reporting import Reporter
 from lowmem_sdpo.selfreward.generation import Completion, SampleSettings, sample_rows
 from lowmem_sdpo.selfreward.loading import Sampler, open_sampler
 from lowmem_sdpo.selfreward.pairs import build_pairs

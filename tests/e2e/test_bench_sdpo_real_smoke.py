@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lowmem_sdpo.verifiable.judge import score, strict
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sdpo_real.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_sdpo_real.py"
 ARMS = ("S", "sdpo", "sdpo_off", "dpo")
 
 
