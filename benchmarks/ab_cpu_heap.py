@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import write_json_atomic
+
 HERE = Path(__file__).resolve().parent
 HOOK = HERE / "heap_hook"
 MIB = 2**20
@@ -293,13 +295,6 @@ def run_e2e(variant_name: str, system: str, args: argparse.Namespace) -> dict[st
         return row
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -326,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child is not None:
         spec = json.loads(args.child.read_text())
-        write_json_atomic(Path(spec["result"]), step_child(spec))
+        write_json_atomic(Path(spec["result"]), step_child(spec), indent=1)
         return 0
     if not args.model:
         print("--model: required", file=sys.stderr)
@@ -355,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{row['worker']['vm_hwm_bytes'] / MIB:.0f} MiB, load {row['loadavg_start'][0]:.2f}",
                         flush=True,
                     )
-                write_json_atomic(args.out, {"benchmark": "ab_cpu_heap", "host": host_record(), "rows": rows})
+                write_json_atomic(args.out, {"benchmark": "ab_cpu_heap", "host": host_record(), "rows": rows}, indent=1)
     return 0
 
 

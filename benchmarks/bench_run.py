@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import device_label
+from common import device_label, write_json_atomic
 
 from lowmem_sdpo.cli.run_cmd import add_run_arguments, config_from_args
 from lowmem_sdpo.engine import run_sdpo
@@ -92,10 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "options": options,
         "rows": rows,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    tmp_out.replace(out)
+    write_json_atomic(out, result)
     for r in rows:
         print(
             f"step {r['step']}: {r['pairs']} pairs, {r['optimizer_steps']} optimiser steps, "

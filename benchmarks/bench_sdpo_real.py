@@ -45,6 +45,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import git_commit, write_json_atomic
+
 from lowmem_sdpo.engine import RunConfig, run_sdpo
 from lowmem_sdpo.host import host_record
 from lowmem_sdpo.runtime.reporting import Reporter
@@ -276,14 +278,6 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def _uptime() -> str:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
@@ -313,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     if 0 not in seeds:
         raise SystemExit("--seeds: seed 0 is the one the settings are chosen with; include it")
     out = args.out or RESULTS / ("sdpo_real_smollm2_smoke.json" if args.smoke else "sdpo_real_smollm2.json")
-    started, load_start, uptime_start, commit = time.perf_counter(), os.getloadavg(), _uptime(), _commit()
+    started, load_start, uptime_start, commit = time.perf_counter(), os.getloadavg(), _uptime(), git_commit()
     import torch
 
     pools = build_pools(sizes)
@@ -380,10 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": commit,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out)
+    write_json_atomic(out, result, indent=1)
     print(markdown_table(result))
     print(f"wrote {out} ({result['wall_seconds']} s)")
     return 0

@@ -39,7 +39,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from common import git_commit, host_record
+from common import git_commit, host_record, write_json_atomic
 
 from lowmem_sdpo.toy.run_settings import TINY_TOY_RUN
 
@@ -299,10 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": commit,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    tmp_out.replace(out)
+    write_json_atomic(out, result)
     for arm in ARMS:
         mean, sd = arms[arm]["mean"], arms[arm]["sd"]
         print(f"{arm:10s} " + "  ".join(f"{m} {mean[m]:.3f}±{sd[m]:.3f}" for m in mean))

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from common import write_json_atomic
 from crosscheck_stats import (
     NOISE_FACTOR,
     STEP_FIGURES,
@@ -328,10 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=1) + "\n")
-    tmp_out.replace(args.out)
+    write_json_atomic(args.out, result, indent=1)
     for name, c in result["checks"].items():
         print(
             f"{name:26s} |d| {c['max_abs_diff']:.3g}  tol {c['tolerance']:.3g}  {'ok' if c['ok'] else 'FAIL'}"
