@@ -23,7 +23,7 @@ Settings: every GRID entry is trained with seed 0 and scored on the validation p
 of the three trained arms, then mean satisfaction); the best is frozen, and only then are the held-out prompts
 scored (seed 0's models of the chosen entry, then the other seeds). The JSON records every entry tried.
 
-    python benchmarks/bench_sdpo_real.py                        # the reported run, seeds 0 1 2
+    python benchmarks/bench_sdpo_real.py                        # the reported run, seeds 0 1 2 3
     python benchmarks/bench_sdpo_real.py --smoke --out /tmp/s.json   # CI: `tiny`, a few prompts, < 60 s
 
 JSON (benchmarks/results/sdpo_real_smollm2.json): model, sizes, sampling, train, grid (with each entry's
@@ -62,11 +62,15 @@ MODEL = "smollm2-135m-instruct-q4"
 ARMS = ("S", "sdpo", "sdpo_off", "dpo")
 TRAINED = ARMS[1:]
 METRICS = ("strict", "satisfaction")
-SIZES = {"step1": 16, "step2": 16, "validation": 16, "heldout": 32}
-# Candidates: 4 per prompt at temperature 1 (more distinct answers, hence fewer ties, than 0.7), at most 32
-# new tokens: the prompts ask for a short answer. A batch holds a whole pool: on CPU each decoding step
-# dequantises every NF4 weight once whatever the batch, so fewer, wider batches cost far less.
-SAMPLING = {"candidates": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 32, "batch_size": 32}
+# 48 prompts per step: with 8 candidates S's one-constraint answers still tie on half of them (all fail), so
+# D_1 holds about 24 pairs and D_2 about 45 (measured on seed 1: 24 and 47). 64 held-out prompts: one prompt
+# moves strict accuracy by 0.016.
+SIZES = {"step1": 48, "step2": 48, "validation": 32, "heldout": 64}
+# Candidates: 8 per prompt at temperature 1 (more distinct answers, hence fewer ties, than 0.7; 4 candidates
+# gave 21 and 38 pairs where 8 gave 24 and 47), at most 32 new tokens: the prompts ask for a short answer.
+# Batches of 16 prompts (128 sequences): on CPU each decoding step dequantises every NF4 weight once whatever
+# the batch, so wide batches cost far less per answer; a 48-prompt pool samples in about a minute idle.
+SAMPLING = {"candidates": 8, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 32, "batch_size": 16}
 TRAIN: dict[str, Any] = {
     "max_length": 144,
     "max_prompt_length": 96,
@@ -294,16 +298,20 @@ def _pick(grid: list[dict[str, Any]]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (smoke: 0); 0 must be among them")
+    parser.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 3 (smoke: 0); 0 must be among them")
     parser.add_argument("--smoke", action="store_true", help="`tiny` on a few prompts, one seed: a CI check")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--work", type=Path, help="keep the runs and pair files here (default: a temp dir)")
+    parser.add_argument("--table", type=Path, help="print the README's table of a written JSON and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return 0
     model = SMOKE["model"] if args.smoke else MODEL
     sizes = SMOKE["sizes"] if args.smoke else SIZES
     sampling = SMOKE["sampling"] if args.smoke else SAMPLING
     grid_settings = list(SMOKE["grid"] if args.smoke else GRID)
-    seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
+    seeds = args.seeds or ([0] if args.smoke else [0, 1, 2, 3])
     if 0 not in seeds:
         raise SystemExit("--seeds: seed 0 is the one the settings are chosen with; include it")
     out = args.out or RESULTS / ("sdpo_real_smollm2_smoke.json" if args.smoke else "sdpo_real_smollm2.json")
@@ -335,6 +343,36 @@ def main(argv: list[str] | None = None) -> int:
         s_score = scores(heldout, s_answers["heldout"])
         rows, seed_records = [], []
         generations: dict[str, Any] = {"S": s_answers["heldout"]}
+
+        def result_so_far() -> dict[str, Any]:
+            arms, differences = summarise(rows)
+            done = [r["seed"] for r in seed_records]
+            return {
+                "model": model,
+                "complete": done == seeds,  # False in the JSON rewritten after each seed, until the last
+                "split_seed": SPLIT_SEED,
+                "sizes": sizes,
+                "sampling": sampling,
+                "greedy": {"max_new_tokens": sampling["max_new_tokens"], "batch_size": sampling["batch_size"]},
+                "train": settings,
+                "grid": grid,
+                "chosen": grid_settings[chosen],
+                "chosen_by": "validation strict accuracy, mean of the trained arms, seed 0 (then satisfaction)",
+                "seeds": done,
+                "seeds_planned": seeds,
+                "arms": arms,
+                "differences": differences,
+                "seed_records": seed_records,
+                "prompts": {"heldout": [it.row() for it in heldout]},
+                "generations": {"heldout": generations},
+                "host": host_record(),
+                "load": {"start": list(load_start), "end": list(os.getloadavg()), "uptime_start": uptime_start,
+                         "uptime_end": _uptime()},
+                "torch_threads": torch.get_num_threads(),
+                "commit": commit,
+                "wall_seconds": round(time.perf_counter() - started, 1),
+            }  # fmt: skip
+
         for seed in seeds:
             record = seed0[chosen] if seed == 0 else run_seed(
                 gen, model, pools, settings, sampling, seed, work_root / f"chosen-seed{seed}", s_candidates
@@ -346,35 +384,14 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"arm": arm, "seed": seed, **scores(heldout, answers), **record["training"][arm]})
                 print(f"seed {seed} {arm}: {rows[-1]['strict']:.3f} strict, {rows[-1]['satisfaction']:.3f}", flush=True)
             seed_records.append({"seed": seed, **{k: v for k, v in record.items() if k != "chains"}})
+            # Written after every seed, so a run cut short still leaves the seeds it finished.
+            result = result_so_far()
+            write_json_atomic(out, result, indent=1)
+            print(f"seed {seed} written to {out} ({result['wall_seconds']} s)", flush=True)
     finally:
         gen.release()
         if args.work is None:
             shutil.rmtree(work_root, ignore_errors=True)
-    arms, differences = summarise(rows)
-    result = {
-        "model": model,
-        "split_seed": SPLIT_SEED,
-        "sizes": sizes,
-        "sampling": sampling,
-        "greedy": {"max_new_tokens": sampling["max_new_tokens"], "batch_size": sampling["batch_size"]},
-        "train": settings,
-        "grid": grid,
-        "chosen": grid_settings[chosen],
-        "chosen_by": "validation strict accuracy, mean of the trained arms, seed 0 (then satisfaction)",
-        "seeds": seeds,
-        "arms": arms,
-        "differences": differences,
-        "seed_records": seed_records,
-        "prompts": {"heldout": [it.row() for it in heldout]},
-        "generations": {"heldout": generations},
-        "host": host_record(),
-        "load": {"start": list(load_start), "end": list(os.getloadavg()), "uptime_start": uptime_start,
-                 "uptime_end": _uptime()},
-        "torch_threads": torch.get_num_threads(),
-        "commit": commit,
-        "wall_seconds": round(time.perf_counter() - started, 1),
-    }
-    write_json_atomic(out, result, indent=1)
     print(markdown_table(result))
     print(f"wrote {out} ({result['wall_seconds']} s)")
     return 0
