@@ -12,8 +12,8 @@ all `--length` tokens. Step 1 warms up (AdamW's state is made there) and sets th
 steps are the measured ones: per step CPU seconds (user + sys of the process), minor page faults, wall.
 
 Mode `e2e`: whole training runs on real-language pairs, ours through the CLI (`lowmem-sdpo run`, one sDPO step,
-`--no-bound-cpu-heap` so that the variant alone sets the heap) and TRL through `bench_e2e.py --systems trl`
-(its DPOTrainer worker), every process started with the variant by `benchmarks/heap_hook/sitecustomize.py`.
+`--no-bound-cpu-heap --cpu-allocator glibc` so that the variant alone sets the heap) and TRL through `bench_e2e.py --systems trl`
+(its DPOTrainer worker, `--cpu-allocator glibc`), every process started with the variant by `benchmarks/heap_hook/sitecustomize.py`.
 Recorded per run: wall, user + sys seconds, minor faults and VmHWM of the worker process itself.
 
     PYTHONPATH=.:kernels .venv/bin/python benchmarks/ab_cpu_heap.py --model ~/.cache/lowmem-sdpo/smollm2-... \\
@@ -76,6 +76,21 @@ VARIANTS: dict[str, Variant] = {
         {"mmap_threshold": 128 * 1024},
         _THP_TORCH,
     ),
+    # Allocators that keep freed blocks by size class and hand whole pages back on a timer (jemalloc) or
+    # on demand (tcmalloc): loaded with LD_PRELOAD (Debian's libjemalloc2 / libtcmalloc-minimal4), no mallopt.
+    "jemalloc": Variant(
+        "jemalloc 5 in place of glibc's malloc (LD_PRELOAD), its defaults (dirty pages purged after 10 s)",
+        env={"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"},
+    ),
+    "jemalloc-1s": Variant(
+        "jemalloc 5 (LD_PRELOAD), dirty pages purged after 1 s, none kept muzzy",
+        env={"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+             "MALLOC_CONF": "dirty_decay_ms:1000,muzzy_decay_ms:0"},
+    ),
+    "tcmalloc": Variant(
+        "gperftools' tcmalloc (minimal) in place of glibc's malloc (LD_PRELOAD), its defaults",
+        env={"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"},
+    ),
     "mmap-5m": Variant(
         "mmap threshold fixed at 5 MiB (hidden-size activations, 4.5 MiB here, from the heap), trim 64 MiB",
         {"mmap_threshold": 5 * MIB, "trim_threshold": 64 * MIB},
@@ -101,7 +116,7 @@ def mallopt_spec(variant: Variant) -> str:
 
 def child_env(variant: Variant, rusage_dir: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    for key in ("LOWMEM_SDPO_AB_MALLOPT", "GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE"):
+    for key in ("LOWMEM_SDPO_AB_MALLOPT", "GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD", "MALLOC_CONF"):
         env.pop(key, None)
     env.update(variant.env)
     if variant.mallopt:
@@ -255,12 +270,14 @@ def run_e2e(variant_name: str, system: str, args: argparse.Namespace) -> dict[st
                 "--output-dir", str(Path(tmp) / "run"), "--max-length", "512", "--max-prompt-length", "256",
                 "--batch-size", "2", "--grad-accum", "2", "--lora-r", "16", "--lora-alpha", "16",
                 "--lora-dropout", "0.05", "--beta", "0.1", "--learning-rate", "5e-6", "--warmup-ratio", "0.1",
-                "--seed", "0", "--device", "cpu", "--no-bound-cpu-heap", "--quiet", *args.ours_args,
+                "--seed", "0", "--device", "cpu", "--no-bound-cpu-heap", "--cpu-allocator", "glibc", "--quiet",
+                *args.ours_args,
             ]  # fmt: skip
         else:
             cmd = [
                 sys.executable, str(HERE / "bench_e2e.py"), "--device", "cpu", "--shapes", "smollm2-135m-q4",
                 "--systems", system, "--pairs", str(args.pairs), "--out", str(Path(tmp) / "e2e.json"),
+                "--cpu-allocator", "glibc",  # the variant alone sets the malloc (a preloaded one stays)
             ]  # fmt: skip
             cmd[0] = args.trl_python
         load0 = os.getloadavg()

@@ -85,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--worker-timeout", type=float, help="seconds per worker (default 1200 CPU, 540 CUDA)"
     )
+    parser.add_argument(
+        "--cpu-allocator", choices=("auto", "glibc", "tcmalloc", "jemalloc"), default="auto",
+        help="CPU: the malloc every worker (ours and TRL's) starts on, as `lowmem-sdpo run --cpu-allocator` "
+        "chooses it (auto: tcmalloc where installed, else glibc)",
+    )  # fmt: skip
     parser.add_argument("--profile-dir", help="cProfile each worker into DIR/<system>-<shape>-<run>.prof")
     parser.add_argument("--dry-run", action="store_true", help="print what would run and exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -16,6 +16,10 @@ from typing import Any
 # /proc/cpuinfo flags whose presence changes which CPU kernels bitsandbytes and torch run.
 NUMERIC_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 CPUINFO = Path("/proc/cpuinfo")
+PROC_MAPS = Path("/proc/self/maps")
+# Allocators a process can run on in place of the C library's malloc (put in with LD_PRELOAD: see
+# runtime/cpu_allocator.py), by the start of their library's file name as /proc/self/maps lists it.
+PRELOADED_ALLOCATORS = {"tcmalloc": "libtcmalloc", "jemalloc": "libjemalloc"}
 
 
 def _cpuinfo_field(text: str, key: str) -> str | None:
@@ -38,6 +42,19 @@ def cpu_features(cpuinfo: str | None = None) -> dict[str, Any]:
     }
 
 
+def cpu_allocator(maps: str | None = None) -> str:
+    """The malloc this process's CPU tensors come from: "tcmalloc" / "jemalloc" when one is mapped in (it
+    replaces malloc only when preloaded; runtime/cpu_allocator.py starts runs so), else the C library's own:
+    "glibc", or "system" (musl, macOS). It decides a CPU run's peak RSS and part of its CPU time."""
+    if maps is None:
+        maps = PROC_MAPS.read_text() if PROC_MAPS.is_file() else ""
+    files = {Path(line.split()[-1]).name for line in maps.splitlines() if "/" in line}
+    for name, prefix in PRELOADED_ALLOCATORS.items():
+        if any(f.startswith(prefix) for f in files):
+            return name
+    return "glibc" if platform.libc_ver()[0] == "glibc" else "system"
+
+
 def library_version(dist: str) -> str:
     """An installed distribution's version, or "absent"."""
     try:
@@ -58,4 +75,5 @@ def host_record() -> dict[str, Any]:
         "libraries": {d: library_version(d) for d in ("torch", "triton", "transformers", "peft", "bitsandbytes")},
         # models/quant.py keeps every Linear4bit off bitsandbytes' AVX512-BF16 repacking, on every host.
         "bitsandbytes_cpu_repacking": "off",
+        "cpu_allocator": cpu_allocator(),
     }

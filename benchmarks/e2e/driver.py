@@ -4,6 +4,7 @@ times (interleaved), each run in a process of its own, and rewrites the report a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -29,9 +30,24 @@ def print_plan(args: argparse.Namespace, shapes: list[Shape], out: Path, cache: 
             print(f"  {system}: {args.python} {SCRIPT.name} --worker {system} ...")
 
 
+def allocator_env(choice: str, device: str) -> dict[str, str]:
+    """What every worker of a CPU run starts with: the malloc `lowmem-sdpo run --cpu-allocator CHOICE` would
+    restart itself on (runtime/cpu_allocator.py), for ours and TRL alike, so both run on the same allocator."""
+    if device != "cpu":
+        return {}
+    from lowmem_sdpo.runtime.cpu_allocator import STARTED_FOR, plan_allocator, preload_environment
+
+    plan = plan_allocator(choice)
+    if plan.preload is None:
+        return {}
+    env = preload_environment(plan, os.environ)
+    return {k: env[k] for k in ("LD_PRELOAD", STARTED_FOR)}
+
+
 def run_shapes(args: argparse.Namespace, shapes: list[Shape], out: Path, cache: Path, timeout: float) -> None:
     """Every shape x system x repeat; the report at `out` holds every run finished so far."""
     skip_trl = trl_missing(args.python) if TRL_SYSTEMS & set(args.systems) else None
+    extra_env = allocator_env(args.cpu_allocator, args.device)
     report = Report(out, args, commit=git_commit(), changes=source_changes())  # before the run: what ran
     with tempfile.TemporaryDirectory(prefix="bench_e2e.") as tmp:
         work = Path(tmp)
@@ -70,7 +86,7 @@ def run_shapes(args: argparse.Namespace, shapes: list[Shape], out: Path, cache: 
                         profile = str(Path(args.profile_dir).resolve() / f"{system}-{shape.name}-{rep}.prof")
                     print(f"[{time.strftime('%H:%M:%S')}] {shape.name} {system} run {rep + 1}/{args.repeats} "
                           f"(load {loadavg()})", flush=True)  # fmt: skip
-                    result, tail, figures = spawn(args.python, system, spec, work, timeout, profile)
+                    result, tail, figures = spawn(args.python, system, spec, work, timeout, profile, extra_env)
                     if result is None or result.get("error"):
                         print(f"  failed: {(result or {}).get('error') or tail[-500:]}", flush=True)
                     runs[system].append((result, tail, figures))

@@ -105,6 +105,7 @@ def system_rows(
         "config": good[0].get("config") if good else None,
         "engine_peaks": good[0].get("engine_peaks") if good else None,
         "loadavg": [[r.get("loadavg_start"), r.get("loadavg_end")] for r in good],
+        "cpu_allocator": sorted({r.get("cpu_allocator") for r in good if r.get("cpu_allocator")}),
         "status": "ok" if not errors else f"error: {errors[0]}",
         "error": errors[0] if errors else None,
     }  # fmt: skip

@@ -27,9 +27,16 @@ def trl_missing(python: str) -> str | None:
 
 
 def spawn(
-    python: str, system: str, spec: dict[str, Any], work: Path, timeout: float, profile: str | None
+    python: str,
+    system: str,
+    spec: dict[str, Any],
+    work: Path,
+    timeout: float,
+    profile: str | None,
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any] | None, str, dict[str, Any]]:
-    """Runs one worker process; -> (its result or None, the tail of its output, process figures)."""
+    """Runs one worker process (`extra_env` on top of this one's: the allocator's LD_PRELOAD); -> (its result
+    or None, the tail of its output, process figures)."""
     tag = f"{system}-{time.time_ns()}"
     spec_path, result_path, log_path = (
         work / f"{tag}.spec.json",
@@ -52,6 +59,7 @@ def spawn(
         "HF_DATASETS_CACHE": str(work / tag / "hf_datasets"),
         "TRANSFORMERS_VERBOSITY": "error",
         "WANDB_DISABLED": "true",
+        **(extra_env or {}),
     }
     started = time.perf_counter()
     with log_path.open("w") as log:

@@ -60,6 +60,9 @@ def run_worker(system: str, spec_path: Path, result_path: Path, profile: str | N
         clock.close()
     result["phases"] = clock.as_dicts()
     result["process_peak_rss_bytes"] = peak_rss_self()
+    from lowmem_sdpo.host import cpu_allocator
+
+    result["cpu_allocator"] = cpu_allocator()  # the malloc this worker ran on (the driver's --cpu-allocator)
     if cuda:  # the engine resets the allocator's peaks at its phase boundaries: the process's are the phases'
         for key in ("peak_allocated_bytes", "peak_reserved_bytes", "peak_device_used_bytes"):
             result[f"process_{key}"] = max((p[key] or 0 for p in result["phases"]), default=None)

@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int:
+    """`own_process`: this is the command-line process (cli.entry), which a CPU run may restart under another
+    malloc (cli/allocator.py); main() called from Python never restarts its caller."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # --debug is accepted anywhere on the line, not only before the subcommand.
     debug = "--debug" in argv
@@ -66,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Ctrl-C at any moment -- parsing, the heavy imports, loading, training -- is one line and 130; the
     # engine's own handler turns one during training into a checkpoint first.
     try:
-        return _dispatch(argv, debug)
+        return _dispatch(argv, debug, own_process)
     except KeyboardInterrupt:
         if debug:
             raise
@@ -78,15 +80,16 @@ def entry() -> NoReturn:
     """The process entry point (`lowmem-sdpo`, `python -m lowmem_sdpo`): main(), then exit with its code. Once
     main has returned there is nothing left to interrupt, and a Ctrl-C arriving while the interpreter shuts down
     (after Python has restored the default handler) would otherwise kill it by the signal, with no line at all."""
-    code = main()
+    code = main(own_process=True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise SystemExit(code)
 
 
-def _dispatch(argv: list[str], debug: bool) -> int:
+def _dispatch(argv: list[str], debug: bool, own_process: bool = False) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.debug = debug
+    args.own_process = own_process
     args.argv = argv  # what `run --num-processes` hands to each rank
     if not getattr(args, "handler", None):
         parser.print_help()

@@ -7,6 +7,7 @@ import sys
 from dataclasses import fields
 from typing import Any
 
+from lowmem_sdpo.cli.allocator import add_cpu_allocator_argument, restart_if_asked
 from lowmem_sdpo.cli.launch import add_num_processes_argument, check_num_processes, launch_if_asked
 from lowmem_sdpo.data.spec import parse_steps
 from lowmem_sdpo.engine.config import RunConfig, build_config, read_config_file
@@ -57,8 +58,8 @@ HELP: dict[str, str] = {
     "logprob_impl": "auto, triton, torch, naive: the fused lm-head log-prob implementation",
     "deterministic": "bit-identical log-prob gradients run to run: the ordered torch kernel instead of Triton's atomics",
     "device": "auto, cpu, cuda",
-    "bound_cpu_heap": "CPU runs: return freed activations to the system (glibc's mmap threshold fixed): far less "
-    "RSS, more CPU time per step",
+    "bound_cpu_heap": "CPU runs on glibc's malloc (see --cpu-allocator): return freed activations to the system "
+    "(glibc's mmap threshold fixed): far less RSS, more CPU time per step",
     "save_every": "write a resumable checkpoint every N optimiser steps",
     "diagnostics": "also compute gamma of S on each step's data, and in exact mode each step's training shift "
     "(P_t on a sample of D_t; requantized mode always measures it)",
@@ -118,6 +119,7 @@ def register(subparsers: Any) -> None:
         "--resume", action="store_true", help="continue the run in --output-dir (or its default, same flags)"
     )
     add_num_processes_argument(run)
+    add_cpu_allocator_argument(run)
     run.set_defaults(handler=run_command)
 
 
@@ -147,6 +149,7 @@ def run_command(args: argparse.Namespace) -> int:
     if config.eval_steps:
         parse_steps(config.eval_steps, "--eval-steps")
     check_run_dir(config, resume=args.resume)  # before anything is loaded or written
+    restart_if_asked(args, config.device)  # a CPU run under tcmalloc where installed: before anything loads
 
     from lowmem_sdpo.engine import run_sdpo
     from lowmem_sdpo.runtime.distributed import launched_rank

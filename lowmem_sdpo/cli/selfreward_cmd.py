@@ -11,6 +11,7 @@ import argparse
 from dataclasses import fields, replace
 from typing import Any
 
+from lowmem_sdpo.cli.allocator import add_cpu_allocator_argument, restart_if_asked
 from lowmem_sdpo.engine.config import RunConfig
 
 # Training options self-reward sets itself (the steps are the iterations' D_t, the model is --model).
@@ -83,6 +84,7 @@ def register(subparsers: Any) -> None:
     sr.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
     sr.add_argument("--quiet", action="store_true")
     add_run_arguments(sr, skip=NOT_HERE, defaults=TRAIN_DEFAULTS, with_config=False)
+    add_cpu_allocator_argument(sr)
     sr.set_defaults(handler=selfreward_command)
 
 
@@ -100,6 +102,8 @@ def selfreward_command(args: argparse.Namespace) -> int:
     from lowmem_sdpo.runtime.reporting import Reporter
     from lowmem_sdpo.selfreward.loop import SelfRewardRun, SelfRewardSettings
 
+    # A CPU run under tcmalloc where installed; the restarted process checks the input (and resumes) as this one would.
+    restart_if_asked(args, train_config(args).device)
     settings = SelfRewardSettings(
         model=args.model, prompts=args.prompts, output_dir=args.output_dir, iterations=args.iterations,
         candidates=args.candidates, temperature=args.temperature, top_p=args.top_p,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lowmem_sdpo.checks import check_run_target
+from lowmem_sdpo.cli.allocator import add_cpu_allocator_argument, restart_if_asked
 from lowmem_sdpo.cli.launch import add_num_processes_argument, check_num_processes, launch_if_asked
 from lowmem_sdpo.data.spec import parse_steps
 from lowmem_sdpo.engine.config import RunConfig, validate
@@ -39,6 +40,7 @@ def register(subparsers: Any) -> None:
     sft.add_argument("--export-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     sft.add_argument("--resume", action="store_true", help="continue the SFT run in --output-dir")
     add_num_processes_argument(sft)
+    add_cpu_allocator_argument(sft)
     sft.set_defaults(handler=sft_command)
 
 
@@ -83,6 +85,7 @@ def sft_command(args: argparse.Namespace) -> int:
         from lowmem_sdpo.trackers import check_tracker
 
         check_tracker(config.report_to)  # a missing package is refused before anything runs
+    restart_if_asked(args, config.device)  # a CPU run under tcmalloc where installed: before anything loads
     launched = launch_if_asked(args)
     if launched is not None:
         return launched

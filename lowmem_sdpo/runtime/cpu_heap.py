@@ -22,6 +22,9 @@ Cheaper bounds were measured there and are not used: transparent huge pages for 
 (GLIBC_TUNABLES=glibc.malloc.hugetlb=1) or for torch's large tensors (THP_MEM_ALLOC_ENABLE=1) fault less but cost
 as much CPU or more; a higher fixed threshold (5 MiB) lets the hidden-size activations fragment the heap again;
 128 KiB in the forward with the heap's 32 MiB in the backward lets it grow step after step. 128 KiB stays.
+
+tcmalloc has neither cost (runtime/cpu_allocator.py): a run the CLI started on it is not bounded, since mallopt
+is glibc's and the preloaded allocator serves every request.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+
+from lowmem_sdpo.host import cpu_allocator
 
 # glibc <malloc.h>: M_MMAP_THRESHOLD is -3. 128 KiB is glibc's own starting value; fixing it is what counts.
 M_MMAP_THRESHOLD = -3
@@ -49,9 +54,10 @@ def _glibc() -> ctypes.CDLL | None:
 
 def bound_cpu_heap(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     """Fix glibc malloc's mmap threshold for this process (see the module docstring). True if set; False where
-    the C library is not glibc. Process-wide and permanent, so the engine calls it once, for CPU runs only."""
+    the C library is not glibc or another allocator (tcmalloc, jemalloc) was preloaded in its place.
+    Process-wide and permanent, so the engine calls it once, for CPU runs only."""
     libc = _glibc()
-    if libc is None:
+    if libc is None or cpu_allocator() != "glibc":
         return False
     return bool(libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(threshold)))
 
