@@ -35,13 +35,13 @@ def allocator_env(choice: str, device: str) -> dict[str, str]:
     restart itself on (runtime/cpu_allocator.py), for ours and TRL alike, so both run on the same allocator."""
     if device != "cpu":
         return {}
-    from lowmem_sdpo.runtime.cpu_allocator import STARTED_FOR, plan_allocator, preload_environment
+    from lowmem_sdpo.runtime.cpu_allocator import plan_allocator, preload_environment
 
     plan = plan_allocator(choice)
     if plan.preload is None:
         return {}
     env = preload_environment(plan, os.environ)
-    return {k: env[k] for k in ("LD_PRELOAD", STARTED_FOR)}
+    return {k: v for k, v in env.items() if os.environ.get(k) != v}  # what the preload adds or changes
 
 
 def run_shapes(args: argparse.Namespace, shapes: list[Shape], out: Path, cache: Path, timeout: float) -> None:

@@ -29,11 +29,17 @@ from lowmem_sdpo.host import cpu_allocator
 class Allocator:
     libraries: tuple[str, ...]  # names for ctypes.util.find_library, preferred first
     install: str  # how to get it, for the error line
+    environ: tuple[tuple[str, str], ...] = ()  # its settings, read from the environment when it starts
 
 
 ALLOCATORS: dict[str, Allocator] = {
-    # The minimal build has no heap profiler, which would only cost time here.
-    "tcmalloc": Allocator(("tcmalloc_minimal", "tcmalloc"), "Debian/Ubuntu: apt install libtcmalloc-minimal4"),
+    # The minimal build has no heap profiler, which would only cost time here. tcmalloc prints a line for every
+    # allocation over 1 GiB (a 10.7B model's load makes several): the threshold goes out of reach.
+    "tcmalloc": Allocator(
+        ("tcmalloc_minimal", "tcmalloc"),
+        "Debian/Ubuntu: apt install libtcmalloc-minimal4",
+        (("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(2**62)),),
+    ),
     "jemalloc": Allocator(("jemalloc",), "Debian/Ubuntu: apt install libjemalloc2"),
 }
 AUTO_ORDER = ("tcmalloc",)  # jemalloc is offered by name only: measured slower than tcmalloc (module docstring)
@@ -100,10 +106,11 @@ def plan_allocator(
 
 
 def preload_environment(plan: AllocatorPlan, environ: Mapping[str, str]) -> dict[str, str]:
-    """`environ` with the plan's library first in LD_PRELOAD (what was there stays after it) and the marker."""
+    """`environ` with the plan's library first in LD_PRELOAD (what was there stays after it), the allocator's
+    settings where `environ` has none, and the marker."""
     if plan.preload is None:
         raise ValueError("the plan keeps this process: nothing to preload")
-    env = dict(environ)
+    env = {**dict(ALLOCATORS[plan.allocator].environ), **environ}  # the user's own settings win
     env["LD_PRELOAD"] = " ".join(p for p in (plan.preload, environ.get("LD_PRELOAD", "")) if p)
     env[STARTED_FOR] = plan.allocator
     return env

@@ -60,8 +60,12 @@ def test_a_named_allocator_restarts_once_or_is_refused_in_one_line():
 def test_the_preload_goes_first_and_keeps_what_was_there():
     plan = AllocatorPlan("tcmalloc", TCMALLOC)
     env = preload_environment(plan, {"LD_PRELOAD": "/opt/libfoo.so", "PATH": "/bin"})
-    assert env == {"LD_PRELOAD": f"{TCMALLOC} /opt/libfoo.so", "PATH": "/bin", STARTED_FOR: "tcmalloc"}
+    quiet = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(2**62)}  # no line per allocation over 1 GiB
+    assert env == {"LD_PRELOAD": f"{TCMALLOC} /opt/libfoo.so", "PATH": "/bin", STARTED_FOR: "tcmalloc", **quiet}
     assert preload_environment(plan, {})["LD_PRELOAD"] == TCMALLOC
+    mine = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "1000"}
+    assert preload_environment(plan, mine)["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] == "1000"  # the user's stays
+    assert "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD" not in preload_environment(AllocatorPlan("jemalloc", "j.so"), {})
     with pytest.raises(ValueError):
         preload_environment(AllocatorPlan("glibc", None), {})
 

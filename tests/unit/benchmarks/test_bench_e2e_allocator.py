@@ -1,0 +1,36 @@
+"""bench_e2e.py's workers start on the malloc `lowmem-sdpo run --cpu-allocator` would choose (ours and TRL's
+alike): the environment the driver hands them, against runtime/cpu_allocator.py's own plan."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from lowmem_sdpo.host import cpu_allocator
+from lowmem_sdpo.runtime.cpu_allocator import STARTED_FOR, find_allocator
+
+SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_e2e.py"
+
+
+def _driver():
+    sys.path.insert(0, str(SCRIPT.parent))  # bench_e2e's own imports (common, e2e.*) resolve beside it
+    spec = importlib.util.spec_from_file_location("bench_e2e_allocator_under_test", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    from e2e.driver import allocator_env
+
+    return allocator_env
+
+
+def test_workers_get_the_preload_run_would_choose():
+    allocator_env = _driver()
+    assert allocator_env("auto", "cuda") == {} and allocator_env("tcmalloc", "cuda") == {}
+    assert allocator_env("glibc", "cpu") == {}
+    if cpu_allocator() == "glibc" and find_allocator("tcmalloc"):
+        env = allocator_env("auto", "cpu")
+        assert env["LD_PRELOAD"].split()[0] == find_allocator("tcmalloc") and env[STARTED_FOR] == "tcmalloc"
+    else:  # no tcmalloc here (or this process already runs on another malloc): the workers inherit this one's
+        assert allocator_env("auto", "cpu") == {}
