@@ -3,23 +3,17 @@ alike): the environment the driver hands them, against runtime/cpu_allocator.py'
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 from lowmem_sdpo.host import cpu_allocator
 from lowmem_sdpo.runtime.cpu_allocator import STARTED_FOR, find_allocator
 
-SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_e2e.py"
+BENCHMARKS = Path(__file__).resolve().parents[3] / "benchmarks"
 
 
 def _driver():
-    sys.path.insert(0, str(SCRIPT.parent))  # bench_e2e's own imports (common, e2e.*) resolve beside it
-    spec = importlib.util.spec_from_file_location("bench_e2e_allocator_under_test", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(BENCHMARKS))  # bench_e2e's package (e2e.*) and its helpers (common) resolve beside it
     from e2e.driver import allocator_env
 
     return allocator_env
