@@ -62,6 +62,8 @@ from e2e.clock import PhaseClock  # noqa: E402
 from e2e.driver import print_plan, run_shapes  # noqa: E402
 from e2e.settings import DEFAULT_SHAPES, ROW_KEYS, SHAPES, SYSTEMS, TRL_SYSTEMS  # noqa: E402
 
+from lowmem_sdpo.runtime.cpu_allocator import CHOICES as ALLOCATOR_CHOICES  # noqa: E402  (no torch: the parent never loads it)
+
 __all__ = ["DEFAULT_SHAPES", "ROW_KEYS", "SHAPES", "SYSTEMS", "TRL_SYSTEMS", "PhaseClock", "main"]
 
 
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "--worker-timeout", type=float, help="seconds per worker (default 1200 CPU, 540 CUDA)"
     )
     parser.add_argument(
-        "--cpu-allocator", choices=("auto", "glibc", "tcmalloc", "jemalloc"), default="auto",
+        "--cpu-allocator", choices=ALLOCATOR_CHOICES, default="auto",
         help="CPU: the malloc every worker (ours and TRL's) starts on, as `lowmem-sdpo run --cpu-allocator` "
         "chooses it (auto: tcmalloc where installed, else glibc)",
     )  # fmt: skip

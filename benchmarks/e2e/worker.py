@@ -10,6 +10,8 @@ from typing import Any
 
 from common import loadavg, write_json_atomic
 
+from lowmem_sdpo.host import cpu_allocator  # stdlib only: the parent still never loads torch
+
 from .clock import PhaseClock, peak_rss_self
 from .fixtures import prepare_worker
 from .ours import ours_worker
@@ -60,8 +62,6 @@ def run_worker(system: str, spec_path: Path, result_path: Path, profile: str | N
         clock.close()
     result["phases"] = clock.as_dicts()
     result["process_peak_rss_bytes"] = peak_rss_self()
-    from lowmem_sdpo.host import cpu_allocator
-
     result["cpu_allocator"] = cpu_allocator()  # the malloc this worker ran on (the driver's --cpu-allocator)
     if cuda:  # the engine resets the allocator's peaks at its phase boundaries: the process's are the phases'
         for key in ("peak_allocated_bytes", "peak_reserved_bytes", "peak_device_used_bytes"):

@@ -103,7 +103,8 @@ def selfreward_command(args: argparse.Namespace) -> int:
     from lowmem_sdpo.selfreward.loop import SelfRewardRun, SelfRewardSettings
 
     # A CPU run under tcmalloc where installed; the restarted process checks the input (and resumes) as this one would.
-    restart_if_asked(args, train_config(args).device)
+    train = train_config(args)
+    restart_if_asked(args, train.device)
     settings = SelfRewardSettings(
         model=args.model, prompts=args.prompts, output_dir=args.output_dir, iterations=args.iterations,
         candidates=args.candidates, temperature=args.temperature, top_p=args.top_p,
@@ -113,7 +114,7 @@ def selfreward_command(args: argparse.Namespace) -> int:
         quiet=args.quiet,
     )  # fmt: skip
     try:
-        SelfRewardRun(settings, train_config(args), Reporter(args.quiet)).run(resume=args.resume)
+        SelfRewardRun(settings, train, Reporter(args.quiet)).run(resume=args.resume)
     except TrainingStopped as err:
         print(f"error: {err}")
         return err.exit_code
