@@ -3,6 +3,7 @@
 Systems (each runs in a process of its own, so a process's peak memory is that system's alone):
   ours            lowmem-sdpo, two sDPO steps (the product), default log-prob implementation
   ours-naive      the same with logprob_impl="naive" (full logits): the fused kernel's share
+  ours-torch-dropout  the same with lora_dropout_impl="torch" (peft's nn.Dropout): the lane dropout's share
   trl             TRL DPOTrainer + PEFT LoRA on the same 4-bit model, its defaults (reference = adapters off,
                   a second forward inside every training step)
   trl-precompute  the same with precompute_ref_log_probs=True

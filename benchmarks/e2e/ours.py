@@ -1,4 +1,4 @@
-"""The `ours` and `ours-naive` systems: lowmem-sdpo's run_sdpo over both steps, its phases timed from the engine's
+"""The `ours` systems (`ours` and its variants, OURS_VARIANTS): lowmem-sdpo's run_sdpo over both steps, its phases timed from the engine's
 phase events (lowmem_sdpo/runtime/peaks.py), never from its messages."""
 
 from __future__ import annotations
@@ -51,6 +51,14 @@ class PhaseTimer:
             self.clock.stop(row, event.step)
 
 
+# system -> the RunConfig fields it sets apart from `ours`, the product's defaults.
+OURS_VARIANTS: dict[str, dict[str, Any]] = {
+    "ours": {},
+    "ours-naive": {"logprob_impl": "naive"},  # full logits: the fused kernel's share
+    "ours-torch-dropout": {"lora_dropout_impl": "torch"},  # peft's nn.Dropout: the lane dropout's share
+}
+
+
 def ours_worker(spec: dict[str, Any], clock: PhaseClock, result: dict[str, Any]) -> None:
     preimport()
     from lowmem_sdpo.engine import RunConfig, run_sdpo
@@ -73,9 +81,9 @@ def ours_worker(spec: dict[str, Any], clock: PhaseClock, result: dict[str, Any])
         lora_r=LORA["r"],
         lora_alpha=LORA["alpha"],
         lora_dropout=LORA["dropout"],
-        logprob_impl="naive" if spec["system"] == "ours-naive" else "auto",
         device=spec["device"],
         quiet=True,
+        **OURS_VARIANTS[spec["system"]],
     )
     clock.start("step", 1)
     with clock.phase("total"):
@@ -89,6 +97,7 @@ def ours_worker(spec: dict[str, Any], clock: PhaseClock, result: dict[str, Any])
     run = json.loads((Path(config.output_dir) / "run.json").read_text())
     result["config"] = {
         "logprob_impl": run.get("logprob_impl"), "compute_dtype": run.get("compute_dtype"), "optim": config.optim,
+        "lora_dropout_impl": config.lora_dropout_impl,
     }  # fmt: skip
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 MODEL_FORMAT = 1  # bump when the generated model changes, so cached copies are rebuilt
 
-SYSTEMS: tuple[str, ...] = ("ours", "ours-naive", "trl", "trl-precompute", "trl-liger")
+SYSTEMS: tuple[str, ...] = ("ours", "ours-naive", "ours-torch-dropout", "trl", "trl-precompute", "trl-liger")
 TRL_SYSTEMS = frozenset({"trl", "trl-precompute", "trl-liger"})
 ROW_KEYS = (
     "system", "model", "seq_len", "phase", "peak_allocated_bytes", "peak_reserved_bytes", "peak_rss_bytes",

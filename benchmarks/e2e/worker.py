@@ -22,6 +22,7 @@ Worker = Callable[[dict[str, Any], PhaseClock, dict[str, Any]], None]
 WORKERS: dict[str, Worker] = {
     "ours": ours_worker,
     "ours-naive": ours_worker,
+    "ours-torch-dropout": ours_worker,
     "trl": trl_worker,
     "trl-precompute": trl_worker,
     "trl-liger": trl_worker,

@@ -47,6 +47,8 @@ HELP: dict[str, str] = {
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA alpha (scaling alpha / r)",
     "lora_dropout": "LoRA dropout",
+    "lora_dropout_impl": "lanes: CPU masks from 64-bit random words (p rounded to a multiple of 2^-16, about 3.5x "
+    "cheaper than torch's); torch: peft's nn.Dropout",
     "target_init": "previous: LoRA on M_{t-1} (sDPO); base: on S (the paper's ablation)",
     "revision": "hub branch, tag or commit of --model (a run pins the commit it resolved to)",
     "reference": "exact: M_{t-1} = Q(S) + finished adapters as a frozen low-rank delta; requantized: quantise(S + sum dW)",

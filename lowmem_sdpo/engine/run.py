@@ -333,6 +333,7 @@ def _train_phase(
         r=cfg.lora_r,
         alpha=cfg.lora_alpha,
         dropout=cfg.lora_dropout,
+        dropout_impl=cfg.lora_dropout_impl,
         seed=step_seed,
     )
     if cfg.gradient_checkpointing:

@@ -8,10 +8,17 @@ import torch
 from torch import nn
 
 from lowmem_sdpo.models.blocks import block_linear_names, other_linear_names
+from lowmem_sdpo.models.lora_dropout import install_dropout
 
 
 def add_lora(
-    model: nn.Module, *, r: int = 16, alpha: int = 16, dropout: float = 0.05, seed: int | None = None
+    model: nn.Module,
+    *,
+    r: int = 16,
+    alpha: int = 16,
+    dropout: float = 0.05,
+    seed: int | None = None,
+    dropout_impl: str = "lanes",
 ):
     """Wrap `model` in a peft LoRA (B = 0, so outputs are unchanged until the first update).
 
@@ -20,6 +27,9 @@ def add_lora(
     cast the model to fp32 (on a 10.7B model that is gigabytes); it freezes the base, keeps the LoRA
     factors in fp32 (peft's default) and makes the embedding output require grad, which gradient
     checkpointing of a frozen-input model needs to get gradients to the adapters.
+
+    dropout_impl: a key of lora_dropout.DROPOUT_IMPLS, "lanes" (CPU masks from 64-bit random words, p rounded
+    to a multiple of 2^-16; lora_dropout.py) or "torch" (peft's nn.Dropout).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -45,6 +55,7 @@ def add_lora(
             # peft calls transformers' deprecated is_gradient_checkpointing; not ours to fix, not the user's.
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             peft_model = get_peft_model(model, config)
+    install_dropout(peft_model, dropout_impl)
     if hasattr(peft_model, "enable_input_require_grads"):
         peft_model.enable_input_require_grads()
     return peft_model

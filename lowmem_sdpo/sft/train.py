@@ -198,6 +198,7 @@ def _policy(
         r=config.lora_r,
         alpha=config.lora_alpha,
         dropout=config.lora_dropout,
+        dropout_impl=config.lora_dropout_impl,
         seed=config.seed,
     )
     if config.gradient_checkpointing:

@@ -133,6 +133,18 @@ def test_options_added_since_a_run_started_compare_as_their_defaults():
     assert resume_differences(older, RunConfig(**{**now.to_dict(), "reference": "requantized"})) == ["reference"]
 
 
+def test_a_run_from_before_lane_dropout_resumes_on_torch_dropout_only():
+    """Runs started before --lora-dropout-impl drew peft's nn.Dropout masks; its default now is lanes, which would
+    draw other masks mid-run, so such a run resumes only with `--lora-dropout-impl torch`."""
+    from lowmem_sdpo.engine.config import RunConfig, resume_differences
+
+    now = RunConfig(model="tiny", steps="a.jsonl", output_dir="runs/x")
+    older = {k: v for k, v in now.to_dict().items() if k != "lora_dropout_impl"}
+    assert now.lora_dropout_impl == "lanes"
+    assert resume_differences(older, now) == ["lora_dropout_impl"]
+    assert resume_differences(older, RunConfig(**{**now.to_dict(), "lora_dropout_impl": "torch"})) == []
+
+
 def test_resume_takes_another_split_of_the_same_effective_batch_only(uninterrupted):
     """batch_size x grad_accum (x ranks) units per optimiser step is what the schedule depends on: another split
     of it resumes (here: the finished run, its steps skipped), another effective batch is refused."""
