@@ -57,6 +57,9 @@ class Variant:
     backward_mmap_threshold: int | None = None
     # Step mode: malloc_trim(0) after each backward (glibc hands the heap's free pages back to the system).
     trim_after_backward: bool = False
+    # An allocator of lowmem_sdpo.runtime.cpu_allocator.ALLOCATORS put in place of glibc's malloc (LD_PRELOAD):
+    # its library is found on this system when the variant runs, as `run --cpu-allocator` finds it.
+    preload: str | None = None
 
 
 _THP_GLIBC = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
@@ -77,19 +80,20 @@ VARIANTS: dict[str, Variant] = {
         _THP_TORCH,
     ),
     # Allocators that keep freed blocks by size class and hand whole pages back on a timer (jemalloc) or
-    # on demand (tcmalloc): loaded with LD_PRELOAD (Debian's libjemalloc2 / libtcmalloc-minimal4), no mallopt.
+    # on demand (tcmalloc): loaded with LD_PRELOAD (measured with Debian's libjemalloc2 / libtcmalloc-minimal4),
+    # no mallopt.
     "jemalloc": Variant(
         "jemalloc 5 in place of glibc's malloc (LD_PRELOAD), its defaults (dirty pages purged after 10 s)",
-        env={"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"},
+        preload="jemalloc",
     ),
     "jemalloc-1s": Variant(
         "jemalloc 5 (LD_PRELOAD), dirty pages purged after 1 s, none kept muzzy",
-        env={"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
-             "MALLOC_CONF": "dirty_decay_ms:1000,muzzy_decay_ms:0"},
+        env={"MALLOC_CONF": "dirty_decay_ms:1000,muzzy_decay_ms:0"},
+        preload="jemalloc",
     ),
     "tcmalloc": Variant(
         "gperftools' tcmalloc (minimal) in place of glibc's malloc (LD_PRELOAD), its defaults",
-        env={"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"},
+        preload="tcmalloc",
     ),
     "mmap-5m": Variant(
         "mmap threshold fixed at 5 MiB (hidden-size activations, 4.5 MiB here, from the heap), trim 64 MiB",
@@ -114,11 +118,26 @@ def mallopt_spec(variant: Variant) -> str:
     return ",".join(f"{k}={v}" for k, v in variant.mallopt.items())
 
 
+def variant_env(variant: Variant) -> dict[str, str]:
+    """The variables the variant sets: its own, and LD_PRELOAD with its allocator's library as found here
+    (SystemExit, one line with the install hint, where it is missing)."""
+    if variant.preload is None:
+        return dict(variant.env)
+    from lowmem_sdpo.runtime.cpu_allocator import ALLOCATORS, find_allocator  # stdlib only
+
+    library = find_allocator(variant.preload)
+    if library is None:
+        raise SystemExit(
+            f"variant {variant.preload}: its library is not installed ({ALLOCATORS[variant.preload].install})"
+        )
+    return {**variant.env, "LD_PRELOAD": library}
+
+
 def child_env(variant: Variant, rusage_dir: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
     for key in ("LOWMEM_SDPO_AB_MALLOPT", "GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD", "MALLOC_CONF"):
         env.pop(key, None)
-    env.update(variant.env)
+    env.update(variant_env(variant))
     if variant.mallopt:
         env["LOWMEM_SDPO_AB_MALLOPT"] = mallopt_spec(variant)
     if rusage_dir is not None:
@@ -242,7 +261,7 @@ def run_step(variant_name: str, args: argparse.Namespace) -> dict[str, Any]:
         variant=variant_name,
         what=variant.what,
         mallopt=variant.mallopt,
-        env=variant.env,
+        env=variant_env(variant),
         loadavg_start=list(uptime),
         loadavg_end=list(os.getloadavg()),
         # Means over the steps after the warm-up one.

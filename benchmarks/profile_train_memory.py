@@ -1,7 +1,7 @@
 """Where the memory of a training step goes on CPU: live tensors (from the allocator's events) against the
 process's RSS, with the C heap as glibc leaves it and as the engine sets it (runtime/cpu_heap.py).
 
-For each (length, heap) a fresh process loads the model as `lowmem-sdpo run` does (NF4 block linears, fp32
+For each (length, heap, LoRA dropout implementation) a fresh process loads the model as `lowmem-sdpo run` does (NF4 block linears, fp32
 compute, bitsandbytes' CPU repacking off), runs a reference pass (no grad, 2 x batch pairs), puts a LoRA on it
 with checkpointing, and runs optimiser steps on `--batch-size` pairs whose rows are all `length` tokens (64
 prompt, the rest answer: the plan's worst case). Step 1 warms up, step 2 is profiled (torch.profiler,
@@ -12,12 +12,17 @@ site), the activations among them (live at the peak, minus the LoRA gradients), 
 3 with the load average, and `lowmem-sdpo plan`'s figures for the same settings in its CPU mode.
 
     .venv/bin/python benchmarks/profile_train_memory.py --model /path/to/smollm2 \\
-        --lengths 512 1024 --heaps glibc bounded --out benchmarks/results/profile_train_memory_smollm2.json
+        --lengths 512 1024 --heaps glibc bounded --lora-dropout-impls lanes torch \\
+        --out benchmarks/results/profile_train_memory_smollm2.json
+
+Rows are kept per (length, heap, lora_dropout_impl); rows written before the dropout choice existed ran peft's
+nn.Dropout ("torch").
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -32,6 +37,7 @@ from typing import Any
 from common import host_record, write_json_atomic
 
 HEAPS = ("glibc", "bounded")
+DROPOUT_IMPLS = ("lanes", "torch")  # lowmem_sdpo.models.lora_dropout.DROPOUT_IMPLS (the parent loads no torch)
 PROMPT_TOKENS = 64
 MIB = 2**20
 
@@ -79,7 +85,7 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _plan_figures(model: str, length: int, batch: int, lora_r: int) -> dict[str, Any]:
+def _plan_figures(model: str, length: int, batch: int, lora_r: int, dropout_impl: str) -> dict[str, Any]:
     from lowmem_sdpo.plan import PlanSettings, make_plan
 
     settings = PlanSettings(
@@ -91,6 +97,7 @@ def _plan_figures(model: str, length: int, batch: int, lora_r: int) -> dict[str,
         optim="adamw",
         device="cpu",
         pairs_per_step=(batch,),  # one step: no frozen delta
+        lora_dropout_impl=dropout_impl,
     )
     plan = make_plan(model, settings, gpu_memory=2**50)
     training = next(p for p in plan.phases if p.key == "training")
@@ -135,7 +142,9 @@ def one(spec: dict[str, Any]) -> dict[str, Any]:
     with rss.phase("reference"), torch.no_grad():
         model.eval()
         batch_logprobs(model, collate_units(units[: 2 * batch], pad), hw=hw, impl="torch")
-    policy = add_lora(model, r=spec["lora_r"], alpha=spec["lora_r"], dropout=0.05, seed=0)
+    policy = add_lora(
+        model, r=spec["lora_r"], alpha=spec["lora_r"], dropout=0.05, seed=0, dropout_impl=spec["lora_dropout_impl"]
+    )
     enable_checkpointing(policy.get_base_model())
     policy.train()
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -185,8 +194,13 @@ def one(spec: dict[str, Any]) -> dict[str, Any]:
             "wall_seconds": wall1 - wall0,
             "loadavg": [load0[0], load1[0]],
         },
-        "plan": _plan_figures(spec["model"], length, batch, spec["lora_r"]),
+        "plan": _plan_figures(spec["model"], length, batch, spec["lora_r"], spec["lora_dropout_impl"]),
     }
+
+
+def _row_key(row: dict[str, Any]) -> tuple[int, str, str]:
+    # Rows from before --lora-dropout-impls were measured with peft's nn.Dropout.
+    return row["length"], row["heap"], row.get("lora_dropout_impl", "torch")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heaps", nargs="+", choices=HEAPS, default=list(HEAPS))
     parser.add_argument("--batch-size", type=int, default=2, help="pairs per micro-batch (default 2)")
     parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument(
+        "--lora-dropout-impls", nargs="+", choices=DROPOUT_IMPLS, default=["lanes"],
+        help="LoRA dropout implementations to profile (run's --lora-dropout-impl; default lanes, run's default)",
+    )
     parser.add_argument(
         "--no-attribute",
         action="store_true",
@@ -217,42 +235,43 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     old = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    rows = {(r["length"], r["heap"]): r for r in old.get("rows", [])}
-    for length in args.lengths:
-        for heap in args.heaps:
-            with tempfile.TemporaryDirectory() as tmp:
-                spec = {
-                    "model": str(Path(args.model).resolve()),
-                    "length": length,
-                    "heap": heap,
-                    "batch_size": args.batch_size,
-                    "lora_r": args.lora_r,
-                    "attribute": not args.no_attribute,
-                    "result": str(Path(tmp) / "result.json"),
-                }
-                (Path(tmp) / "spec.json").write_text(json.dumps(spec))
-                subprocess.run([sys.executable, __file__, "--one", str(Path(tmp) / "spec.json")], check=True)
-                row = json.loads(Path(spec["result"]).read_text())
-            row.pop("result")
-            rows[(length, heap)] = row
-            print(
-                f"length {length} heap {heap}: RSS train {row['rss_train_peak_bytes'] / MIB:.0f} MiB, "
-                f"live tensors {row['live_tensor_peak_bytes'] / MIB:.0f} MiB, activations "
-                f"{row['live_activation_bytes_at_peak'] / MIB:.0f} MiB (plan "
-                f"{row['plan']['training_activation_bytes'] / MIB:.0f}), step cpu "
-                f"{row['timed_step']['cpu_seconds']:.1f} s",
-                flush=True,
-            )
-            write_json_atomic(
-                args.out,
-                {
-                    "benchmark": "profile_train_memory",
-                    "host": host_record(),
-                    "model_dir": str(args.model),
-                    "rows": [rows[k] for k in sorted(rows)],
-                },
-                indent=1,
-            )
+    rows = {_row_key(r): r for r in old.get("rows", [])}
+    for length, heap, dropout_impl in itertools.product(args.lengths, args.heaps, args.lora_dropout_impls):
+        with tempfile.TemporaryDirectory() as tmp:
+            spec = {
+                "model": str(Path(args.model).resolve()),
+                "length": length,
+                "heap": heap,
+                "batch_size": args.batch_size,
+                "lora_r": args.lora_r,
+                "lora_dropout_impl": dropout_impl,
+                "attribute": not args.no_attribute,
+                "result": str(Path(tmp) / "result.json"),
+            }
+            (Path(tmp) / "spec.json").write_text(json.dumps(spec))
+            subprocess.run([sys.executable, __file__, "--one", str(Path(tmp) / "spec.json")], check=True)
+            row = json.loads(Path(spec["result"]).read_text())
+        row.pop("result")
+        rows[_row_key(row)] = row
+        print(
+            f"length {length} heap {heap} dropout {dropout_impl}: "
+            f"RSS train {row['rss_train_peak_bytes'] / MIB:.0f} MiB, "
+            f"live tensors {row['live_tensor_peak_bytes'] / MIB:.0f} MiB, activations "
+            f"{row['live_activation_bytes_at_peak'] / MIB:.0f} MiB (plan "
+            f"{row['plan']['training_activation_bytes'] / MIB:.0f}), step cpu "
+            f"{row['timed_step']['cpu_seconds']:.1f} s",
+            flush=True,
+        )
+        write_json_atomic(
+            args.out,
+            {
+                "benchmark": "profile_train_memory",
+                "host": host_record(),
+                "model_dir": str(args.model),
+                "rows": [rows[k] for k in sorted(rows)],
+            },
+            indent=1,
+        )
     return 0
 
 

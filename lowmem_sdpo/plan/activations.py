@@ -12,7 +12,7 @@ Training keeps, per decoder layer, only its input (checkpointing): N·H·c = 32 
 Backward recomputes one layer at a time and keeps, until that layer's backward is done:
   * each RMSNorm's fp32 copy of its input (pow and mul save it): 2 x N·H·4;
   * per LoRA'd linear of input width w: the dropout output (lora_A's input) N·w·c and dropout's bool mask
-    N·w, lora_A's output N·r·c (lora_B's input) and autocast's copies of the factors; the 4-bit base matmul
+    N·w (torch's CPU dropout: N·w·c), lora_A's output N·r·c (lora_B's input) and autocast's copies of the factors; the 4-bit base matmul
     keeps no input (its backward needs only the weight, which bitsandbytes dequantises again);
   * SDPA's q, repeated k and v (transformers repeats GQA heads whenever there is a padding mask) and output,
     4 x N·Q·c, its fp32 log-sum-exp N·heads·4, and the mask as an additive compute-dtype copy rows·L²·c;
@@ -32,9 +32,13 @@ from lowmem_sdpo_kernels.linear_logprobs import ROW_INDEXED
 
 BOOL = 1
 # The engine's CPU path (fp32, no autocast) keeps two things differently from CUDA under autocast:
-#   * dropout keeps its mask as a tensor of the input's dtype (CUDA's fused dropout: a bool mask);
+#   * with --lora-dropout-impl torch, dropout keeps its mask as a tensor of the input's dtype (torch's CPU dropout
+#     multiplies by a noise tensor); CUDA's fused dropout and the lane dropout (models/lora_dropout.py, a
+#     masked_fill_) keep a bool mask;
 #   * there is no autocast, so no compute-dtype copies of the fp32 LoRA factors.
 DEVICES = ("cuda", "cpu")
+# --lora-dropout-impl (models/lora_dropout.DROPOUT_IMPLS; literal here, so the plan imports no model code)
+DROPOUT_IMPLS = ("lanes", "torch")
 
 
 @dataclass(frozen=True)
@@ -65,13 +69,17 @@ def sdpa_mask_copy(s: ModelShapes, b: Batch) -> int:
     return b.rows * b.length * b.length * s.element_size
 
 
-def lora_saved(s: ModelShapes, b: Batch, r: int, mask_bytes: int = BOOL, device: str = "cuda") -> int:
+def dropout_mask_bytes(s: ModelShapes, device: str, dropout_impl: str) -> int:
+    """Bytes per element of the mask LoRA dropout keeps for backward: torch's CPU dropout keeps its noise tensor
+    in the input's dtype; CUDA's fused dropout and the lane dropout a bool mask."""
+    return s.element_size if (device, dropout_impl) == ("cpu", "torch") else BOOL
+
+
+def lora_saved(s: ModelShapes, b: Batch, r: int, device: str = "cuda", dropout_impl: str = "lanes") -> int:
     """Per LoRA'd linear of one layer: its dropout output (lora_A's input, c per element) and dropout mask
-    (CUDA's fused dropout keeps a bool mask: `mask_bytes` 1; CPU's keeps a noise tensor of the input's dtype),
-    lora_A's output (lora_B's input, N·r·c), and autocast's copies of the fp32 factors."""
+    (dropout_mask_bytes), lora_A's output (lora_B's input, N·r·c), and autocast's copies of the fp32 factors."""
     c = s.element_size
-    if device == "cpu":
-        mask_bytes = c
+    mask_bytes = dropout_mask_bytes(s, device, dropout_impl)
     inputs = sum(b.tokens * (lin.in_features * (c + mask_bytes) + r * c) for lin in s.layer_linears())
     return inputs + (0 if device == "cpu" else lora_factor_copies(s, r))
 
@@ -82,14 +90,14 @@ def lora_factor_copies(s: ModelShapes, r: int) -> int:
     return sum(r * (lin.in_features + lin.out_features) * s.element_size for lin in s.layer_linears())
 
 
-def layer_saved(s: ModelShapes, b: Batch, r: int, mask_bytes: int = BOOL, device: str = "cuda") -> int:
+def layer_saved(s: ModelShapes, b: Batch, r: int, device: str = "cuda", dropout_impl: str = "lanes") -> int:
     """What one decoder layer keeps for its backward (see the module docstring)."""
     c, n = s.element_size, b.tokens
     q_width = s.n_heads * s.head_dim
     norms = 2 * n * (s.hidden * FP32 + FP32)  # fp32 input copy and the rsqrt per row
     attention = 4 * n * q_width * c + n * s.n_heads * FP32 + sdpa_mask_copy(s, b)
     mlp = 3 * n * s.intermediate * c
-    return norms + attention + mlp + lora_saved(s, b, r, mask_bytes, device)
+    return norms + attention + mlp + lora_saved(s, b, r, device, dropout_impl)
 
 
 def layer_backward_transient(s: ModelShapes, b: Batch) -> int:

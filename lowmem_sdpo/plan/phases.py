@@ -50,6 +50,7 @@ class PlanSettings:
     # a real CPU step's live tensors (tests/unit/plan/test_plan_real_tensors.py). The device figures still add
     # a CUDA context.
     device: str = "cuda"
+    lora_dropout_impl: str = _RUN.lora_dropout_impl  # decides the CPU dropout mask's bytes (activations.py)
 
     def __post_init__(self) -> None:
         for name in ("max_length", "batch_size", "lora_r", "grad_accum"):
@@ -61,6 +62,10 @@ class PlanSettings:
             raise InputError(f"logprob_impl {self.logprob_impl!r}: expected one of {', '.join(act.KERNEL_IMPLS)}")
         if self.device not in act.DEVICES:
             raise InputError(f"--device {self.device}: expected one of {', '.join(act.DEVICES)}")
+        if self.lora_dropout_impl not in act.DROPOUT_IMPLS:
+            raise InputError(
+                f"--lora-dropout-impl {self.lora_dropout_impl}: expected one of {', '.join(act.DROPOUT_IMPLS)}"
+            )
         if self.optim not in OPTIMIZER_STATE:
             raise InputError(f"--optim {self.optim}: expected one of auto, {', '.join(OPTIMIZER_STATE)}")
 
@@ -238,11 +243,12 @@ def reference_phase(ctx: Context) -> tuple[Moment, ...]:
 def training_phase(ctx: Context) -> tuple[Moment, ...]:
     s, b, r = ctx.shapes, ctx.training_batch(), ctx.settings.lora_r
     static = (*ctx.weights(), ctx.delta(), *ctx.lora(), Part(MASK, act.mask_and_rotary(s, b), "estimate"))
+    saved = act.layer_saved(s, b, r, ctx.settings.device, ctx.settings.lora_dropout_impl)
     if ctx.settings.gradient_checkpointing:
         kept = Part(CHECKPOINTS, act.checkpoints(s, b), "estimate")
-        layer = act.layer_saved(s, b, r, device=ctx.settings.device) + act.layer_backward_transient(s, b)
+        layer = saved + act.layer_backward_transient(s, b)
     else:
-        kept = Part(ALL_LAYERS, s.n_layers * act.layer_saved(s, b, r, device=ctx.settings.device), "estimate")
+        kept = Part(ALL_LAYERS, s.n_layers * saved, "estimate")
         layer = act.layer_backward_transient(s, b)
     impl = ctx.settings.logprob_impl
     kernel = act.final_norm_saved(s, b) + act.kernel_kept(s, b, impl) + act.kernel_backward(s, b, impl)

@@ -147,15 +147,16 @@ def test_block_linears_are_the_engines_block_linears():
 # --- activation estimates against what autograd keeps ---------------------------------------------------------
 
 
-def test_one_layers_saved_activations_are_what_autograd_keeps(tmp_path):
+@pytest.mark.parametrize("dropout_impl", ["lanes", "torch"])
+def test_one_layers_saved_activations_are_what_autograd_keeps(tmp_path, dropout_impl):
     """One decoder layer's forward with LoRA (dropout 0.05) on 4-bit weights under bf16 autocast, on CPU: the
-    storages autograd saves (parameters excluded) against activations.layer_saved. Two CPU differences from
-    the CUDA path the plan models are set up or allowed for: the LoRA factors are cast to bf16 (peft casts a
-    layer's input to the fp32 factors' dtype when it sees no CUDA autocast, and autocast then has no factor
-    copies to make), and CPU dropout keeps a bf16 noise tensor where CUDA's fused dropout keeps a bool mask."""
+    storages autograd saves (parameters excluded) against activations.layer_saved in its CPU mode. The LoRA
+    factors are cast to bf16 (peft casts a layer's input to the fp32 factors' dtype when it sees no CUDA
+    autocast, and autocast then has no factor copies to make), as that mode assumes. Per dropout: torch's CPU
+    dropout keeps a bf16 noise tensor, the lane dropout a bool mask (as CUDA's fused dropout does)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lowmem_sdpo.plan.activations import Batch, layer_saved, lora_factor_copies
+    from lowmem_sdpo.plan.activations import Batch, layer_saved
 
     config = LlamaConfig(
         vocab_size=1000,
@@ -170,7 +171,7 @@ def test_one_layers_saved_activations_are_what_autograd_keeps(tmp_path):
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "m")
     model = load_quantized(tmp_path / "m", quant=QuantSettings(compute_dtype="bfloat16"))
-    policy = add_lora(model, r=16, dropout=0.05, seed=0)
+    policy = add_lora(model, r=16, dropout=0.05, seed=0, dropout_impl=dropout_impl)
     for name, param in policy.named_parameters():
         if "lora_" in name:
             param.data = param.data.to(torch.bfloat16)
@@ -197,7 +198,7 @@ def test_one_layers_saved_activations_are_what_autograd_keeps(tmp_path):
     ):
         policy.get_base_model().model(input_ids=ids, attention_mask=mask, use_cache=False)
     shapes = shapes_of(tmp_path / "m", "bfloat16")
-    expected = layer_saved(shapes, Batch(rows, length), 16, mask_bytes=2) - lora_factor_copies(shapes, 16)
+    expected = layer_saved(shapes, Batch(rows, length), 16, device="cpu", dropout_impl=dropout_impl)
     measured = sum(saved.values())
     assert measured == pytest.approx(expected, rel=0.02), (measured, expected)
 
