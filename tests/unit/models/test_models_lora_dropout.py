@@ -68,6 +68,21 @@ def test_seeded_reproducible_and_fresh_per_call():
     assert not torch.equal(first, second)
 
 
+def test_masks_do_not_depend_on_the_thread_count():
+    """The words come from the serial generator (random_ fills in order): the same masks whatever torch's thread
+    count, so the same run on a host with more cores draws the same dropout."""
+    before = torch.get_num_threads()
+    masks = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(7)
+            masks.append(ld.dropped_mask(torch.Size([300, 1000]), lanes_for(0.05)))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(masks[0], masks[1])
+
+
 def test_eval_mode_and_p_zero_are_the_identity():
     x = torch.randn(4, 8)
     assert LaneDropout(0.05).eval()(x) is x

@@ -14,11 +14,11 @@ from lowmem_sdpo.models import QuantSettings, add_lora, load_quantized, resolve_
 from lowmem_sdpo.models.adapters import load_all_factors
 from lowmem_sdpo.models.blocks import block_linear_names
 from lowmem_sdpo.models.frozen_delta import FrozenDelta
-from lowmem_sdpo.plan import PlanSettings, nf4_size, plan_for_shapes
+from lowmem_sdpo.plan import nf4_size
 from lowmem_sdpo.plan.shapes import adamw8bit_state_bytes, block_linears
 from lowmem_sdpo.plan.source import meta_model, read_source
 from tests.support.model_fixtures import write_adapter
-from tests.support.plan_cases import GIB, SOLAR, shapes_of
+from tests.support.plan_cases import SOLAR, cpu_training_activations, shapes_of
 
 # --- bytes of real tensors ---------------------------------------------------------------------------------
 
@@ -263,19 +263,14 @@ def test_row_compaction_and_gradient_scatter_are_what_the_op_allocates(impl, ign
     assert row_compaction(shapes, b, impl) >= copies and gradient_scatter(shapes, b, impl) >= scatter
 
 
-def test_cpu_training_activations_match_a_real_steps_live_tensors(tmp_path):
+@pytest.mark.parametrize("dropout_impl", ["lanes", "torch"])
+def test_cpu_training_activations_match_a_real_steps_live_tensors(tmp_path, dropout_impl):
     """The plan's training-phase activations in its CPU mode (fp32, torch log-prob impl) against the live tensors
-    at the peak of a real optimiser step, read from the allocator's events (plan.measure): a 4-layer random model
-    of SmolLM2's family (Llama, grouped-query attention, tied head), the engine's own forward and log-prob op,
-    LoRA r 16 with dropout, checkpointing, every row padded to max length as the plan assumes. The LoRA
-    gradients (an exact part of the plan's, not an activation) are taken out of the measured figure."""
+    at the peak of a real optimiser step (plan_cases.cpu_training_activations): a 4-layer random model of
+    SmolLM2's family (Llama, grouped-query attention, tied head), every row padded to max length as the plan
+    assumes, with each LoRA dropout (their saved masks differ: bool for lanes, fp32 noise for torch's). The
+    real SmolLM2 is checked in tests/real/test_real_plan.py."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lowmem_sdpo.engine.units import Unit, collate_units
-    from lowmem_sdpo.models.lora import enable_checkpointing
-    from lowmem_sdpo.plan.measure import trace_live_tensors
-    from lowmem_sdpo.runtime.hardware import Hardware
-    from lowmem_sdpo.runtime.logprobs import batch_logprobs
 
     config = LlamaConfig(
         vocab_size=16384,  # 4 x the torch impl's vocabulary chunk, as real vocabularies are many times it
@@ -289,35 +284,7 @@ def test_cpu_training_activations_match_a_real_steps_live_tensors(tmp_path):
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
-    model = load_quantized(tmp_path / "m", quant=QuantSettings(compute_dtype="float32"))
-    policy = add_lora(model, r=16, dropout=0.05, seed=0)
-    enable_checkpointing(policy.get_base_model())
-    policy.train()
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    pairs, length, prompt = 2, 128, 16
-    ids = torch.Generator().manual_seed(0)
-
-    def row(n: int) -> list[int]:
-        return torch.randint(0, 16384, (n,), generator=ids).tolist()
-
-    batch = collate_units([Unit(row(prompt), row(length - prompt), row(prompt), row(length - prompt))] * pairs, 0)
-    hw = Hardware(torch.device("cpu"), "float32")
-
-    def step() -> None:
-        logp, _ = batch_logprobs(policy, batch, hw=hw, impl="torch")
-        (logp[:pairs] - logp[pairs:]).sum().backward()
-        optimizer.step()
-
-    step()  # the optimiser state is made in the first step; the plan counts it as static
-    optimizer.zero_grad(set_to_none=True)
-    trace = trace_live_tensors(step, attribute=False)
-    grads = {p.grad.untyped_storage().data_ptr() for p in params}
-    measured = trace.peak_bytes - trace.bytes_where(lambda a: a.ptr in grads)
-    settings = PlanSettings(
-        max_length=length, batch_size=pairs, lora_r=16, compute_dtype="float32", logprob_impl="torch",
-        optim="adamw", device="cpu", pairs_per_step=(pairs,),
-    )  # fmt: skip
-    plan = plan_for_shapes("m", str(tmp_path / "m"), shapes_of(tmp_path / "m", "float32"), settings, gpu_memory=GIB)
-    planned = next(p for p in plan.phases if p.key == "training").activation_bytes
-    assert measured == pytest.approx(planned, rel=0.15), (measured, planned, trace.top(8))
+    measured, planned, top = cpu_training_activations(
+        tmp_path / "m", pairs=2, length=128, prompt=16, dropout_impl=dropout_impl
+    )
+    assert measured == pytest.approx(planned, rel=0.15), (measured, planned, top)
