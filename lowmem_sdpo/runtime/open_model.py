@@ -5,7 +5,7 @@ model, so that each gets the same safeguards:
 - the load goes through models.load_quantized, which switches bitsandbytes' CPU repacking off before any forward
   (models/quant.py: disable_cpu_repacking; repacked 4-bit weights lose their gradients);
 - on CPU, when the caller asks (`lowmem-sdpo run`'s --bound-cpu-heap), glibc's heap is bounded before the load
-  (runtime/cpu_heap.py);
+  (runtime/cpu_heap.py), and the run says once what that costs and that tcmalloc would not;
 - each load says what it loads, with transformers' own "Loading weights" bar off (ours says more);
 - the model sits in a holder (runtime/materialise.py), loaded on first use, so that one model is in memory at a
   time and an adapter chain is a swap of forward hooks (exact) or a reload (requantized).
@@ -22,6 +22,7 @@ from torch import nn
 
 from lowmem_sdpo.hf_progress import hf_bars_off
 from lowmem_sdpo.models import QuantSettings
+from lowmem_sdpo.runtime.cpu_heap import BOUNDED_HEAP_NOTE
 from lowmem_sdpo.runtime.cpu_heap import bound_cpu_heap as bound_heap
 from lowmem_sdpo.runtime.hardware import Hardware
 from lowmem_sdpo.runtime.materialise import Holder, Loader, load_for, make_holder
@@ -64,8 +65,8 @@ def open_model(
     the announcement ("for sampling"). `bound_cpu_heap`: bound glibc's heap first on a CPU run (process-wide
     and permanent: only `run` asks, from its setting of the same name). `events`: phase listeners told of each
     load as the span "load" (runtime/peaks.py PHASE_EVENTS)."""
-    if bound_cpu_heap and not hw.is_cuda:
-        bound_heap()
+    if bound_cpu_heap and not hw.is_cuda and bound_heap() and reporter is not None:
+        reporter.note_once(BOUNDED_HEAP_NOTE)
     quant = QuantSettings(double_quant=double_quant, compute_dtype=hw.compute_dtype)
     loader = _announced(model_dir, quant, hw, reporter, purpose, events)
     holder = make_holder(reference, loader=loader, merge=merge, quant=quant, device=hw.device)

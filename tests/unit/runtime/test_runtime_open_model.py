@@ -47,13 +47,24 @@ def test_loads_on_first_use_once_announced_with_repacking_off(tmp_path, bnb_cpu_
 
 def test_the_cpu_heap_is_bounded_only_when_asked_and_only_on_cpu(tmp_path, monkeypatch):
     calls: list[int] = []
-    monkeypatch.setattr(open_model_module, "bound_heap", lambda: calls.append(1) or True)
+    bounded = [True]
+    monkeypatch.setattr(open_model_module, "bound_heap", lambda: calls.append(1) or bounded[0])
     model_dir = tmp_path / "never-loaded"  # the holder loads on first use: none of these touches the files
-    open_model(model_dir, CPU)
-    assert calls == []
-    open_model(model_dir, CPU, bound_cpu_heap=True)
+    reporter = Notes()
+    open_model(model_dir, CPU, reporter=reporter)
+    assert calls == [] and reporter.notes == []
+    open_model(model_dir, CPU, bound_cpu_heap=True, reporter=reporter)
     assert calls == [1]
+    # Bounded (glibc): the run says so once, with the way to tcmalloc.
+    assert len(reporter.notes) == 1 and "apt install libtcmalloc-minimal4" in reporter.notes[0]
+    open_model(model_dir, CPU, bound_cpu_heap=True, reporter=reporter)
+    assert calls == [1, 1] and len(reporter.notes) == 1
+    # On another malloc the bound is not set (bound_cpu_heap returns False): nothing to say.
+    bounded[0] = False
+    quiet_about_it = Notes()
+    open_model(model_dir, CPU, bound_cpu_heap=True, reporter=quiet_about_it)
+    assert quiet_about_it.notes == []
     cuda = Hardware(torch.device("cuda", 0), "bfloat16", caps=DeviceCaps(capability=(8, 0), bf16=True))
-    opened = open_model(model_dir, cuda, bound_cpu_heap=True)
-    assert calls == [1]
+    opened = open_model(model_dir, cuda, bound_cpu_heap=True, reporter=quiet_about_it)
+    assert calls == [1, 1, 1] and quiet_about_it.notes == []
     assert opened.quant.compute_dtype == "bfloat16"
