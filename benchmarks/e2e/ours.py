@@ -1,5 +1,5 @@
-"""The `ours` systems (`ours` and its variants, OURS_VARIANTS): lowmem-sdpo's run_sdpo over both steps, its phases timed from the engine's
-phase events (lowmem_sdpo/runtime/peaks.py), never from its messages."""
+"""The `ours` systems (`ours` and its variants, OURS_VARIANTS): lowmem-sdpo's run_sdpo over both steps, its phases
+timed from the engine's phase events (lowmem_sdpo/runtime/peaks.py), never from its messages."""
 
 from __future__ import annotations
 

@@ -48,6 +48,16 @@ class Lanes:
     threshold: int
     p: float
 
+    @property
+    def per_word(self) -> int:
+        """Lanes in one 64-bit word."""
+        return 64 // torch.iinfo(self.dtype).bits
+
+    @property
+    def scale(self) -> float:
+        """What a kept element is multiplied by: 1 / (1 - p), inverted dropout's."""
+        return 1.0 / (1.0 - self.p)
+
 
 def lanes_for(p: float) -> Lanes | None:
     """The narrowest lanes that realise p within P_REL_TOL, or None (F.dropout is used then)."""
@@ -65,8 +75,7 @@ def lanes_for(p: float) -> Lanes | None:
 def dropped_mask(shape: torch.Size, lanes: Lanes) -> torch.Tensor:
     """A bool tensor of `shape`: True where an element is dropped, each with probability lanes.p, independent."""
     n = shape.numel()
-    per_word = 8 // torch.empty((), dtype=lanes.dtype).element_size()
-    words = torch.empty(-(-n // per_word), dtype=torch.int64).random_(*_WORD_RANGE)
+    words = torch.empty(-(-n // lanes.per_word), dtype=torch.int64).random_(*_WORD_RANGE)
     return words.view(lanes.dtype)[:n].view(shape) < lanes.threshold
 
 
@@ -84,7 +93,7 @@ class LaneDropout(nn.Module):
         if self.lanes is None or x.device.type != "cpu":
             return nn.functional.dropout(x, self.p, training=True)
         dropped = dropped_mask(x.shape, self.lanes)
-        return x.mul(1.0 / (1.0 - self.lanes.p)).masked_fill_(dropped, 0.0)
+        return x.mul(self.lanes.scale).masked_fill_(dropped, 0.0)
 
     def extra_repr(self) -> str:
         realised = "" if self.lanes is None else f", realised p={self.lanes.p:.7g} ({self.lanes.dtype})"

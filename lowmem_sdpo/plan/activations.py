@@ -12,8 +12,9 @@ Training keeps, per decoder layer, only its input (checkpointing): N·H·c = 32 
 Backward recomputes one layer at a time and keeps, until that layer's backward is done:
   * each RMSNorm's fp32 copy of its input (pow and mul save it): 2 x N·H·4;
   * per LoRA'd linear of input width w: the dropout output (lora_A's input) N·w·c and dropout's bool mask
-    N·w (torch's CPU dropout: N·w·c), lora_A's output N·r·c (lora_B's input) and autocast's copies of the factors; the 4-bit base matmul
-    keeps no input (its backward needs only the weight, which bitsandbytes dequantises again);
+    N·w (torch's CPU dropout: N·w·c), lora_A's output N·r·c (lora_B's input) and autocast's copies of the
+    factors; the 4-bit base matmul keeps no input (its backward needs only the weight, which bitsandbytes
+    dequantises again);
   * SDPA's q, repeated k and v (transformers repeats GQA heads whenever there is a padding mask) and output,
     4 x N·Q·c, its fp32 log-sum-exp N·heads·4, and the mask as an additive compute-dtype copy rows·L²·c;
   * the MLP's gate output (SiLU's input), SiLU output and up output (the product's inputs): 3 x N·I·c.
