@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from lowmem_sdpo import __version__
+from lowmem_sdpo.cli.ctrl_c import INTERRUPTED, exit_interrupted, noticing_ctrl_c
 from lowmem_sdpo.cli.quiet import quiet_dependencies
 from lowmem_sdpo.errors import InputError
 
@@ -66,14 +67,19 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
     if not debug:
         quiet_dependencies()
     # Ctrl-C at any moment -- parsing, the heavy imports, loading, training -- is one line and 130; the
-    # engine's own handler turns one during training into a checkpoint first.
-    try:
-        return _dispatch(argv, debug, own_process)
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print("interrupted", file=sys.stderr)
-        return 130
+    # engine's own handler turns one during training into a checkpoint first. An exception after a Ctrl-C is
+    # its consequence (an import it cut short, say), so it is reported as the interruption too.
+    with noticing_ctrl_c() as ctrl_c:
+        try:
+            return _dispatch(argv, debug, own_process)
+        except Exception:
+            if debug or not ctrl_c.seen:
+                raise
+        except KeyboardInterrupt:
+            if debug:
+                raise
+    print("interrupted", file=sys.stderr)
+    return INTERRUPTED
 
 
 def entry() -> NoReturn:
@@ -82,6 +88,8 @@ def entry() -> NoReturn:
     (after Python has restored the default handler) would otherwise kill it by the signal, with no line at all."""
     code = main(own_process=True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if code == INTERRUPTED:
+        exit_interrupted()
     raise SystemExit(code)
 
 
