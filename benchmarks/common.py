@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lowmem_sdpo.atomic import atomic_path
-from lowmem_sdpo.host import host_record
+from lowmem_sdpo.host import git_commit, host_record
 
 __all__ = [
     "REPO",
@@ -41,20 +41,6 @@ def write_json_atomic(path: Path, data: Any, *, indent: int = 2) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-
-
-def git_commit() -> str | None:
-    """LOWMEM_SDPO_COMMIT when set (gpu_pass.sh passes the CPU side's: the device copy may have no .git), else
-    git's HEAD, else None."""
-    if os.environ.get("LOWMEM_SDPO_COMMIT"):
-        return os.environ["LOWMEM_SDPO_COMMIT"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def source_changes() -> list[str] | None:

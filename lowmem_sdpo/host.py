@@ -10,16 +10,16 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import Any
+
+from lowmem_sdpo.allocators import ALLOCATORS
 
 # /proc/cpuinfo flags whose presence changes which CPU kernels bitsandbytes and torch run.
 NUMERIC_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 CPUINFO = Path("/proc/cpuinfo")
 PROC_MAPS = Path("/proc/self/maps")
-# Allocators a process can run on in place of the C library's malloc (put in with LD_PRELOAD: see
-# runtime/cpu_allocator.py), by the start of their library's file name as /proc/self/maps lists it.
-PRELOADED_ALLOCATORS = {"tcmalloc": "libtcmalloc", "jemalloc": "libjemalloc"}
 
 
 def _cpuinfo_field(text: str, key: str) -> str | None:
@@ -49,8 +49,8 @@ def cpu_allocator(maps: str | None = None) -> str:
     if maps is None:
         maps = PROC_MAPS.read_text() if PROC_MAPS.is_file() else ""
     files = {Path(line.split()[-1]).name for line in maps.splitlines() if "/" in line}
-    for name, prefix in PRELOADED_ALLOCATORS.items():
-        if any(f.startswith(prefix) for f in files):
+    for name, allocator in ALLOCATORS.items():
+        if any(allocator.is_file(f) for f in files):
             return name
     return "glibc" if platform.libc_ver()[0] == "glibc" else "system"
 
@@ -77,3 +77,18 @@ def host_record() -> dict[str, Any]:
         "bitsandbytes_cpu_repacking": "off",
         "cpu_allocator": cpu_allocator(),
     }
+
+
+def git_commit() -> str | None:
+    """The commit of the lowmem_sdpo source that is running: LOWMEM_SDPO_COMMIT when set (gpu_pass.sh passes the
+    CPU side's, since the device copy may have no .git), else git's HEAD of the checkout holding this package,
+    else None (an installed wheel, or no git)."""
+    if os.environ.get("LOWMEM_SDPO_COMMIT"):
+        return os.environ["LOWMEM_SDPO_COMMIT"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None

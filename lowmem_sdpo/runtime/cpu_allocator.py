@@ -21,27 +21,10 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from lowmem_sdpo.allocators import ALLOCATORS
 from lowmem_sdpo.errors import InputError
 from lowmem_sdpo.host import cpu_allocator
 
-
-@dataclass(frozen=True)
-class Allocator:
-    libraries: tuple[str, ...]  # names for ctypes.util.find_library, preferred first
-    install: str  # how to get it, for the error line
-    environ: tuple[tuple[str, str], ...] = ()  # its settings, read from the environment when it starts
-
-
-ALLOCATORS: dict[str, Allocator] = {
-    # The minimal build has no heap profiler, which would only cost time here. tcmalloc prints a line for every
-    # allocation over 1 GiB (a 10.7B model's load makes several): the threshold goes out of reach.
-    "tcmalloc": Allocator(
-        ("tcmalloc_minimal", "tcmalloc"),
-        "Debian/Ubuntu: apt install libtcmalloc-minimal4",
-        (("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(2**62)),),
-    ),
-    "jemalloc": Allocator(("jemalloc",), "Debian/Ubuntu: apt install libjemalloc2"),
-}
 AUTO_ORDER = ("tcmalloc",)  # jemalloc is offered by name only: measured slower than tcmalloc (module docstring)
 CHOICES = ("auto", "glibc", *ALLOCATORS)
 # Set in the environment of the re-executed process: which allocator it was started for, so that it never

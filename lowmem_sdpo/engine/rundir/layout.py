@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +28,6 @@ def versions() -> dict[str, str]:
     for dist in ("torch", "triton", "transformers", "peft", "bitsandbytes", "datasets"):
         found[dist] = library_version(dist)
     return found
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def read_run_file(output_dir: Path) -> dict[str, Any] | None:

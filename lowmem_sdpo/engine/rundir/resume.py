@@ -10,9 +10,9 @@ from typing import Any
 
 from lowmem_sdpo.atomic import write_json
 from lowmem_sdpo.engine.config import RunConfig, resume_differences
-from lowmem_sdpo.engine.rundir.layout import RUN_FILE, git_commit, read_run_file, versions
+from lowmem_sdpo.engine.rundir.layout import RUN_FILE, read_run_file, versions
 from lowmem_sdpo.errors import InputError
-from lowmem_sdpo.host import host_record
+from lowmem_sdpo.host import git_commit, host_record
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -51,3 +51,17 @@ def test_cpu_allocator_names_a_preloaded_malloc_from_the_mapped_files():
 
 def test_host_record_says_which_malloc_this_process_runs_on():
     assert host_record()["cpu_allocator"] == cpu_allocator()
+
+
+def test_git_commit_is_the_checkouts_head_unless_the_environment_names_one(monkeypatch):
+    import subprocess
+    from pathlib import Path
+
+    from lowmem_sdpo.host import git_commit
+
+    monkeypatch.delenv("LOWMEM_SDPO_COMMIT", raising=False)
+    repo = Path(__file__).resolve().parents[3]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
+    assert git_commit() == (head.stdout.strip() if head.returncode == 0 else None)
+    monkeypatch.setenv("LOWMEM_SDPO_COMMIT", "abc1234")  # what gpu_pass.sh hands a device copy without .git
+    assert git_commit() == "abc1234"

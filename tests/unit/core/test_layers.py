@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lowmem_sdpo.checks",
             "lowmem_sdpo.hub",
             "lowmem_sdpo.host",
+            "lowmem_sdpo.allocators",
             "lowmem_sdpo.hf_progress",
             "lowmem_sdpo.settings_record",
             "lowmem_sdpo.model_aliases",
