@@ -36,7 +36,7 @@ Time: wall_s is the median over --repeats interleaved runs (wall_s_runs keeps ea
 disturbed, cpu_s the process CPU time); load averages are recorded, the machine may be shared.
 
   python benchmarks/bench_e2e.py --device cpu                # ~5 min on 2 cores; benchmarks/results/e2e_cpu.json
-  python benchmarks/bench_e2e.py --device cpu --repeats 3    # median of 3 (what results/e2e_cpu.json holds)
+  python benchmarks/bench_e2e.py --device cpu --repeats 3    # median of 3 runs per system, interleaved
   python benchmarks/bench_e2e.py --device cuda --shapes solar-2048 --systems ours trl   # one slice (merged)
   python benchmarks/bench_e2e.py --device cuda --dry-run     # what would run
 TRL must be importable by the interpreter that runs this script (pip install -e ".[bench]", in a venv of its

@@ -8,6 +8,7 @@ import contextlib
 import json
 import statistics
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,29 @@ def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dic
     return [r for r in old if (r["system"], r.get("shape")) not in fresh] + new
 
 
+# What a file written before rows named their invocation said at its top: the last invocation's particulars,
+# which need not be those of every row in it (a later slice rewrote them).
+UNTAGGED = "before-invocation-records"
+INVOCATION_KEYS = ("commit", "uncommitted_changes", "python", "repeats", "loadavg_start", "loadavg_end", "versions")
+
+
+def invocations_of(old: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """An earlier file's rows, each naming its invocation, and those invocations. Rows of a file from before
+    invocations were recorded are named UNTAGGED, whose record is that file's header, marked as such."""
+    rows = [dict(r) for r in old.get("rows", []) if isinstance(r, dict)]
+    invocations = dict(old.get("invocations") or {})
+    if any("invocation" not in r for r in rows):
+        invocations[UNTAGGED] = {
+            **{k: old.get(k) for k in INVOCATION_KEYS if k in old},
+            "host": old.get("host"),
+            "note": "the header of this file before rows named their invocation: it describes the last invocation "
+            "that wrote the file, not necessarily the one of each row (wall_s_runs gives a row's run count)",
+        }
+        for r in rows:
+            r.setdefault("invocation", UNTAGGED)
+    return rows, invocations
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     def f(v: Any, spec: str) -> str:
         return "-" if v is None else format(v, spec)
@@ -142,7 +166,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 class Report:
     """The result JSON, rewritten (atomically) after every worker. Rows of (system, shape) pairs not run now
-    are kept from an earlier file of the same device: the slices of a GPU pass add up to one file."""
+    are kept from an earlier file of the same device: the slices of a GPU pass add up to one file. Each row
+    names the invocation that measured it, and `invocations` holds what each one ran (commit, repeats, host,
+    load): a file that several invocations wrote says which figures came from which."""
 
     def __init__(
         self, out: Path, args: argparse.Namespace, commit: str | None, changes: list[str] | None
@@ -155,11 +181,20 @@ class Report:
                 self.old = json.loads(out.read_text())
         self.by_shape: dict[str, list[dict[str, Any]]] = {}
         self.shapes: dict[str, Any] = {}
+        started = datetime.now(timezone.utc)
+        self.invocation = f"{started:%Y-%m-%dT%H:%M:%SZ}-{(commit or 'nocommit')[:7]}"
+        taken, n = set(self.old.get("invocations") or {}), 1
+        while self.invocation in taken:  # two invocations in one second: each keeps its own record
+            n += 1
+            self.invocation = f"{started:%Y-%m-%dT%H:%M:%SZ}-{(commit or 'nocommit')[:7]}-{n}"
         self.meta: dict[str, Any] = {
+            "started": started.isoformat(timespec="seconds"),
             "commit": commit,
             "uncommitted_changes": changes,
             "python": args.python,
+            "systems": list(args.systems),
             "repeats": args.repeats,
+            "cpu_allocator": getattr(args, "cpu_allocator", None),
             "loadavg_start": loadavg(),
         }
 
@@ -186,16 +221,25 @@ class Report:
     def write(self) -> None:
         versions = self.meta.get("versions", {})
         device = self.meta.get("device", self.args.device)
-        rows, shapes = self.rows, dict(self.shapes)
+        host = host_record()
+        rows = [{**r, "invocation": self.invocation} for r in self.rows]
+        shapes, invocations = dict(self.shapes), {}
         if self.old.get("device") == device and isinstance(self.old.get("rows"), list):
-            rows = merge_rows(self.old["rows"], rows)
+            old_rows, invocations = invocations_of(self.old)
+            rows = merge_rows(old_rows, rows)
             shapes = {**self.old.get("settings", {}).get("shapes", {}), **shapes}
+        invocations[self.invocation] = {
+            **{k: v for k, v in self.meta.items() if k != "device"},
+            "loadavg_end": loadavg(),
+            "host": host,
+        }
+        named = {r.get("invocation") for r in rows}
         data = {
             "device": device,
             "torch": versions.get("torch"),
-            "host": host_record(),
-            **{k: v for k, v in self.meta.items() if k != "device"},
-            "loadavg_end": loadavg(),
+            "host": host,
+            "latest_invocation": self.invocation,
+            "invocations": {k: v for k, v in invocations.items() if k in named or k == self.invocation},
             "settings": {
                 "lora": LORA, "beta": BETA, "learning_rate": LEARNING_RATE, "warmup_ratio": WARMUP_RATIO,
                 "max_grad_norm": MAX_GRAD_NORM, "seed": SEED, "epochs": 1, "shapes": shapes,

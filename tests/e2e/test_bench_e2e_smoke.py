@@ -29,7 +29,10 @@ def test_smoke_writes_schema(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads(out.read_text())
-    assert {"device", "torch", "commit", "rows", "loadavg_start", "loadavg_end"} <= set(data)
+    assert {"device", "torch", "host", "latest_invocation", "invocations", "rows"} <= set(data)
+    invocation = data["invocations"][data["latest_invocation"]]
+    assert {"commit", "repeats", "systems", "loadavg_start", "loadavg_end", "host"} <= set(invocation)
+    assert invocation["systems"] == systems and {r["invocation"] for r in data["rows"]} == {data["latest_invocation"]}
     assert data["device"].startswith("cpu")
     rows = data["rows"]
     for row in rows:
