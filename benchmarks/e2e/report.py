@@ -238,6 +238,7 @@ class Report:
             "device": device,
             "torch": versions.get("torch"),
             "host": host,
+            "commit": self.meta["commit"],  # the latest invocation's (issue 7's schema); each row names its own
             "latest_invocation": self.invocation,
             "invocations": {k: v for k, v in invocations.items() if k in named or k == self.invocation},
             "settings": {

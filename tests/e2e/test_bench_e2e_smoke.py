@@ -29,7 +29,7 @@ def test_smoke_writes_schema(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads(out.read_text())
-    assert {"device", "torch", "host", "latest_invocation", "invocations", "rows"} <= set(data)
+    assert {"device", "torch", "commit", "host", "latest_invocation", "invocations", "rows"} <= set(data)
     invocation = data["invocations"][data["latest_invocation"]]
     assert {"commit", "repeats", "systems", "loadavg_start", "loadavg_end", "host"} <= set(invocation)
     assert invocation["systems"] == systems and {r["invocation"] for r in data["rows"]} == {data["latest_invocation"]}
