@@ -64,13 +64,13 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
     # --debug is accepted anywhere on the line, not only before the subcommand.
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    if not debug:
-        quiet_dependencies()
     # Ctrl-C at any moment -- parsing, the heavy imports, loading, training -- is one line and 130; the
     # engine's own handler turns one during training into a checkpoint first. An exception after a Ctrl-C is
     # its consequence (an import it cut short, say), so it is reported as the interruption too.
     with noticing_ctrl_c() as ctrl_c:
         try:
+            if not debug:
+                quiet_dependencies()
             return _dispatch(argv, debug, own_process)
         except Exception:
             if debug or not ctrl_c.seen:
@@ -86,7 +86,13 @@ def entry() -> NoReturn:
     """The process entry point (`lowmem-sdpo`, `python -m lowmem_sdpo`): main(), then exit with its code. Once
     main has returned there is nothing left to interrupt, and a Ctrl-C arriving while the interpreter shuts down
     (after Python has restored the default handler) would otherwise kill it by the signal, with no line at all."""
-    code = main(own_process=True)
+    try:
+        code = main(own_process=True)
+    except KeyboardInterrupt:  # in the instant between main's handler going and SIG_IGN below
+        if "--debug" in sys.argv:
+            raise
+        print("interrupted", file=sys.stderr)
+        code = INTERRUPTED
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if code == INTERRUPTED:
         exit_interrupted()
