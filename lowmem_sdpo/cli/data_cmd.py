@@ -33,7 +33,10 @@ def register(subparsers: Any) -> None:
     )
     inspect.add_argument("--columns", help="map your column names: prompt=question,chosen=good,rejected=bad")
     inspect.add_argument("--max-length", type=int, default=1024, help="tokens per sequence (default 1024)")
-    inspect.add_argument("--max-prompt-length", type=int, default=512, help="prompt tokens (default 512)")
+    inspect.add_argument(
+        "--max-prompt-length", type=int, default=None,
+        help="prompt tokens (default 512, at most half of --max-length: as `run`)",
+    )  # fmt: skip
     inspect.add_argument("--seed", type=int, default=0, help="seed for @K splits (default 0)")
     inspect.add_argument(
         "--desirable-threshold", type=float, default=3, help="HelpSteer: helpfulness >= this is desirable"
@@ -111,6 +114,10 @@ def run_inspect(args: argparse.Namespace) -> int:
     # Every flag before the data or the tokenizer is read (tokenize_step checks the lengths again, for callers).
     check_number("--tokens", args.tokens, low=0, integer=True)
     check_number("--max-length", args.max_length, low=2, integer=True, note=" (prompt token + answer token)")
+    if args.max_prompt_length is None:
+        from lowmem_sdpo.cli.run_cmd import default_prompt_length
+
+        args.max_prompt_length = default_prompt_length(args.max_length)
     check_number("--max-prompt-length", args.max_prompt_length, low=1, integer=True)
     check_number("--desirable-threshold", args.desirable_threshold)
     parse_steps(args.steps)

@@ -26,7 +26,7 @@ HELP: dict[str, str] = {
     "desirable_threshold": "HelpSteer: helpfulness >= this is desirable",
     "seed": "seed for splits, data order, LoRA init and dropout",
     "max_length": "tokens per sequence, prompt + answer",
-    "max_prompt_length": "prompt tokens (cut from the left)",
+    "max_prompt_length": "prompt tokens (cut from the left); unless given, at most half of --max-length",
     "beta": "the KL strength beta of the objective",
     "learning_rate": "peak learning rate",
     "epochs": "passes over each step's data (fractions allowed)",
@@ -141,7 +141,20 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if getattr(args, key, None) is not None:
             setattr(merged, key, getattr(args, key))
     options = loss_options_from_args(loss, merged)
+    if flag_values["max_prompt_length"] is None and "max_prompt_length" not in file_values:
+        max_length = flag_values["max_length"] or file_values.get("max_length")
+        flag_values["max_prompt_length"] = default_prompt_length(max_length)
     return build_config(file_values, {**flag_values, "loss": loss, "loss_options": options})
+
+
+def default_prompt_length(max_length: Any, default: int = RunConfig.max_prompt_length) -> int | None:
+    """--max-prompt-length where neither the flags nor a --config file or recipe give it: the command's default,
+    or half of --max-length where that is smaller, so that `--max-length 256` alone is a valid line (the answer
+    keeps tokens of its own). None (the command's default stands) where --max-length is not given, or is no
+    integer, which the config's own checks then refuse."""
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+        return None
+    return min(default, max_length // 2)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -89,11 +89,14 @@ def register(subparsers: Any) -> None:
 
 
 def train_config(args: argparse.Namespace) -> RunConfig:
+    from lowmem_sdpo.cli.run_cmd import default_prompt_length
     from lowmem_sdpo.losses import loss_options_from_args
 
     flags = {f.name: getattr(args, f.name, None) for f in fields(RunConfig) if f.name not in NOT_HERE}
     loss = args.loss or TRAIN_DEFAULTS.loss
     flags |= {"loss": loss, "loss_options": loss_options_from_args(loss, args)}
+    if flags["max_prompt_length"] is None:
+        flags["max_prompt_length"] = default_prompt_length(flags["max_length"], TRAIN_DEFAULTS.max_prompt_length)
     return replace(TRAIN_DEFAULTS, quiet=args.quiet, **{k: v for k, v in flags.items() if v is not None})
 
 

@@ -46,6 +46,7 @@ def register(subparsers: Any) -> None:
 
 def sft_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, int]]:
     """recipe (if any) < flags; SFT_DEFAULTS under both."""
+    from lowmem_sdpo.cli.run_cmd import default_prompt_length
     from lowmem_sdpo.sft.recipes import SFT_RECIPES
 
     values: dict[str, Any] = {}
@@ -63,6 +64,9 @@ def sft_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, int]]:
         f.name: getattr(args, f.name, None) for f in fields(RunConfig) if f.name not in (*NOT_SFT, DATA_FIELD)
     }
     values |= {k: v for k, v in flags.items() if v is not None}
+    prompt_length = default_prompt_length(values.get("max_length"), SFT_DEFAULTS.max_prompt_length)
+    if "max_prompt_length" not in values and prompt_length is not None:
+        values["max_prompt_length"] = prompt_length
     if args.data:
         values["steps"] = args.data
         limits = {}
