@@ -37,7 +37,8 @@ def test_inspect_json_parses_and_holds_the_stats(capsys):
 
 def test_inspect_reports_truncation_by_reason(capsys):
     # Toy step 1 prompts are 9 tokens ("<s>", "### User:\n", "a+b=", "\n\n", "### Assistant:\n"): with
-    # max_length 9 there is no room for any answer.
+    # max_length 9 and prompts kept whole (by default they would be cut to half of it) there is no room for any
+    # answer.
     assert (
         main(
             [
@@ -49,6 +50,8 @@ def test_inspect_reports_truncation_by_reason(capsys):
                 TOY.split(",")[0],
                 "--max-length",
                 "9",
+                "--max-prompt-length",
+                "512",
                 "--json",
             ]
         )
