@@ -30,7 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from common import git_commit, write_json_atomic
+from common import git_commit, host_record, write_json_atomic
 
 # Variants of the backward worth telling apart: a trained weight (dW product) or a frozen one, the filter
 # off / the mass bound / the per-element rule. name -> (weight gradient wanted, filter mode or None)
@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     shape = {name: getattr(args, name) for name in SHAPE}
-    meta = {"triton": triton.__version__, "commit": git_commit(), "tool": "cuobjdump -res-usage (REG, STACK)",
+    meta = {"triton": triton.__version__, "commit": git_commit(), "host": host_record(),
+            "tool": "cuobjdump -res-usage (REG, STACK)",
             "shared": "CompiledKernel.metadata.shared", "shape": shape,
             "specialisation": "the JIT's own (its binder on the launch's arguments): unit strides constant, "
                               "sizes and leading strides divisible by 16, rows passed as an index"}
