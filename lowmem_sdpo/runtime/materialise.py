@@ -85,7 +85,13 @@ class ExactHolder:
 
 
 class RequantizedHolder:
-    """quantise(S + chain) per chain (loaded when the chain changes)."""
+    """quantise(S + chain) per chain, loaded when the chain changes, and the trained P_{t-1} for the drift sample.
+
+    P_{t-1} is step t-1's training base, quantise(S + chain[:-1]), plus step t-1's adapter as a frozen delta. That
+    base is the model step t-1 trained on (target-init previous), still loaded when step t starts: training only
+    added LoRA layers, and unwrap_policy took them off again, so it is reused rather than loaded and quantised
+    anew. Taking the delta off again gives that base back (step 2's S, for --diagnostics' pass of S). A load
+    saved is a 10.7B model read and quantised: minutes."""
 
     def __init__(self, loader: Loader, merge: str, quant: QuantSettings, device: torch.device) -> None:
         self._loader = loader
@@ -93,37 +99,40 @@ class RequantizedHolder:
         self._dtype = quant.torch_compute_dtype  # of drift_model's delta
         self._device = device
         self._model: nn.Module | None = None
-        self._key: tuple[Any, ...] | None = None
+        self._chain: tuple[Path, ...] | None = None  # the model is quantise(S + chain) ...
+        self._delta: FrozenDelta | None = None  # ... plus this delta, when it is a drift model
 
-    def _load(self, key: tuple[Any, ...], build: Callable[[], nn.Module]) -> nn.Module:
-        if key != self._key or self._model is None:
+    def _base_for(self, chain: tuple[Path, ...]) -> nn.Module:
+        """quantise(S + chain), without a delta: the loaded model when it is that, else a fresh load (the old
+        model dropped first: one model in memory at a time)."""
+        if self._model is None or self._chain != chain:
             self._drop()
-            self._model = build()
-            self._key = key
+            self._model = self._loader(list(chain), self._merge)
+            self._chain = chain
+        if self._delta is not None:
+            self._delta.detach()
+            self._delta = None
         return self._model
 
     def _drop(self) -> None:
-        self._model = self._key = None
+        if self._delta is not None:
+            self._delta.detach()
+        self._model = self._chain = self._delta = None
         release_memory()
 
     def model_for(self, chain: Sequence[Path]) -> nn.Module:
-        chain = [Path(p) for p in chain]
-        return self._load(("requantized", tuple(chain)), lambda: self._loader(chain, self._merge))
+        return self._base_for(tuple(Path(p) for p in chain))
 
     def drift_model(self, chain: Sequence[Path]) -> nn.Module | None:
         """The trained P_{t-1}, exactly: the base step t-1 trained on (requantised with chain[:-1]) plus
         step t-1's own adapter as a frozen delta. None for step 1 (M_0 = S needs no merge)."""
-        chain = [Path(p) for p in chain]
+        chain = tuple(Path(p) for p in chain)
         if not chain:
             return None
-
-        def build() -> nn.Module:
-            base = self._loader(chain[:-1], self._merge)
-            delta = FrozenDelta.from_factors(load_all_factors(chain[-1:]), self._dtype, self._device)
-            delta.attach(base)
-            return base
-
-        return self._load(("drift", tuple(chain)), build)
+        model = self._base_for(chain[:-1])
+        self._delta = FrozenDelta.from_factors(load_all_factors(list(chain[-1:])), self._dtype, self._device)
+        self._delta.attach(model)
+        return model
 
     def delta_parameters(self) -> int:
         return 0

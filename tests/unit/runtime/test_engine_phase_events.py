@@ -65,11 +65,11 @@ def test_requantized_run_hears_its_loads_and_drift_passes(tmp_path):
     assert by_step[1] == [("step", None), ("reference", "step"), ("load", "reference"),
                           ("reference_pass", "reference"), ("train", "step"), ("save", "step"),
                           ("drift_pass", "save")]  # fmt: skip
-    # Step 2: the holder keeps one model at a time, so each pass of the reference phase loads its own: the
-    # trained P_1 (S + its adapter as a delta) for the drift sample, S for S's pass (--diagnostics), then
-    # quantise(S + adapter), the reference M_1. P_2 on the drift sample closes the step.
+    # Step 2: the holder keeps one model at a time. The trained P_1 for the drift sample is step 1's training
+    # base, S, still loaded, plus step 1's adapter as a delta; S's pass (--diagnostics) takes the delta off
+    # again; only quantise(S + adapter), the reference M_1, is loaded. P_2 on the drift sample closes the step.
     reference = [n for n, parent in by_step[2] if parent == "reference"]
-    assert reference == ["load", "drift_pass", "load", "base_pass", "load", "reference_pass"]
+    assert reference == ["drift_pass", "base_pass", "load", "reference_pass"]
     assert by_step[2][-2:] == [("save", "step"), ("drift_pass", "save")]
 
 
