@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +63,35 @@ def export_command(args: argparse.Namespace) -> int:
 
     import torch
 
-    from lowmem_sdpo.models import export_merged
+    from lowmem_sdpo.models import DeltaKept, export_merged
     from lowmem_sdpo.runtime.reporting import Reporter
 
     reporter = Reporter(args.quiet)
+    kept = DeltaKept()
     out = export_merged(
-        model_dir, chain, Path(args.out), dtype=getattr(torch, args.dtype), progress=reporter.merge_progress()
+        model_dir,
+        chain,
+        Path(args.out),
+        dtype=getattr(torch, args.dtype),
+        progress=reporter.merge_progress(),
+        kept=kept,
     )
     reporter.note(f"exported M_{t} (S + {len(chain)} adapter(s)) to {out}")
+    note = rounding_note(kept.fraction, args.dtype)
+    if note:
+        print(note, file=sys.stderr)  # a warning: shown under --quiet too
     return 0
+
+
+# Below this share of the trained change carried by the checkpoint, export says so.
+KEPT_WARNING = 0.9
+
+
+def rounding_note(fraction: float | None, dtype: str) -> str | None:
+    """One line when the cast to `dtype` dropped much of what training changed, else None."""
+    if fraction is None or fraction >= KEPT_WARNING:
+        return None
+    return (
+        f"warning: the {dtype} checkpoint carries {fraction:.1%} of what training changed: most updates are "
+        f"under half a {dtype} step of their weight and round away; --dtype float32 keeps them"
+    )

@@ -10,7 +10,7 @@ export_merged(model_dir, [step1_adapter, step2_adapter], out_dir)
 """
 
 from lowmem_sdpo.models.adapters import adapter_deltas, load_lora_factors
-from lowmem_sdpo.models.export import export_merged
+from lowmem_sdpo.models.export import DeltaKept, export_merged
 from lowmem_sdpo.models.head import HeadSpec, check_head, read_head
 from lowmem_sdpo.models.loading import load_quantized
 from lowmem_sdpo.models.lora import add_lora
@@ -21,6 +21,7 @@ from lowmem_sdpo.models.tiny import build_tiny_model
 
 __all__ = [
     "MERGES",
+    "DeltaKept",
     "HeadSpec",
     "QuantSettings",
     "adapter_deltas",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,8 +55,29 @@ def _deltas_by_key(
     return by_key
 
 
+@dataclass
+class DeltaKept:
+    """How much of what training changed a checkpoint carries, over every merged tensor: the written change
+    (cast(S + sum dW) - cast(S), both in the export's dtype) projected on the trained change sum dW, as a
+    fraction of it. 1 in float32. In bf16 an update under half a bf16 step of its weight rounds away whole: on
+    SmolLM2 a 2-step run of 4 optimiser steps at lr 5e-6 kept 0.4%; scaled to what ~800 steps reach (a mean |dW|
+    of 1% of an NF4 step) 96.2%, and all of it from 5% of a step on (README "Export")."""
+
+    trained_sq: float = 0.0  # |sum dW|^2
+    kept_dot: float = 0.0  # <written change, sum dW>
+
+    def add(self, trained: torch.Tensor, written: torch.Tensor) -> None:
+        self.trained_sq += float(trained.square().sum())
+        self.kept_dot += float((written * trained).sum())
+
+    @property
+    def fraction(self) -> float | None:
+        """None when nothing was trained (every adapter zero)."""
+        return self.kept_dot / self.trained_sq if self.trained_sq > 0 else None
+
+
 def _merge_tensor(
-    key: str, tensor: torch.Tensor, factors: list[LoraFactor], dtype: torch.dtype
+    key: str, tensor: torch.Tensor, factors: list[LoraFactor], dtype: torch.dtype, kept: DeltaKept
 ) -> torch.Tensor:
     if not tensor.is_floating_point():
         return tensor  # integer buffers, if any, are not weights
@@ -69,7 +91,10 @@ def _merge_tensor(
                 f"adapter delta for '{key}' has shape {tuple(delta.shape)}, the model's is {tuple(total.shape)}"
             )
         total += delta
-    return total.to(dtype)
+    merged = total.to(dtype)
+    base = tensor.to(dtype).to(torch.float64)
+    kept.add(total - tensor.to(torch.float64), merged.to(torch.float64) - base)
+    return merged
 
 
 def _write_config(src: Path, dst: Path, dtype: torch.dtype) -> None:
@@ -88,10 +113,12 @@ def export_merged(
     *,
     dtype: torch.dtype = torch.bfloat16,
     progress: Progress | None = None,
+    kept: DeltaKept | None = None,
 ) -> Path:
     """Write S + sum dW to `out_dir`, keeping S's sharding; returns out_dir. `out_dir` must be new, empty, or an
     earlier export (its marker file says so): anything else there is refused, never replaced. The write is
-    atomic (a temp directory beside it, renamed into place)."""
+    atomic (a temp directory beside it, renamed into place). `kept`, when given, is filled with how much of the
+    trained change the written checkpoint carries."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -107,6 +134,7 @@ def export_merged(
     factors = load_all_factors([Path(a) for a in adapters])
     check_against_checkpoint(factors, checkpoint)  # fail before anything is written
     by_key = _deltas_by_key(checkpoint, factors)
+    kept = DeltaKept() if kept is None else kept
 
     with atomic_dir(out_dir) as tmp:
         weight_map: dict[str, str] = {}
@@ -116,7 +144,7 @@ def export_merged(
             with safe_open(str(model_dir / name), framework="pt") as f:
                 for key in f.keys():  # safe_open is not a dict: keys() is its API
                     merged[key] = _merge_tensor(
-                        key, f.get_tensor(key), by_key.get(key, []), dtype
+                        key, f.get_tensor(key), by_key.get(key, []), dtype, kept
                     ).contiguous()
             save_file(merged, str(tmp / name), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(merged, name))

@@ -112,3 +112,34 @@ def test_failure_midway_leaves_no_output_dir(sharded, tmp_path, monkeypatch):
     assert [p.name for p in parent.iterdir()] == ["merged"]
     assert sorted(p.name for p in (parent / "merged").iterdir()) == sorted([OUTPUT_MARKER, "keep.txt"])
     assert (parent / "merged" / "keep.txt").read_text() == "old"
+
+
+@pytest.mark.parametrize(("scale", "bf16_keeps"), [(0.05, "all"), (2e-5, "little")])
+def test_kept_is_the_written_change_projected_on_the_trained_one(tmp_path, scale, bf16_keeps):
+    """DeltaKept against the same figure worked out from the written files, on a bf16 source (as hub models
+    are): an update far above a bf16 step survives the cast, one far under it (a short run's size) rounds
+    away; float32 keeps everything either way."""
+    from lowmem_sdpo.cli.export_cmd import rounding_note
+    from lowmem_sdpo.models import DeltaKept
+
+    model_dir = write_llama(tmp_path / "llama", dtype=torch.bfloat16)
+    adapter = write_adapter(model_dir, tmp_path / "a", seed=1, scale=scale)
+    kept16, kept32 = DeltaKept(), DeltaKept()
+    out = export_merged(model_dir, [adapter], tmp_path / "bf16", kept=kept16)
+    export_merged(model_dir, [adapter], tmp_path / "fp32", dtype=torch.float32, kept=kept32)
+
+    source, written = read_checkpoint(model_dir), read_checkpoint(out)
+    dot = square = 0.0
+    for name, delta in reference_deltas(adapter, torch.float64).items():
+        change = written[f"{name}.weight"].double() - source[f"{name}.weight"].double()
+        dot += float((change * delta).sum())
+        square += float(delta.square().sum())
+    assert kept16.fraction == pytest.approx(dot / square, rel=1e-9)
+    assert kept32.fraction == pytest.approx(1.0, abs=1e-6)
+    if bf16_keeps == "all":
+        assert kept16.fraction > 0.99 and rounding_note(kept16.fraction, "bfloat16") is None
+    else:
+        assert kept16.fraction < 0.5
+        assert "--dtype float32" in rounding_note(kept16.fraction, "bfloat16")
+    assert rounding_note(kept32.fraction, "float32") is None
+    assert DeltaKept().fraction is None and rounding_note(None, "bfloat16") is None  # nothing trained
