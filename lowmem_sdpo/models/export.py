@@ -139,6 +139,8 @@ def export_merged(
     with atomic_dir(out_dir) as tmp:
         weight_map: dict[str, str] = {}
         total_size = 0
+        if progress:
+            progress("exporting merged model", 0, len(checkpoint.files))
         for i, name in enumerate(checkpoint.files):
             merged: dict[str, torch.Tensor] = {}
             with safe_open(str(model_dir / name), framework="pt") as f:

@@ -28,7 +28,9 @@ from lowmem_sdpo.models.quant import (
     set_4bit_weight,
 )
 
-Progress = Callable[[str, int, int], None]  # progress(description, done, total)
+# progress(description, done, total): called with done = 0 before the first unit of work, so that a bar's clock
+# (runtime/reporting.merge_progress opens one on the first call) covers all of it, then after each unit.
+Progress = Callable[[str, int, int], None]
 Factors = Sequence[dict[str, LoraFactor]]
 
 
@@ -63,6 +65,8 @@ def merge_exact(
 ) -> None:
     modules = dict(model.named_modules())
     names = sorted({name for per_adapter in factors for name in per_adapter})
+    if progress:
+        progress("merging adapters (exact)", 0, len(names))
     for i, name in enumerate(names):
         module = _module(modules, name, "exact merge")
         base = checkpoint.read(checkpoint.key_for(name), device)
@@ -93,6 +97,8 @@ def merge_inplace(
     modules = dict(model.named_modules())
     total_steps = sum(len(f) for f in factors)
     done = 0
+    if progress:
+        progress("merging adapters (inplace)", 0, total_steps)
     for per_adapter in factors:
         for name, factor in per_adapter.items():
             module = _module(modules, name, "inplace merge")

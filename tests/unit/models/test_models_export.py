@@ -143,3 +143,13 @@ def test_kept_is_the_written_change_projected_on_the_trained_one(tmp_path, scale
         assert "--dtype float32" in rounding_note(kept16.fraction, "bfloat16")
     assert rounding_note(kept32.fraction, "float32") is None
     assert DeltaKept().fraction is None and rounding_note(None, "bfloat16") is None  # nothing trained
+
+
+def test_progress_starts_before_the_first_shard(sharded, tmp_path):
+    """(description, 0, total) first, so a bar opened on the first call times every shard (a one-shard export
+    used to report "1/1 done in 0.0 s"), then one call per shard."""
+    model_dir, adapters = sharded
+    calls: list[tuple[str, int, int]] = []
+    export_merged(model_dir, adapters, tmp_path / "out", progress=lambda *call: calls.append(call))
+    n = len(list(model_dir.glob("*.safetensors")))
+    assert calls == [("exporting merged model", done, n) for done in range(n + 1)]
