@@ -57,7 +57,7 @@ class Variant:
     backward_mmap_threshold: int | None = None
     # Step mode: malloc_trim(0) after each backward (glibc hands the heap's free pages back to the system).
     trim_after_backward: bool = False
-    # An allocator of lowmem_sdpo.runtime.cpu_allocator.ALLOCATORS put in place of glibc's malloc (LD_PRELOAD):
+    # An allocator of lowmem_sdpo.allocators.ALLOCATORS put in place of glibc's malloc (LD_PRELOAD):
     # its library is found on this system when the variant runs, as `run --cpu-allocator` finds it.
     preload: str | None = None
 
@@ -123,7 +123,8 @@ def variant_env(variant: Variant) -> dict[str, str]:
     (SystemExit, one line with the install hint, where it is missing)."""
     if variant.preload is None:
         return dict(variant.env)
-    from lowmem_sdpo.runtime.cpu_allocator import ALLOCATORS, find_allocator  # stdlib only
+    from lowmem_sdpo.allocators import ALLOCATORS  # stdlib only
+    from lowmem_sdpo.runtime.cpu_allocator import find_allocator
 
     library = find_allocator(variant.preload)
     if library is None:

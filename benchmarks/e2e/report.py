@@ -182,11 +182,11 @@ class Report:
         self.by_shape: dict[str, list[dict[str, Any]]] = {}
         self.shapes: dict[str, Any] = {}
         started = datetime.now(timezone.utc)
-        self.invocation = f"{started:%Y-%m-%dT%H:%M:%SZ}-{(commit or 'nocommit')[:7]}"
-        taken, n = set(self.old.get("invocations") or {}), 1
+        base = f"{started:%Y-%m-%dT%H:%M:%SZ}-{(commit or 'nocommit')[:7]}"
+        self.invocation, taken, n = base, set(self.old.get("invocations") or {}), 1
         while self.invocation in taken:  # two invocations in one second: each keeps its own record
             n += 1
-            self.invocation = f"{started:%Y-%m-%dT%H:%M:%SZ}-{(commit or 'nocommit')[:7]}-{n}"
+            self.invocation = f"{base}-{n}"
         self.meta: dict[str, Any] = {
             "started": started.isoformat(timespec="seconds"),
             "commit": commit,

@@ -14,15 +14,13 @@ from lowmem_sdpo.host import cpu_allocator  # stdlib only: the parent still neve
 
 from .clock import PhaseClock, peak_rss_self
 from .fixtures import prepare_worker
-from .ours import ours_worker
+from .ours import OURS_VARIANTS, ours_worker
 from .trl_system import trl_worker
 
 Worker = Callable[[dict[str, Any], PhaseClock, dict[str, Any]], None]
 # system -> its worker (settings.SYSTEMS lists them; "prepare" is the shape's set-up, run first)
 WORKERS: dict[str, Worker] = {
-    "ours": ours_worker,
-    "ours-naive": ours_worker,
-    "ours-torch-dropout": ours_worker,
+    **dict.fromkeys(OURS_VARIANTS, ours_worker),  # each variant is a RunConfig override of the same worker
     "trl": trl_worker,
     "trl-precompute": trl_worker,
     "trl-liger": trl_worker,

@@ -115,7 +115,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     check_number("--tokens", args.tokens, low=0, integer=True)
     check_number("--max-length", args.max_length, low=2, integer=True, note=" (prompt token + answer token)")
     if args.max_prompt_length is None:
-        from lowmem_sdpo.cli.run_cmd import default_prompt_length
+        from lowmem_sdpo.engine.config import default_prompt_length
 
         args.max_prompt_length = default_prompt_length(args.max_length)
     check_number("--max-prompt-length", args.max_prompt_length, low=1, integer=True)

@@ -92,6 +92,6 @@ def rounding_note(fraction: float | None, dtype: str) -> str | None:
     if fraction is None or fraction >= KEPT_WARNING:
         return None
     return (
-        f"warning: the {dtype} checkpoint carries {fraction:.1%} of what training changed: most updates are "
-        f"under half a {dtype} step of their weight and round away; --dtype float32 keeps them"
+        f"warning: the {dtype} checkpoint carries {fraction:.1%} of what training changed: updates under half a "
+        f"{dtype} step of their weight round away in the cast; --dtype float32 keeps them"
     )

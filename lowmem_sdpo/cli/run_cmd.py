@@ -10,7 +10,7 @@ from typing import Any
 from lowmem_sdpo.cli.allocator import add_cpu_allocator_argument, restart_if_asked
 from lowmem_sdpo.cli.launch import add_num_processes_argument, check_num_processes, launch_if_asked
 from lowmem_sdpo.data.spec import parse_steps
-from lowmem_sdpo.engine.config import RunConfig, build_config, read_config_file
+from lowmem_sdpo.engine.config import RunConfig, build_config, default_prompt_length, read_config_file
 from lowmem_sdpo.engine.rundir.resume import check_run_dir
 from lowmem_sdpo.losses import add_loss_arguments, loss_options_from_args
 
@@ -145,16 +145,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         max_length = flag_values["max_length"] or file_values.get("max_length")
         flag_values["max_prompt_length"] = default_prompt_length(max_length)
     return build_config(file_values, {**flag_values, "loss": loss, "loss_options": options})
-
-
-def default_prompt_length(max_length: Any, default: int = RunConfig.max_prompt_length) -> int | None:
-    """--max-prompt-length where neither the flags nor a --config file or recipe give it: the command's default,
-    or half of --max-length where that is smaller, so that `--max-length 256` alone is a valid line (the answer
-    keeps tokens of its own). None (the command's default stands) where --max-length is not given, or is no
-    integer, which the config's own checks then refuse."""
-    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
-        return None
-    return min(default, max_length // 2)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -89,7 +89,7 @@ def register(subparsers: Any) -> None:
 
 
 def train_config(args: argparse.Namespace) -> RunConfig:
-    from lowmem_sdpo.cli.run_cmd import default_prompt_length
+    from lowmem_sdpo.engine.config import default_prompt_length
     from lowmem_sdpo.losses import loss_options_from_args
 
     flags = {f.name: getattr(args, f.name, None) for f in fields(RunConfig) if f.name not in NOT_HERE}

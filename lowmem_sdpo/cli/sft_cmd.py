@@ -46,7 +46,7 @@ def register(subparsers: Any) -> None:
 
 def sft_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, int]]:
     """recipe (if any) < flags; SFT_DEFAULTS under both."""
-    from lowmem_sdpo.cli.run_cmd import default_prompt_length
+    from lowmem_sdpo.engine.config import default_prompt_length
     from lowmem_sdpo.sft.recipes import SFT_RECIPES
 
     values: dict[str, Any] = {}

@@ -230,6 +230,17 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def default_prompt_length(max_length: Any, default: int = RunConfig.max_prompt_length) -> int | None:
+    """--max-prompt-length where neither the flags nor a --config file or recipe give it (run, sft, self-reward,
+    data inspect): the command's default, or half of --max-length where that is smaller, so that `--max-length
+    256` alone is a valid line (the answer keeps tokens of its own; validate refuses a prompt limit at or over
+    it). None (the command's default stands) where --max-length is not given, or is no integer, which the
+    config's own checks then refuse."""
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+        return None
+    return min(default, max_length // 2)
+
+
 def validate(config: RunConfig) -> None:
     """Every field of the right type and in range, before anything is loaded: a config file's
     `epochs: "lots"` or a flag's `nan` is one line here, not a traceback (or a NaN in run.json) later."""

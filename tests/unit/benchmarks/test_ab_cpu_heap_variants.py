@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from lowmem_sdpo.allocators import ALLOCATORS
 from lowmem_sdpo.runtime import cpu_allocator
 
 BENCHMARKS = Path(__file__).resolve().parents[3] / "benchmarks"
@@ -22,7 +23,7 @@ def _ab():
 def test_allocator_variants_preload_what_find_allocator_finds(monkeypatch):
     ab = _ab()
     preloading = {name: v for name, v in ab.VARIANTS.items() if v.preload is not None}
-    assert {v.preload for v in preloading.values()} == set(cpu_allocator.ALLOCATORS)
+    assert {v.preload for v in preloading.values()} == set(ALLOCATORS)
     monkeypatch.setattr(cpu_allocator, "find_allocator", lambda name: f"/opt/{name}/lib{name}.so")
     for name, variant in preloading.items():
         env = ab.variant_env(variant)
